@@ -1,0 +1,51 @@
+"""Shared fixtures: real EM from ../shared/data (skipped with a reason where absent), phantoms."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SSL_EM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real EM file {path} is absent (it lives in ../shared/data beside the clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of real EM volumes; skips the test where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent: real-EM tests need ../shared/data beside the clone")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def vnc_path() -> Path:
+    """ssTEM VNC stack 1 (20x1024x1024, 50x4.6x4.6 nm) with raw/membrane/mito/synapse."""
+    return _shared_file("vnc_gerhard2013.npz")
+
+
+@pytest.fixture(scope="session")
+def vnc_crop(vnc_path) -> dict[str, np.ndarray]:
+    """A small crop of the VNC stack: raw, mito, synapse, membrane, each (8, 128, 128)."""
+    with np.load(vnc_path) as d:
+        return {k: d[k][:8, 256:384, 256:384].copy() for k in ("raw", "mito", "synapse", "membrane")}
+
+
+@pytest.fixture(scope="session")
+def gala_path() -> Path:
+    """FIB-SEM gala example with neuron ids and reference segmentations."""
+    return _shared_file("gala_example.npz")
+
+
+@pytest.fixture(scope="session")
+def isbi_path() -> Path:
+    return _shared_file("isbi2012.npz")
