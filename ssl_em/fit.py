@@ -1,0 +1,88 @@
+"""``ssl-em fit --config recipes/<kind>/<name>.yaml [--config more.yaml] [--model.x ...]``.
+
+A thin LightningCLI: the typed constructors of the LightningModule and the data module are the
+config, recipes are YAML with ``class_path``/``init_args``. What this adds to LightningCLI:
+
+* ``precision: auto`` (the default) -> bf16-mixed only where the hardware does bf16 natively;
+* checkpoints are safetensors (:class:`~ssl_em.utils.checkpoint.SafetensorsCheckpointIO`), with a
+  ``last.ckpt`` so ``--ckpt_path last`` resumes an interrupted run;
+* ``--data`` accepts volume specs directly: ``ssl-em fit --config r.yaml --data a.zarr b.h5:/raw``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from ssl_em.utils.checkpoint import SafetensorsCheckpointIO
+from ssl_em.utils.precision import lightning_precision
+
+
+def _device_type(accelerator: Any) -> str:
+    import torch
+
+    name = str(accelerator or "auto")
+    if name in {"auto", "gpu", "cuda"}:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class SslEmCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--precision", default="auto",
+            help="auto (bf16-mixed only where native, else 32-true), 32 or bf16; overrides trainer.precision",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config.trainer.precision = lightning_precision(config.precision, _device_type(config.trainer.accelerator))
+
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(hasattr(p, "save_checkpoint") for p in plugins):
+            plugins.append(SafetensorsCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
+
+
+def _expand_data_shortcut(argv: list[str]) -> list[str]:
+    """``--data SPEC [SPEC ...]`` -> ``--data.init_args.unlabeled '[SPEC, ...]'`` (pretraining data)."""
+    if "--data" not in argv:
+        return argv
+    i = argv.index("--data")
+    specs = []
+    j = i + 1
+    while j < len(argv) and not argv[j].startswith("--"):
+        specs.append(argv[j])
+        j += 1
+    if not specs or (len(specs) == 1 and (specs[0].endswith((".yaml", ".yml")) or "class_path" in specs[0])):
+        return argv  # LightningCLI's own --data CONFIG form
+    quoted = ", ".join(f'"{s}"' for s in specs)
+    return [*argv[:i], "--data.init_args.unlabeled", f"[{quoted}]", *argv[j:]]
+
+
+def build_cli(argv: list[str], run: bool = True) -> SslEmCLI:
+    args = _expand_data_shortcut(list(argv))
+    subcommands = {"fit", "validate", "test", "predict"}
+    if not args or args[0] not in subcommands:
+        args = ["fit", *args]
+    return SslEmCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "ssl-em fit"},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    build_cli(list(sys.argv[1:] if argv is None else argv))
+    return 0
