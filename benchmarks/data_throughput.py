@@ -1,0 +1,167 @@
+"""Random-crop throughput from OME-Zarr through a torch DataLoader vs memcpy from RAM (the limit).
+
+Source: the real VNC ssTEM raw (../shared/data, stack 1 + stack 2 stacked to 40x1024x1024 so a
+32-section crop fits; falls back to uniform noise of the same size when the files are absent). It is
+written to OME-Zarr (level 0 only) with each candidate chunk shape; then the same list of random
+32x128x128 crops is read (a) by a DataLoader over :class:`ssl_em.data.volume.Volume` with 0 and 2
+workers and (b) by copying the boxes out of an in-memory numpy array, in this run. The last line is
+the headline ratio: best OME-Zarr DataLoader crops/s over in-memory memcpy crops/s.
+
+    python benchmarks/data_throughput.py [--quick] [--crops N] [--workers 0,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SSL_EM_SHARED_DATA", REPO.parent / "shared" / "data"))
+CROP = (32, 128, 128)
+# (chunk shape, compression): the default, half the crop per axis, whole sections; then no compression
+CONFIGS = [((32, 128, 128), "zstd"), ((16, 64, 64), "zstd"), ((1, 256, 256), "zstd"), ((16, 64, 64), "none")]
+
+
+def load_source() -> tuple[np.ndarray, str]:
+    """(40, 1024, 1024) uint8: real VNC stacks where present, noise otherwise."""
+    files = [SHARED / "vnc_gerhard2013.npz", SHARED / "vnc_gerhard2013_stack2.npz"]
+    if all(f.exists() for f in files):
+        stacks = [np.load(f)["raw"] for f in files]
+        return np.concatenate(stacks), "VNC ssTEM stack1+stack2 (real EM, 50x4.6x4.6 nm)"
+    if files[0].exists():
+        raw = np.load(files[0])["raw"]
+        return np.concatenate([raw, raw[::-1]]), "VNC ssTEM stack1 mirrored in z (real EM)"
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (40, 1024, 1024), dtype=np.uint8), "uniform noise (shared data absent)"
+
+
+def crop_boxes(shape: tuple[int, ...], n: int, seed: int = 0) -> list[tuple[slice, ...]]:
+    rng = np.random.default_rng(seed)
+    return [tuple(slice(int(o), int(o) + c) for o, c in zip((rng.integers(0, s - c + 1) for s, c in zip(shape, CROP)),
+                                                            CROP)) for _ in range(n)]
+
+
+class CropDataset:
+    """Map-style dataset: crop i of a fixed box list, as a (1, D, H, W) float tensor in [0, 1]."""
+
+    def __init__(self, volume, boxes):
+        self.volume, self.boxes = volume, boxes
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        return torch.from_numpy(np.asarray(self.volume[self.boxes[i]])).unsqueeze(0).float().div_(255)
+
+
+def time_loader(volume, boxes, workers: int, batch: int = 4) -> float:
+    """Crops per second through a DataLoader (first batch excluded: worker start-up)."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(CropDataset(volume, boxes), batch_size=batch, num_workers=workers,
+                                         persistent_workers=False)
+    it = iter(loader)
+    next(it)
+    t0, n = time.perf_counter(), 0
+    for x in it:
+        n += x.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def time_memcpy(arr: np.ndarray, boxes, repeats: int = 3) -> float:
+    """Crops per second copying the same boxes out of RAM into the same tensors; best of ``repeats``
+    (the machine is shared: the best run is the closest to the true limit)."""
+    import torch
+
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for box in boxes:
+            torch.from_numpy(np.ascontiguousarray(arr[box])).unsqueeze(0).float().div_(255)
+        best = max(best, len(boxes) / (time.perf_counter() - t0))
+    return best
+
+
+def amplification(chunks: tuple[int, ...]) -> float:
+    """Expected decoded voxels per crop voxel for a randomly placed crop (chunks touched x chunk size)."""
+    out = 1.0
+    for c, k in zip(CROP, chunks):
+        touched = (c - 1) / k + 1  # mean number of chunks a random window of c voxels overlaps
+        out *= touched * k / c
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer crops, < 1 min")
+    p.add_argument("--crops", type=int, default=None)
+    p.add_argument("--workers", default="0,2")
+    a = p.parse_args(argv)
+    import torch
+
+    from ssl_em.data.convert import convert
+    from ssl_em.data.volume import open_volume
+
+    # DataLoader workers run torch with 1 thread; give the main process (0 workers, memcpy) the same so
+    # the arms compare like for like and a loaded shared machine does not make OpenMP spin
+    torch.set_num_threads(1)
+    n_crops = a.crops or (96 if a.quick else 480)
+    workers = [int(w) for w in a.workers.split(",")]
+    arr, source = load_source()
+    boxes = crop_boxes(arr.shape, n_crops)
+    print(f"config: source={source} shape={arr.shape} uint8; crop={CROP}; crops={n_crops}; batch=4; "
+          f"workers={workers}; (chunks, compression)={CONFIGS}; OME-Zarr NGFF 0.4 / zarr v2, Blosc level 3")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} (shared machine: "
+          "compare ratios, not absolute rates)")
+
+    memcpy = time_memcpy(arr, boxes)
+    tmp = Path(tempfile.mkdtemp(prefix="ssl_em_bench_"))
+    results: dict[tuple[tuple[int, ...], str, int], float] = {}
+    try:
+        src = tmp / "src.npy"
+        np.save(src, arr)
+        for chunks, compression in CONFIGS:
+            dst = tmp / f"c{'x'.join(map(str, chunks))}_{compression}.ome.zarr"
+            t0 = time.perf_counter()
+            convert(str(src), dst, voxel_size=(50, 4.6, 4.6), chunks=chunks, levels=1, progress=False,
+                    compression=compression)
+            size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+            vol = open_volume(str(dst))
+            line = [f"chunks {str(chunks):<15} {compression:<4}: write {time.perf_counter() - t0:4.1f} s, "
+                    f"{size / arr.nbytes:4.2f}x raw size, read amplification {amplification(chunks):4.2f}x;"]
+            for w in workers:
+                results[chunks, compression, w] = rate = time_loader(vol, boxes, w)
+                line.append(f"{w} workers {rate:6.1f} crops/s")
+            print(" ".join(line))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    memcpy = max(memcpy, time_memcpy(arr, boxes))  # again after the loaders: same conditions, best kept
+    print(f"in-memory numpy memcpy (the limit): {memcpy:.1f} crops/s; ratios (OME-Zarr loader / memcpy):")
+    for (chunks, compression, w), rate in results.items():
+        print(f"  chunks {str(chunks):<15} {compression:<4} {w} workers  {rate / memcpy:6.3f}")
+    best = max(results, key=results.get)
+    zstd = {k: v for k, v in results.items() if k[1] == "zstd"}
+    best_zstd = max(zstd, key=zstd.get)
+    print(f"advice: for random {CROP} crops the fastest chunking here was {best[0]} ({best[1]}); among zstd stores "
+          f"{best_zstd[0]}. Decoding dominates (each crop touches ~amplification x its voxels), so chunks about "
+          "half the crop per axis balance decode waste against per-chunk overhead; raw EM compresses to ~0.97x, so "
+          "`ssl-em convert --compression none` is worth it for training stores that fit on disk.")
+    rate = results[best]
+    print(f"headline: OME-Zarr DataLoader ({best[2]} workers, chunks {best[0]}, {best[1]}) {rate:.1f} crops/s vs "
+          f"in-memory memcpy {memcpy:.1f} crops/s: ratio {rate / memcpy:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
