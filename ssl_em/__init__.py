@@ -1,13 +1,16 @@
 """ssl-em: self-supervised 3D representation learning and few-label adaptation for brain EM.
 
-Heavy dependencies (torch, timm, zarr) load on first use so ``import ssl_em`` stays fast.
-Importing :mod:`ssl_em.models` registers the encoders in timm's registry; accessing any
-encoder entry point below does that.
+Heavy dependencies (torch, timm, zarr) load on first use so ``import ssl_em`` stays fast. The
+encoders still reach timm's registry: ``import ssl_em; timm.create_model("vit3d_tiny_patch2x16")``
+works because :mod:`ssl_em.models` is imported as soon as timm is (right away if it already is).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ssl_em._version import __version__ as __version__
@@ -35,6 +38,32 @@ if TYPE_CHECKING:  # pragma: no cover
     from ssl_em.models import load_encoder as load_encoder
     from ssl_em.models import save_encoder as save_encoder
     from ssl_em.predict import predict_volume as predict_volume
+
+
+class _RegisterWithTimm(importlib.abc.MetaPathFinder):
+    """Import hook: once ``timm`` has finished importing, import ssl_em.models (registers encoders)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)  # one shot; also lets the real finders locate timm below
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            importlib.import_module("ssl_em.models")
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "timm" in sys.modules:
+    importlib.import_module("ssl_em.models")
+elif not any(isinstance(f, _RegisterWithTimm) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithTimm())
 
 
 def __getattr__(name: str) -> Any:

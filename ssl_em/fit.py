@@ -12,12 +12,13 @@ config, recipes are YAML with ``class_path``/``init_args``. What this adds to Li
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from ssl_em.utils.checkpoint import SafetensorsCheckpointIO
+from ssl_em.utils.checkpoint import SafetensorsCheckpointIO, load_checkpoint
 from ssl_em.utils.precision import lightning_precision
 
 
@@ -40,6 +41,21 @@ class SslEmCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         config.trainer.precision = lightning_precision(config.precision, _device_type(config.trainer.accelerator))
+
+    def _parse_ckpt_path(self) -> None:
+        """Restore the model's hyper-parameters from ``--ckpt_path`` (LightningCLI does it with torch.load;
+        these checkpoints are safetensors)."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if "_class_path" not in hparams:
+            return
+        model = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_config = self._get(self.config_init, "trainer", default={})

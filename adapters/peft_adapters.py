@@ -1,0 +1,417 @@
+"""Parameter-efficient fine-tuning through peft: LoRA, DoRA, LoHa, LoKr, IA3, plus frozen/full baselines.
+
+Order matters: build the model, load the pretrained base weights, THEN ``add_adapter``. Injection
+renames the targeted layers' weights (``qkv.weight`` -> ``qkv.base_layer.weight``), so a
+``load_state_dict`` afterwards silently misses them (non-strict) or fails (strict). ``add_adapter``
+records a sha256 of the base weights; ``save_adapter`` refuses to save when they changed since
+(except ``method="full"``), and ``load_adapter`` refuses a base whose hash differs from the one
+the adapter was trained on.
+
+Targets are chosen by module name, never ``"all-linear"`` (that would wrap the new head too).
+A plain dotted name matches a module whose name equals it or ends with ``"." + name``
+(``"attn.qkv"``); any other string is a regular expression matched against the full name.
+``targets=None`` picks the ViT block layers (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``;
+``"proj"`` alone would also catch ``patch_embed.proj``) or, for conv encoders (U-Net), every
+``Conv3d`` inside ``model.encoder``.
+
+``modules_to_save`` (the new head) are handled here rather than by peft's ``ModulesToSaveWrapper``:
+peft matches those names by suffix (``"head"`` would also catch a ViT's own ``encoder.head``) and
+keeps a frozen copy of each. Here they are exact module names, trained in place and saved whole.
+
+Every method returns an :class:`AdaptedModel` so training code is uniform: ``model(x)``,
+``count_trainable(model)``, ``save_adapter``, ``merge_adapter``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_em.errors import CheckpointError, ConfigError
+from ssl_em.utils.io import atomic_path, atomic_write_text
+
+__all__ = [
+    "AdaptedModel", "METHODS", "add_adapter", "base_weights_sha256", "count_trainable", "load_adapter",
+    "load_segmentation_model", "merge_adapter", "read_adapter_sidecar", "resolve_targets", "save_adapter",
+]
+
+FORMAT = "ssl-em-adapter"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "adapter.safetensors"
+SIDECAR_NAME = "adapter.json"
+VIT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+# layer types each peft method can wrap (peft 0.21: LoHa/LoKr have no Conv3d layer)
+_SUPPORTED: dict[str, tuple[type[nn.Module], ...]] = {
+    "lora": (nn.Linear, nn.Conv3d),
+    "dora": (nn.Linear, nn.Conv3d),
+    "loha": (nn.Linear,),
+    "lokr": (nn.Linear,),
+    "ia3": (nn.Linear, nn.Conv3d),
+}
+METHODS = (*_SUPPORTED, "frozen", "full")
+
+
+class AdaptedModel(nn.Module):
+    """The model after :func:`add_adapter`: ``forward`` is the wrapped model's.
+
+    Attributes:
+        model: a ``peft.PeftModel`` (peft methods) or the original module (``frozen`` / ``full``).
+        method: one of :data:`METHODS`.
+        spec: the ``add_adapter`` arguments (targets resolved to full names), JSON-serialisable,
+            enough to rebuild the same adapter on the same base.
+        base_sha256: hash of the base weights at injection (heads excluded).
+    """
+
+    def __init__(self, model: nn.Module, method: str, spec: dict[str, Any], base_sha256: str) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.spec = spec
+        self.base_sha256 = base_sha256
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The user's module (with adapter layers injected in place for peft methods)."""
+        get = getattr(self.model, "get_base_model", None)
+        return get() if get is not None else self.model
+
+    @property
+    def adapter_prefix(self) -> str | None:
+        """Name prefix of the peft adapter parameters (``"lora_"``, ``"hada_"``, ...), None otherwise."""
+        tuner = getattr(self.model, "base_model", None)
+        return getattr(tuner, "prefix", None) if self.method in _SUPPORTED else None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+# ---- names ------------------------------------------------------------------------------------
+def _matches(pattern: str, name: str) -> bool:
+    if re.fullmatch(r"[\w.]+", pattern):
+        return name == pattern or name.endswith("." + pattern)
+    return re.fullmatch(pattern, name) is not None
+
+
+def _peft_cannot_merge(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv3d) and tuple(m.kernel_size[:2]) == (1, 1)
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _resolve_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        top = ", ".join(n for n, _ in model.named_children())
+        raise ConfigError(f"modules_to_save {missing} not found in {type(model).__name__} (its children: {top})")
+    return list(names)
+
+
+def resolve_targets(
+    model: nn.Module, targets: Sequence[str] | str | None, method: str = "lora", exclude: Sequence[str] = ()
+) -> list[str]:
+    """Full names of the modules ``targets`` selects (outside ``exclude``), checked against ``method``.
+
+    Raises ConfigError when nothing matches or a match is a layer type the method cannot wrap.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    named = [(n, m) for n, m in model.named_modules() if n and not _under(n, exclude)]
+    if targets is None:
+        if any(n.endswith(".attn.qkv") for n, _ in named):
+            targets = VIT_TARGETS
+        else:  # conv encoders: every Conv3d of the encoder (the head is excluded above) but 1x1x1
+            # shortcuts, which peft 0.21 cannot merge (its 1x1 fast path squeezes only 2-D kernels)
+            scope = "encoder." if hasattr(model, "encoder") else ""
+            found = [n for n, m in named if n.startswith(scope) and isinstance(m, nn.Conv3d)
+                     and not _peft_cannot_merge(m)]
+            if not found:
+                raise ConfigError(f"no default targets in {type(model).__name__}: pass targets=[module names]")
+            targets = found
+    # parameterless matches (an Identity "shortcut", Dropout) have nothing to adapt: skipped
+    chosen = [(n, m) for n, m in named if any(_matches(t, n) for t in targets) and any(True for _ in m.parameters())]
+    if not chosen:
+        example = ", ".join(n for n, m in named if isinstance(m, (nn.Linear, nn.Conv3d)))[:300]
+        raise ConfigError(f"targets {list(targets)} match no module of {type(model).__name__}; layers: {example}")
+    supported = _SUPPORTED.get(method, (nn.Linear, nn.Conv3d))
+    bad = [f"{n} ({type(m).__name__})" for n, m in chosen if not isinstance(m, supported)]
+    if bad:
+        kinds = "/".join(t.__name__ for t in supported)
+        raise ConfigError(f"method {method!r} wraps only {kinds}; targets also match {', '.join(bad[:5])}")
+    return [n for n, _ in chosen]
+
+
+# ---- base weights -----------------------------------------------------------------------------
+def _base_state(model: nn.Module, exclude: Sequence[str], adapter_prefix: str | None) -> dict[str, torch.Tensor]:
+    """Base weights under their pre-injection names: adapter tensors and ``exclude`` (heads) dropped."""
+    out = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if adapter_prefix and any(p.startswith(adapter_prefix) for p in parts):
+            continue
+        name = ".".join(p for p in parts if p != "base_layer")
+        if not _under(name, exclude):
+            out[name] = value
+    return out
+
+
+def _sha256(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def base_weights_sha256(model: nn.Module, exclude: Sequence[str] = ("head",)) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``model``'s weights outside ``exclude``.
+
+    For an :class:`AdaptedModel` the base is read back from the injected layers under the original
+    names, so the value equals the hash taken before injection while the base is untouched.
+    """
+    if isinstance(model, AdaptedModel):
+        return _sha256(_base_state(model.base_model, model.spec["modules_to_save"], model.adapter_prefix))
+    return _sha256(_base_state(model, [n for n in exclude if n in dict(model.named_modules())], None))
+
+
+# ---- inject -----------------------------------------------------------------------------------
+def _peft_config(method: str, targets: list[str], r: int, alpha: float, dropout: float, kw: dict[str, Any]):
+    import peft
+
+    if method in ("lora", "dora"):
+        kw = {"use_dora": method == "dora", **kw}
+        return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, **kw)
+    if method == "loha":
+        return peft.LoHaConfig(r=r, alpha=alpha, rank_dropout=dropout, target_modules=targets, **kw)
+    if method == "lokr":
+        return peft.LoKrConfig(r=r, alpha=alpha, rank_dropout=dropout, target_modules=targets, **kw)
+    # IA3 scales the *input* of feed-forward layers (the paper's l_ff on the MLP's second layer)
+    ff = kw.pop("feedforward_modules", None)
+    if ff is None:
+        ff = [t for t in targets if t.endswith("fc2")]
+    return peft.IA3Config(target_modules=targets, feedforward_modules=list(ff), **kw)
+
+
+def add_adapter(
+    model: nn.Module,
+    method: str = "lora",
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    targets: Sequence[str] | str | None = None,
+    modules_to_save: Sequence[str] = ("head",),
+    **method_kwargs: Any,
+) -> AdaptedModel:
+    """Wrap ``model`` for fine-tuning; load its base weights first (see the module docstring).
+
+    Args:
+        method: ``lora``, ``dora`` (LoRA with ``use_dora``), ``loha``, ``lokr``, ``ia3``; or the baselines
+            ``frozen`` (only ``modules_to_save`` train) and ``full`` (everything trains).
+        r / alpha / dropout: rank, scaling and dropout (LoHa/LoKr: rank dropout; ignored by IA3).
+        targets: module names / regexes to adapt; None = the encoder's default (module docstring).
+        modules_to_save: exact module names trained in full and saved with the adapter (new heads).
+        method_kwargs: passed to the peft config (e.g. ``use_rslora=True``, ``feedforward_modules``).
+
+    The model is modified in place (peft injects layers); use the returned wrapper from then on.
+    """
+    if isinstance(model, AdaptedModel):
+        raise ConfigError("model already has an adapter; call merge_adapter first or start from the base model")
+    if method not in METHODS:
+        raise ConfigError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+    heads = _resolve_modules_to_save(model, modules_to_save)
+    base_sha = _sha256(_base_state(model, heads, None))
+    resolved = resolve_targets(model, targets, method, exclude=heads) if method in _SUPPORTED else []
+    spec = dict(method=method, r=r, alpha=alpha, dropout=dropout, targets=resolved, modules_to_save=heads,
+                **method_kwargs)
+    if method in _SUPPORTED:
+        import peft
+
+        wrapped: nn.Module = peft.get_peft_model(model, _peft_config(method, resolved, r, alpha, dropout,
+                                                                     dict(method_kwargs)))
+    else:
+        wrapped = model
+        for p in model.parameters():
+            p.requires_grad_(method == "full")
+    for name in heads:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    return AdaptedModel(wrapped, method, spec, base_sha)
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared parameters counted once)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ---- save / load / merge ----------------------------------------------------------------------
+def _adapter_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: adapter tensors + whole ``modules_to_save`` (all tensors for ``full``)."""
+    prefix, heads = model.adapter_prefix, model.spec["modules_to_save"]
+    out = {}
+    for key, value in model.base_model.state_dict().items():
+        keep = (model.method == "full" or _under(key, heads)
+                or (prefix is not None and any(p.startswith(prefix) for p in key.split("."))))
+        if keep:
+            out[key] = value
+    return out
+
+
+def _encoder_config(model: nn.Module) -> dict[str, Any] | None:
+    encoder = getattr(model, "encoder", model)
+    config = getattr(encoder, "encoder_config", None)
+    return dict(config) if isinstance(config, dict) else None
+
+
+def save_adapter(
+    model: AdaptedModel,
+    out_dir: str | Path,
+    base_encoder_name_or_path: str | Path,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``out_dir/adapter.safetensors`` (adapter + head weights only) and ``adapter.json``.
+
+    The sidecar names the base encoder (``base_encoder_name_or_path``, its ``encoder_config``) and
+    the sha256 of the base weights, so :func:`load_adapter` can refuse any other base.
+    ``metadata`` (JSON-serialisable: task, voxel size, normalisation, ...) is stored as given.
+    Returns ``out_dir``.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, AdaptedModel):
+        raise ConfigError(f"save_adapter needs the model returned by add_adapter, got {type(model).__name__}")
+    now = base_weights_sha256(model)
+    if model.method != "full" and now != model.base_sha256:
+        raise CheckpointError(
+            f"base weights changed after add_adapter (sha256 {model.base_sha256[:12]} -> {now[:12]}): "
+            "load pretrained weights before add_adapter, not after"
+        )
+    trainable, total = count_trainable(model)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in _adapter_state(model).items()}
+    sidecar = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": model.method,
+        "adapter": model.spec,
+        "base": {
+            "name_or_path": str(base_encoder_name_or_path),
+            "architecture": (_encoder_config(model.base_model) or {}).get("architecture"),
+            "encoder_config": _encoder_config(model.base_model),
+            "sha256": model.base_sha256,
+        },
+        "head": getattr(getattr(model.base_model, "head", None), "config", None),
+        "parameters": {"trainable": trainable, "total": total, "saved": sum(v.numel() for v in state.values())},
+        "metadata": metadata or {},
+    }
+    try:
+        text = json.dumps(sidecar, indent=2)
+    except TypeError as err:
+        raise ConfigError(f"adapter metadata is not JSON-serialisable: {err}") from None
+    out = Path(out_dir)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    atomic_write_text(out / SIDECAR_NAME, text)  # last: a sidecar means the weights are complete
+    return out
+
+
+def read_adapter_sidecar(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """``(sidecar dict, weights path)`` for an adapter folder or either of its two files."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    sidecar, weights = folder / SIDECAR_NAME, folder / WEIGHTS_NAME
+    if not sidecar.is_file() or not weights.is_file():
+        raise CheckpointError(f"{folder} is not an adapter folder: needs {SIDECAR_NAME} and {WEIGHTS_NAME}")
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{sidecar} is not valid JSON: {err}") from None
+    if info.get("format") != FORMAT or info.get("format_version", 99) > FORMAT_VERSION:
+        raise CheckpointError(f"{sidecar} is not an ssl-em adapter of format version <= {FORMAT_VERSION}")
+    return info, weights
+
+
+def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
+    """Rebuild the saved adapter on ``base_model`` (with its pretrained weights already loaded).
+
+    Raises CheckpointError when ``base_model``'s base weights are not the ones the adapter was
+    trained on (the sidecar's sha256), naming both.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    info, weights = read_adapter_sidecar(path)
+    spec = dict(info["adapter"])
+    base = info["base"]
+    heads = [h for h in spec["modules_to_save"] if h in dict(base_model.named_modules())]
+    given = _sha256(_base_state(base_model, heads, None))
+    if given != base["sha256"]:
+        arch = (_encoder_config(base_model) or {}).get("architecture") or type(base_model).__name__
+        raise CheckpointError(
+            f"adapter {path} was trained on base {base['name_or_path']} (sha256 {base['sha256'][:12]}) "
+            f"but the given model is {arch} with base sha256 {given[:12]}; load that base before load_adapter"
+        )
+    adapted = add_adapter(base_model, **spec)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights} cannot be read: {err}") from None
+    expected = set(_adapter_state(adapted))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not fit this adapter: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    try:
+        adapted.base_model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch: e.g. a head with another number of outputs
+        raise CheckpointError(f"{weights} does not fit this model: {str(err).splitlines()[-1].strip()}") from None
+    return adapted
+
+
+def load_segmentation_model(path: str | Path, encoder: nn.Module | None = None) -> AdaptedModel:
+    """Everything from an adapter folder: base encoder + head (from the sidecar) + adapter weights.
+
+    ``encoder``: the base encoder with its pretrained weights; default ``ssl_em.load_encoder`` of
+    the sidecar's ``base.name_or_path`` (tried as given, then relative to the adapter folder).
+    The base hash is checked as in :func:`load_adapter`.
+    """
+    from ssl_em.adapters.heads import build_segmentation_model
+
+    info, weights = read_adapter_sidecar(path)
+    if encoder is None:
+        from ssl_em.models import load_encoder
+
+        name = info["base"]["name_or_path"]
+        beside = weights.parent / name
+        encoder = load_encoder(beside if not Path(name).exists() and beside.exists() else name)
+    head = dict(info.get("head") or {})
+    kind = head.pop("type", None)
+    if kind is None:
+        raise CheckpointError(f"{weights.parent / SIDECAR_NAME} does not record its head; use load_adapter")
+    return load_adapter(build_segmentation_model(encoder, kind, **head), path)
+
+
+def merge_adapter(model: AdaptedModel) -> nn.Module:
+    """Fold the adapter into the base weights (peft ``merge_and_unload``): a plain module, same outputs."""
+    if not isinstance(model, AdaptedModel):
+        raise ConfigError(f"merge_adapter needs the model returned by add_adapter, got {type(model).__name__}")
+    if model.method in _SUPPORTED:
+        if model.method in ("lora", "dora"):
+            bad = [n for n, m in model.base_model.named_modules()
+                   if hasattr(m, "base_layer") and _peft_cannot_merge(m.get_base_layer())]
+            if bad:
+                raise ConfigError(
+                    f"peft cannot merge LoRA on (1, 1, k) Conv3d layers {bad[:3]}; keep the adapter unmerged"
+                )
+        return model.model.merge_and_unload()
+    return model.model

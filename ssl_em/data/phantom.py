@@ -1,0 +1,698 @@
+"""Procedural serial-section EM phantom of neuropil with exact ground truth.
+
+The phantom stands in for real EM wherever the project cannot ship any (the demo, tests,
+examples). It imitates anisotropic ssTEM (e.g. 40 x 8 x 8 nm voxels, z, y, x):
+
+* **Neurites** are tubes running mostly along z. Seed ellipses of physical diameter are packed in
+  the plane, advected from section to section by a smooth divergence-free drift field (so
+  neighbours move together and seldom cross) and grown into a multiplicatively weighted Voronoi
+  partition (elliptical distance / radius), whose curved boundaries wrap round small profiles as
+  in real neuropil. A smooth displacement field makes membranes undulate. Each id is one 3-D
+  connected piece (6-connectivity).
+* **Membranes** are the in-plane band (``membrane_thickness_nm``) where two cells meet; there
+  ``neurons`` is 0, exactly as in per-section EM annotations.
+* **Mitochondria** are capsules (180-420 nm wide, up to ~1.2 um long; some along the neurite,
+  most oblique or in-plane), clipped to their host cell's cytoplasm, rendered darker with a dark
+  double membrane and stripe-like cristae.
+* **Synaptic clefts** are patches of the membrane between two cells, with a dark postsynaptic
+  density on one side and a cloud of ~40 nm vesicles (light centre, dark rim) on the other.
+* **Imaging**: low- and high-frequency cytoplasm texture, blur mostly along z (section
+  thickness), section-wise gain/offset and illumination ramps, Poisson-like shot noise, and
+  optional missing sections (raw only; labels stay intact).
+
+Everything is vectorised numpy/scipy in float32; raw is rendered in z-slabs, and per-section
+noise is drawn from per-section seeds, so the result depends only on ``seed`` and the arguments.
+A 128 x 256 x 256 volume takes a few seconds on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ssl_em.errors import ConfigError
+
+_TASKS = {"mito": "mito", "mitochondria": "mito", "synapse": "synapse", "synapses": "synapse",
+          "cleft": "synapse", "clefts": "synapse", "neuron": "neurons", "neurons": "neurons",
+          "membrane": "membrane", "membranes": "membrane", "vesicles": "vesicles"}
+_SLAB = 16  # sections rendered at once; fixed so results never depend on memory settings
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Tissue and imaging parameters. Lengths in nm; intensities are fractions of full scale (0-1).
+
+    Ranges ``(lo, hi)`` are sampled per object (diameters log-uniform, the rest uniform).
+    """
+
+    # neurites
+    neurite_diameter_nm: tuple[float, float] = (80.0, 650.0)  # seed ellipses; cells grow ~1.25x to fill space
+    neurite_packing: float = 0.65  # area fraction the seed ellipses cover before growing
+    drift_slope: float = 0.2  # rms lateral drift of neurites per unit depth (nm / nm)
+    flow_scale_nm: float = 1500.0  # correlation length of the drift field
+    wiggle_nm: float = 50.0  # amplitude of the smooth membrane undulation (plus 2x at 3x the scale)
+    wiggle_scale_nm: float = 200.0  # its correlation length
+    membrane_thickness_nm: float = 20.0  # at least one voxel
+    # mitochondria
+    mito_fraction: float = 0.05  # target fraction of voxels
+    mito_diameter_nm: tuple[float, float] = (180.0, 420.0)
+    mito_length_nm: tuple[float, float] = (250.0, 1200.0)  # end to end, before clipping to the cell
+    mito_axial_fraction: float = 0.35  # share running along the neurite (round profiles); rest oblique/in-plane
+    cristae_period_nm: float = 45.0
+    # synapses
+    synapse_fraction: float = 0.005  # target fraction of voxels labelled cleft
+    cleft_diameter_nm: tuple[float, float] = (150.0, 350.0)
+    vesicle_diameter_nm: float = 40.0
+    vesicles_per_synapse: tuple[int, int] = (15, 40)
+    vesicle_cloud_nm: float = 250.0  # radius of the presynaptic vesicle cloud around the cleft centre
+    # intensities (before noise)
+    cytoplasm: float = 0.66
+    cell_contrast: float = 0.07  # std of per-cell brightness (relative)
+    texture: float = 0.16  # std of cytoplasm texture (relative), half low- and half high-frequency
+    granules: float = 0.6  # darkening of the densest cytoplasmic granules
+    granule_nm: float = 10.0  # their size (gaussian sigma)
+    membrane: float = 0.16
+    mito: float = 0.40
+    mito_rim: float = 0.24
+    cristae: float = 0.10  # stripe amplitude inside mitochondria
+    cleft: float = 0.12
+    # imaging
+    section_blur_nm: float = 16.0  # gaussian sigma along z (section thickness)
+    psf_nm: float = 6.0  # gaussian sigma in-plane
+    dose: float = 300.0  # electrons per voxel at full white; lower is noisier (Poisson-like)
+    section_gain_std: float = 0.06
+    section_offset_std: float = 0.03
+    illumination_std: float = 0.03  # std of the in-plane brightness ramp per section
+
+    def __post_init__(self) -> None:
+        for name in ("neurite_diameter_nm", "mito_diameter_nm", "mito_length_nm", "cleft_diameter_nm",
+                     "vesicles_per_synapse"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ConfigError(f"PhantomConfig.{name}={getattr(self, name)!r}: need 0 < lo <= hi")
+        for name in ("neurite_packing", "mito_fraction", "synapse_fraction", "mito_axial_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"PhantomConfig.{name}={getattr(self, name)!r}: must lie in [0, 1]")
+        if self.neurite_packing <= 0 or self.dose <= 0 or self.membrane_thickness_nm <= 0:
+            raise ConfigError("PhantomConfig: neurite_packing, dose and membrane_thickness_nm must be > 0")
+
+
+@dataclass
+class Phantom:
+    """A phantom volume; every array is (z, y, x) with the same shape.
+
+    ``raw`` uint8 image; ``neurons`` uint32 cell ids (1..n, 0 on membranes); ``membrane`` uint8 0/1;
+    ``mito`` uint32 mitochondrion ids; ``synapse`` uint32 cleft ids (a subset of membrane voxels);
+    ``vesicles`` uint32 cleft id of the synapse whose presynaptic vesicle a voxel belongs to;
+    ``partners`` (n_clefts, 2) uint32 (pre, post) neuron ids, row k-1 for cleft k;
+    ``voxel_size`` (z, y, x) nm.
+    """
+
+    raw: np.ndarray
+    neurons: np.ndarray
+    membrane: np.ndarray
+    mito: np.ndarray
+    synapse: np.ndarray
+    vesicles: np.ndarray
+    partners: np.ndarray
+    voxel_size: tuple[float, float, float]
+    seed: int
+    config: PhantomConfig
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.raw.shape  # type: ignore[return-value]
+
+    def labels(self, task: str) -> np.ndarray:
+        """Label array for ``"mito" | "synapse" | "neuron" | "membrane"`` (instance ids, or 0/1 for membrane)."""
+        key = _TASKS.get(task.lower())
+        if key is None:
+            raise ConfigError(f"phantom task {task!r} is unknown; choose mito, synapse, neuron or membrane")
+        return getattr(self, key)
+
+
+# -- smooth random fields ----------------------------------------------------------------------------
+def _lerp_axis(a: np.ndarray, pos: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of ``a`` at fractional indices ``pos`` along ``axis``."""
+    i0 = np.floor(pos).astype(np.intp)
+    w = (pos - i0).astype(np.float32).reshape([-1 if k == axis else 1 for k in range(a.ndim)])
+    return np.take(a, i0, axis=axis) * (1 - w) + np.take(a, i0 + 1, axis=axis) * w
+
+
+class _SmoothNoise:
+    """Random field of roughly unit std and correlation length ``corr`` voxels per axis, read by z-range.
+
+    White noise on a coarse grid, blurred, then linearly upsampled; y and x are upsampled once
+    and cached, z per request, so slabs cost only their own size.
+    """
+
+    def __init__(self, rng: np.random.Generator, shape: tuple[int, int, int], corr: tuple[float, ...]):
+        corr = tuple(max(float(c), 1.0) for c in corr)
+        coarse = ndi.gaussian_filter(rng.standard_normal([int(n / c) + 4 for n, c in zip(shape, corr)],
+                                                         dtype=np.float32), 0.7)
+        coarse /= coarse.std() + 1e-6
+        phase = rng.random(3)
+        self._pos = [1 + phase[k] + np.arange(shape[k]) / corr[k] for k in range(3)]
+        self._yx = _lerp_axis(_lerp_axis(coarse, self._pos[2], 2), self._pos[1], 1)
+
+    def __call__(self, z0: int, z1: int) -> np.ndarray:
+        return _lerp_axis(self._yx, self._pos[0][z0:z1], 0)
+
+
+def _slice_rng(seed: int, stream: int, z: int) -> np.random.Generator:
+    """Per-section generator: a section's noise is the same whatever slab it is rendered in."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(100 + stream, z)))
+
+
+# -- neurites ----------------------------------------------------------------------------------------
+@dataclass
+class _Tracks:
+    pos: np.ndarray  # (Z, N, 2) ellipse centres per section, nm, relative to the field of view origin
+    radius: np.ndarray  # (Z, N) nm
+    elong: np.ndarray  # (N,) semi-axes are radius * elong and radius / elong
+    angle: np.ndarray  # (N,) radians
+
+
+def _tracks(shape: tuple[int, int, int], vs: tuple[float, float, float], cfg: PhantomConfig,
+            rng: np.random.Generator) -> _Tracks:
+    """Pack seed ellipses in the plane (large first) and advect them through z by a curl-noise drift."""
+    Z, Y, X = shape
+    vz, vy, vx = vs
+    d0, d1 = cfg.neurite_diameter_nm
+    margin = 1.5 * cfg.drift_slope * Z * vz + d1  # neurites drift into view from here
+    H, W = Y * vy + 2 * margin, X * vx + 2 * margin
+    mean_d2 = (d1**2 - d0**2) / (2 * math.log(d1 / d0)) if d1 > d0 else d0**2
+    n = int(cfg.neurite_packing * H * W / (math.pi / 4 * mean_d2)) + 1
+    radii = np.sort(np.exp(rng.uniform(math.log(d0), math.log(d1), n)))[::-1] / 2
+    acc = np.zeros((n, 3))  # y, x, r of accepted seeds (random sequential adsorption)
+    k = 0
+    for r in radii:
+        cand = rng.uniform((0, 0), (H, W), size=(24, 2))
+        if k:
+            gap = np.hypot(cand[:, None, 0] - acc[None, :k, 0], cand[:, None, 1] - acc[None, :k, 1]) - acc[:k, 2]
+            ok = np.flatnonzero(gap.min(1) > 1.05 * r)
+            if not ok.size:
+                continue
+            cand = cand[ok]
+        acc[k] = (*cand[0], r)
+        k += 1
+    seeds = acc[:k]
+
+    # Divergence-free drift v = curl(psi): area-preserving, so cells neither pile up nor tear apart.
+    L = cfg.flow_scale_nm
+    psi = ndi.gaussian_filter(rng.standard_normal((int(Z * vz / L) + 4, int(H / L) + 4, int(W / L) + 4)), 1.0)
+    flow = np.stack([np.gradient(psi, axis=2), -np.gradient(psi, axis=1)])
+    flow /= np.sqrt((flow**2).sum(0).mean()) + 1e-12
+    theta = rng.uniform(0, 2 * np.pi)
+    tilt = rng.uniform(0.3, 1.0) * cfg.drift_slope * np.array([np.sin(theta), np.cos(theta)])
+    pos = np.empty((Z, k, 2))
+    p = seeds[:, :2].copy()
+    for z in range(Z):  # loop over sections, vectorised over seeds
+        pos[z] = p
+        coords = np.stack([np.full(k, z * vz / L + 1), p[:, 0] / L + 1, p[:, 1] / L + 1])
+        v = np.stack([ndi.map_coordinates(f, coords, order=1, mode="nearest") for f in flow], 1)
+        p = p + (tilt + 0.7 * cfg.drift_slope * v) * vz
+    # varicosities: radius swells and thins slowly along the neurite
+    depth = np.arange(Z)[:, None] * vz
+    amp, lam, phi = rng.uniform(0, 0.25, k), rng.uniform(1000, 4000, k), rng.uniform(0, 2 * np.pi, k)
+    radius = seeds[:, 2] * (1 + amp * np.sin(2 * np.pi * depth / lam + phi))
+    elong = np.sqrt(np.clip(1 + np.abs(rng.normal(0, 0.25, k)), 1, 1.8))
+    return _Tracks(pos - margin, radius, elong, rng.uniform(0, np.pi, k))
+
+
+def _cells(shape: tuple[int, int, int], vs: tuple[float, float, float], cfg: PhantomConfig,
+           rng: np.random.Generator, tr: _Tracks, bar: Any) -> np.ndarray:
+    """Per section: multiplicatively weighted Voronoi of the seed ellipses, then a smooth warp.
+
+    Each pixel goes to the seed with the smallest elliptical distance divided by the seed's radius,
+    so boundaries between unequal cells are arcs curving around the smaller one (round small
+    profiles), as membranes under tension do. (Z, Y, X) uint32 ids >= 1 (track index + 1).
+    """
+    Z, Y, X = shape
+    _, vy, vx = vs
+    amp = cfg.wiggle_nm / min(vy, vx)
+    pad = int(9 * amp) + 4  # room for the warp
+    Hp, Wp = Y + 2 * pad, X + 2 * pad
+    ca, sa = np.cos(tr.angle), np.sin(tr.angle)
+    corr = np.array([cfg.wiggle_scale_nm / v for v in vs])
+    warps = [_SmoothNoise(rng, shape, c) for c in (corr, corr, 3 * corr, 3 * corr)]  # y, x fine; y, x coarse
+    yy, xx = np.mgrid[0:Y, 0:X]
+    ys, xs = (np.arange(Hp) - pad + 0.5) * vy, (np.arange(Wp) - pad + 0.5) * vx  # pixel centres, nm
+    best = np.empty((Hp, Wp), np.float32)
+    lab = np.empty((Hp, Wp), np.uint32)
+    cells = np.empty(shape, np.uint32)
+    for z in range(Z):  # loop over sections, and over the seeds near the frame: each step is vectorised
+        best[:] = np.inf
+        lab[:] = 0
+        reach = 2.0 * tr.radius[z] * tr.elong  # beyond this a seed never wins against its packed neighbours
+        cy, cx = tr.pos[z, :, 0], tr.pos[z, :, 1]
+        near = np.flatnonzero((cy + reach > ys[0]) & (cy - reach < ys[-1])
+                              & (cx + reach > xs[0]) & (cx - reach < xs[-1]))
+        for i in near:
+            y0, y1 = np.searchsorted(ys, [cy[i] - reach[i], cy[i] + reach[i]])
+            x0, x1 = np.searchsorted(xs, [cx[i] - reach[i], cx[i] + reach[i]])
+            dy, dx = (ys[y0:y1] - cy[i])[:, None], (xs[x0:x1] - cx[i])[None, :]
+            a, b = tr.radius[z, i] * tr.elong[i], tr.radius[z, i] / tr.elong[i]
+            q = ((dy * ca[i] + dx * sa[i]) / a) ** 2 + ((dx * ca[i] - dy * sa[i]) / b) ** 2
+            win = q < best[y0:y1, x0:x1]
+            best[y0:y1, x0:x1][win] = q[win]
+            lab[y0:y1, x0:x1][win] = i + 1
+        if not lab.all():  # a gap no seed reaches: give it to the nearest labelled pixel
+            idx = ndi.distance_transform_edt(lab == 0, return_distances=False, return_indices=True)
+            lab = lab[idx[0], idx[1]]
+        wy = amp * (warps[0](z, z + 1)[0] + 2 * warps[2](z, z + 1)[0])
+        wx = amp * (warps[1](z, z + 1)[0] + 2 * warps[3](z, z + 1)[0])
+        sy = np.clip(np.rint(yy + pad + wy), 0, Hp - 1).astype(np.intp)
+        sx = np.clip(np.rint(xx + pad + wx), 0, Wp - 1).astype(np.intp)
+        cells[z] = lab[sy, sx]
+        bar.update(1)
+    return cells
+
+
+def _membrane_width(vs: tuple[float, float, float], cfg: PhantomConfig) -> int:
+    return max(1, round(cfg.membrane_thickness_nm / min(vs[1], vs[2])))
+
+
+def _membranes(cells: np.ndarray, vs: tuple[float, float, float], cfg: PhantomConfig) -> np.ndarray:
+    """In-plane band where two cells meet (bool); a window of k pixels marks a band k - 1 wide."""
+    size = (1, _membrane_width(vs, cfg) + 1, _membrane_width(vs, cfg) + 1)
+    return ndi.minimum_filter(cells, size=size) != ndi.maximum_filter(cells, size=size)
+
+
+def _split_fragments(neurons: np.ndarray, membrane: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Make every id one 3-D connected piece (6-connectivity); return the relabelled neurons.
+
+    Pieces under ``min_voxels`` (thin wedges cut off by membranes) become membrane; larger extra
+    pieces of an id (a neurite leaving and re-entering the crop) get ids of their own.
+    """
+    import cc3d
+
+    cc = cc3d.connected_components(neurons, connectivity=6)
+    size = np.bincount(cc.ravel())
+    owner = np.zeros(size.size, np.int64)
+    owner[cc.ravel()] = neurons.ravel()
+    order = np.lexsort((-size, owner))  # by id, largest piece first
+    first = np.r_[True, owner[order][1:] != owner[order][:-1]]
+    new = np.zeros(size.size, np.uint32)
+    new[order[first]] = owner[order[first]]
+    extra = order[~first]
+    new[extra] = owner.max() + 1 + np.arange(extra.size)
+    new[(size < min_voxels) | (owner == 0)] = 0
+    out = new[cc]
+    membrane |= (out == 0) & (neurons > 0)
+    return out
+
+
+def _sides(neurons: np.ndarray, vs: tuple[float, float, float], cfg: PhantomConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest neuron id seen in-plane around each voxel, across a membrane's width."""
+    k = _membrane_width(vs, cfg) + 3
+    lo = ndi.minimum_filter(np.where(neurons > 0, neurons, np.iinfo(np.uint32).max), size=(1, k, k))
+    return lo, ndi.maximum_filter(neurons, size=(1, k, k))
+
+
+# -- mitochondria ------------------------------------------------------------------------------------
+def _box(center: np.ndarray, half: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], np.ndarray]:
+    lo = np.maximum(np.floor(center - half).astype(int), 0)
+    hi = np.minimum(np.ceil(center + half).astype(int) + 1, shape)
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), lo
+
+
+def _component_at(mask: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """The connected part of ``mask`` containing ``point`` (empty if the point is outside)."""
+    if not mask[tuple(point)]:
+        return np.zeros_like(mask)
+    lab, _ = ndi.label(mask)
+    return lab == lab[tuple(point)]
+
+
+def _mitochondria(cells: np.ndarray, interior: np.ndarray, vs: tuple[float, float, float], cfg: PhantomConfig,
+                  rng: np.random.Generator, tr: _Tracks) -> tuple[np.ndarray, np.ndarray]:
+    """Capsules clipped to their host's cytoplasm until ``mito_fraction`` is reached. -> (ids, axes (n+1, 3))."""
+    shape = cells.shape
+    Z, Y, X = shape
+    vsa = np.asarray(vs)
+    mito = np.zeros(shape, np.uint32)
+    axes = [np.zeros(3)]
+    target, total = cfg.mito_fraction * cells.size, 0
+    m0, m1 = cfg.mito_diameter_nm
+    for _ in range(int(60 * target / max(np.pi / 4 * m0**2 * m0 / np.prod(vsa), 1)) + 50):
+        if total >= 0.9 * target:
+            break
+        z = int(rng.integers(Z))
+        diam = math.exp(rng.uniform(math.log(m0), math.log(m1)))
+        r_host = tr.radius[z]
+        hosts = np.flatnonzero(r_host / tr.elong > 0.6 * diam)  # minor semi-axis: neurites wide enough for it
+        if not hosts.size:
+            continue
+        h = rng.choice(hosts, p=r_host[hosts] ** 2 / (r_host[hosts] ** 2).sum())
+        off = rng.normal(0, 0.25, 2) * max(r_host[h] / tr.elong[h] - diam / 2, 0)
+        c = np.array([z, *((tr.pos[z, h] + off) / vsa[1:] - 0.5)])
+        ci = np.rint(c).astype(int)
+        if np.any(ci < 0) or np.any(ci >= shape) or cells[tuple(ci)] != h + 1 or not interior[tuple(ci)]:
+            continue
+        if rng.random() < cfg.mito_axial_fraction:  # along the neurite's local direction, slightly jittered
+            zn = min(z + 1, Z - 1)
+            drift = (tr.pos[zn, h] - tr.pos[max(zn - 1, 0), h]) / vsa[0]
+            u = np.array([1.0, *drift]) + rng.normal(0, 0.15, 3)
+        else:  # oblique to in-plane: polar angle 50-90 degrees from z
+            pol, az = np.deg2rad(rng.uniform(50, 90)), rng.uniform(0, 2 * np.pi)
+            u = np.array([np.cos(pol), np.sin(pol) * np.sin(az), np.sin(pol) * np.cos(az)])
+        u /= np.linalg.norm(u)
+        half_len = max(math.exp(rng.uniform(*np.log(cfg.mito_length_nm))) - diam, 0) / 2
+        rad = diam / 2
+        sl, lo = _box(c, (half_len * np.abs(u) + rad) / vsa + 1, shape)
+        g = [(np.arange(s.start, s.stop) - c[k]) * vsa[k] for k, s in enumerate(sl)]
+        gz, gy, gx = g[0][:, None, None], g[1][None, :, None], g[2][None, None, :]
+        t = np.clip(gz * u[0] + gy * u[1] + gx * u[2], -half_len, half_len)
+        d2 = (gz - t * u[0]) ** 2 + (gy - t * u[1]) ** 2 + (gx - t * u[2]) ** 2
+        mask = (d2 <= rad**2) & (cells[sl] == h + 1) & interior[sl] & (mito[sl] == 0)
+        mask = _component_at(mask, ci - lo)
+        size = int(mask.sum())
+        if size < 0.1 * np.pi * rad**2 * vs[0] / np.prod(vsa) or total + size > 1.3 * target:
+            continue
+        axes.append(u)
+        mito[sl][mask] = len(axes) - 1
+        total += size
+    return mito, np.array(axes)
+
+
+# -- synapses ----------------------------------------------------------------------------------------
+def _synapses(cells: np.ndarray, membrane: np.ndarray, lo: np.ndarray, hi: np.ndarray, interior: np.ndarray,
+              mito: np.ndarray, vs: tuple[float, float, float], cfg: PhantomConfig, rng: np.random.Generator):
+    """Membrane patches between two cells with vesicles on the presynaptic side.
+
+    Returns cleft ids, postsynaptic-density flat indices, vesicle (flat index, cleft id, normalised
+    distance from the vesicle centre) and (pre, post) cell ids per cleft.
+    """
+    shape = cells.shape
+    vsa = np.asarray(vs)
+    syn = np.zeros(shape, np.uint32)
+    cand = np.flatnonzero(membrane & (lo < hi) & (hi > 0))
+    if not cand.size:
+        return syn, np.zeros(0, np.intp), (np.zeros(0, np.intp), np.zeros(0, np.uint32), np.zeros(0)), np.zeros((0, 2))
+    psd, ves_idx, ves_id, ves_d, partners = [], [], [], [], []
+    target, total = cfg.synapse_fraction * cells.size, 0
+    rv = cfg.vesicle_diameter_nm / 2
+    st = np.stack(np.meshgrid(*[np.arange(-(int(rv / v) + 1), int(rv / v) + 2) for v in vs], indexing="ij"),
+                  -1).reshape(-1, 3)  # vesicle stencil offsets
+    for _ in range(int(40 * target / 100) + 50):
+        if total >= 0.9 * target:
+            break
+        ci = np.array(np.unravel_index(cand[rng.integers(cand.size)], shape))
+        a, b = int(lo[tuple(ci)]), int(hi[tuple(ci)])
+        pre, post = (a, b) if rng.random() < 0.5 else (b, a)
+        rad = math.exp(rng.uniform(*np.log(cfg.cleft_diameter_nm))) / 2
+        sl, o = _box(ci, rad / vsa + 3, shape)
+        g = [(np.arange(s.start, s.stop) - ci[k]) * vsa[k] for k, s in enumerate(sl)]
+        d2 = g[0][:, None, None] ** 2 + g[1][None, :, None] ** 2 + g[2][None, None, :] ** 2
+        cleft = membrane[sl] & (lo[sl] == a) & (hi[sl] == b) & (d2 <= rad**2) & (syn[sl] == 0)
+        cleft = _component_at(cleft, ci - o)
+        size = int(cleft.sum())
+        if size < 8 or total + size > 1.3 * target:
+            continue
+        # postsynaptic density: a thin dark layer of the post cell along the cleft
+        near = ndi.maximum_filter(cleft.view(np.uint8), size=(1, 5, 5)) > 0
+        dens = near & (cells[sl] == post) & ~membrane[sl]
+        # vesicles: random centres in the presynaptic cytoplasm near the cleft, away from mitochondria
+        n_ves = int(rng.integers(cfg.vesicles_per_synapse[0], cfg.vesicles_per_synapse[1] + 1))
+        dirs = rng.normal(size=(8 * n_ves, 3))
+        cen = ci + dirs / np.linalg.norm(dirs, axis=1, keepdims=True) * (
+            rng.uniform(rv * 1.5, cfg.vesicle_cloud_nm, (8 * n_ves, 1))) / vsa
+        cl = np.rint(cen).astype(int)
+        inside = np.all((cl >= 0) & (cl < shape), axis=1)
+        cen, at = cen[inside], tuple(cl[inside].T)
+        cen = cen[(cells[at] == pre) & interior[at] & (mito[at] == 0)][:n_ves]
+        if len(cen) < 3:
+            continue
+        vox = np.rint(cen).astype(int)[:, None, :] + st[None]  # (V, K, 3)
+        dn = np.linalg.norm((vox - cen[:, None, :]) * vsa, axis=-1) / rv
+        vox, dn = vox.reshape(-1, 3), dn.ravel()
+        ok = (dn <= 1) & np.all((vox >= 0) & (vox < shape), axis=1)
+        vox, dn = vox[ok], dn[ok]
+        at = tuple(vox.T)
+        ok = (cells[at] == pre) & interior[at] & (mito[at] == 0)
+        partners.append((pre, post))
+        k = len(partners)
+        syn[sl][cleft] = k
+        total += size
+        flat = np.ravel_multi_index(vox[ok].T, shape)
+        ves_idx.append(flat)
+        ves_id.append(np.full(flat.size, k, np.uint32))
+        ves_d.append(dn[ok])
+        psd.append(np.ravel_multi_index((np.argwhere(dens) + o).T, shape))
+
+    def cat(xs: list[np.ndarray], dt: type) -> np.ndarray:
+        return np.concatenate(xs) if xs else np.zeros(0, dt)
+
+    return (syn, cat(psd, np.intp), (cat(ves_idx, np.intp), cat(ves_id, np.uint32), cat(ves_d, np.float64)),
+            np.array(partners, np.uint32).reshape(-1, 2))
+
+
+# -- imaging -----------------------------------------------------------------------------------------
+def _render(cells: np.ndarray, membrane: np.ndarray, mito: np.ndarray, mito_axes: np.ndarray, syn: np.ndarray,
+            psd: np.ndarray, ves: tuple[np.ndarray, np.ndarray, np.ndarray], vs: tuple[float, float, float],
+            cfg: PhantomConfig, rng: np.random.Generator, seed: int, bar: Any) -> np.ndarray:
+    """Paint the tissue in float32, blur (mostly along z), modulate per section, add shot noise -> uint8."""
+    shape = cells.shape
+    Z, Y, X = shape
+    vz, vy, vx = vs
+    bright = (cfg.cytoplasm * (1 + cfg.cell_contrast * rng.standard_normal(int(cells.max()) + 1))).astype(np.float32)
+    bright[rng.random(bright.size) < 0.08] *= 0.82  # a few dark (glia-like) profiles
+    low = _SmoothNoise(rng, shape, (120 / vz, 90 / vy, 90 / vx))
+    wob = _SmoothNoise(rng, shape, (80 / vz, 40 / vy, 40 / vx))  # bends the cristae
+    # cristae: stripes across each mitochondrion's long axis, seen obliquely in-plane
+    inplane = rng.normal(size=(len(mito_axes), 3)) * [0, 1, 1]
+    cdir = mito_axes * [0.3, 1, 1] + 0.6 * inplane
+    cdir /= np.linalg.norm(cdir, axis=1, keepdims=True) + 1e-9
+    cdir = (cdir * vs / cfg.cristae_period_nm * 2 * np.pi).astype(np.float32)  # radians per voxel step
+    gain = 1 + cfg.section_gain_std * rng.standard_normal(Z)
+    offset = cfg.section_offset_std * rng.standard_normal(Z)
+    ramp = cfg.illumination_std * rng.standard_normal((Z, 2))
+    sigma = (cfg.section_blur_nm / vz, cfg.psf_nm / vy, cfg.psf_nm / vx)
+    halo = int(math.ceil(3 * sigma[0])) + 1
+    ves_order = np.argsort(ves[0], kind="stable")
+    ves_idx, ves_d = ves[0][ves_order], ves[2][ves_order].astype(np.float32)
+    psd = np.sort(psd)
+    plane = Y * X
+    gy = np.linspace(-0.5, 0.5, Y, dtype=np.float32)[:, None]
+    gx = np.linspace(-0.5, 0.5, X, dtype=np.float32)[None, :]
+    grain = (cfg.granule_nm / vy, cfg.granule_nm / vx)
+    grain_norm = 2 * math.sqrt(math.pi * grain[0] * grain[1])  # 1 / std of white noise blurred by grain
+    raw = np.empty(shape, np.uint8)
+    for z0 in range(0, Z, _SLAB):
+        z1 = min(Z, z0 + _SLAB)
+        a0, a1 = max(0, z0 - halo), min(Z, z1 + halo)
+        sl = slice(a0, a1)
+        fine = np.stack([_slice_rng(seed, 0, z).standard_normal((Y, X), np.float32) for z in range(a0, a1)])
+        fine = ndi.gaussian_filter(fine, (0, *grain)) * grain_norm  # unit std, ~granule-sized blobs
+        tex = low(a0, a1)
+        img = bright[cells[sl]] * (1 + cfg.texture * (0.7 * tex + 0.7 * fine))
+        img *= 1 - cfg.granules * np.clip(fine - 1.0, 0, 1)  # dark granules (microtubules, ribosomes, vesicles)
+        m = mito[sl]
+        mm = m > 0
+        if mm.any():
+            zz, yy, xx = np.nonzero(mm)
+            ids = m[mm]
+            phase = ((zz + a0) * cdir[ids, 0] + yy * cdir[ids, 1] + xx * cdir[ids, 2] + 2.0 * wob(a0, a1)[mm])
+            img[mm] = cfg.mito * (1 + 0.5 * cfg.texture * fine[mm]) + cfg.cristae * np.sin(phase)
+            k = 2 * max(1, round(12 / min(vy, vx))) + 1  # ~12 nm double membrane
+            rim = mm & (ndi.minimum_filter(mm.view(np.uint8), size=(1, k, k)) == 0)
+            img[rim] = cfg.mito_rim
+        mem = membrane[sl]
+        img[mem] = cfg.membrane * (1 + 0.15 * tex[mem])
+        img[syn[sl] > 0] = cfg.cleft
+        lo_i, hi_i = a0 * plane, a1 * plane
+        p = psd[np.searchsorted(psd, lo_i):np.searchsorted(psd, hi_i)] - lo_i
+        img.reshape(-1)[p] = np.minimum(img.reshape(-1)[p], 0.22)
+        s, e = np.searchsorted(ves_idx, lo_i), np.searchsorted(ves_idx, hi_i)
+        v, dn = ves_idx[s:e] - lo_i, ves_d[s:e]
+        # vesicle profile: light lumen, dark rim (blends smoothly at the edge)
+        prof = np.where(dn < 0.55, cfg.cytoplasm * 1.05, 0.28 + 0.3 * np.clip((dn - 0.85) / 0.15, 0, 1))
+        img.reshape(-1)[v] = prof
+        img = ndi.gaussian_filter(img, sigma, mode="nearest")[z0 - a0:z1 - a0]
+        for j, z in enumerate(range(z0, z1)):
+            sec = img[j] * gain[z] + offset[z] + ramp[z, 0] * gy + ramp[z, 1] * gx
+            noise = _slice_rng(seed, 1, z).standard_normal((Y, X), np.float32)
+            sec += np.sqrt(np.clip(sec, 1e-3, None) / cfg.dose) * noise
+            raw[z] = np.clip(sec * 255 + 0.5, 0, 255).astype(np.uint8)
+        bar.update(z1 - z0)
+    return raw
+
+
+# -- public API --------------------------------------------------------------------------------------
+def _triple(value: Any, name: str, cast: type) -> tuple:
+    try:
+        vals = tuple(cast(v) for v in (value if np.ndim(value) else (value,) * 3))
+    except (TypeError, ValueError):
+        raise ConfigError(f"phantom {name} {value!r}: expected three numbers (z, y, x)") from None
+    if len(vals) != 3 or not all(v > 0 for v in vals):
+        raise ConfigError(f"phantom {name} {value!r}: expected three positive numbers (z, y, x)")
+    return vals
+
+
+def make_phantom(shape: tuple[int, int, int] = (64, 256, 256), voxel_size: tuple[float, float, float] = (40, 8, 8),
+                 seed: int = 0, *, missing_section_rate: float = 0.0, config: PhantomConfig | None = None,
+                 progress: bool = False) -> Phantom:
+    """Generate a neuropil phantom of ``shape`` (z, y, x) voxels of ``voxel_size`` (z, y, x nm).
+
+    The same arguments always give the same phantom; different seeds give different tissue.
+    ``missing_section_rate`` is the probability that a section's raw is blank or pure noise
+    (labels are untouched, as in real data where the tissue exists but the image is lost).
+    Memory is about 50 bytes per voxel while generating (128 x 256 x 256: ~0.4 GB).
+    """
+    from tqdm.auto import tqdm
+
+    shape = _triple(shape, "shape", int)
+    vs = _triple(voxel_size, "voxel size", float)
+    if not 0 <= missing_section_rate <= 1:
+        raise ConfigError(f"missing_section_rate={missing_section_rate!r}: must lie in [0, 1]")
+    if int(seed) < 0:
+        raise ConfigError(f"phantom seed {seed!r}: must be a non-negative integer")
+    cfg = config or PhantomConfig()
+    # Independent streams: changing e.g. the missing-section rate never changes the tissue.
+    r_tissue, r_mito, r_syn, r_img, r_missing = (np.random.default_rng(s)
+                                                 for s in np.random.SeedSequence(int(seed)).spawn(5))
+    bar = tqdm(total=2 * shape[0], desc="phantom", unit="section", disable=not progress, leave=False)
+    tr = _tracks(shape, vs, cfg, r_tissue)
+    cells = _cells(shape, vs, cfg, r_tissue, tr, bar)
+    membrane = _membranes(cells, vs, cfg)
+    neurons = _split_fragments(np.where(membrane, 0, cells).astype(np.uint32), membrane,
+                               min(max(4, int(3e5 / np.prod(vs))), cells.size // 50))  # < 0.0003 um^3
+    del cells
+    interior = (ndi.maximum_filter(membrane.view(np.uint8), size=(1, 3, 3)) == 0) & (neurons > 0)
+    mito, mito_axes = _mitochondria(neurons, interior, vs, cfg, r_mito, tr)
+    syn, psd, ves, partners = _synapses(neurons, membrane, *_sides(neurons, vs, cfg), interior, mito, vs, cfg,
+                                        r_syn)
+    raw = _render(neurons, membrane, mito, mito_axes, syn, psd, ves, vs, cfg, r_img, int(seed), bar)
+    bar.close()
+    missing = r_missing.random(shape[0]) < missing_section_rate
+    for z in np.flatnonzero(missing):
+        blank = r_missing.random() < 0.5
+        raw[z] = 0 if blank else r_missing.integers(0, 256, shape[1:], dtype=np.uint8)
+    # dense neuron ids 1..n
+    present = np.bincount(neurons.ravel()) > 0
+    present[0] = False
+    lut = np.cumsum(present).astype(np.uint32) * present
+    vesicles = np.zeros(shape, np.uint32)
+    vesicles.reshape(-1)[ves[0]] = ves[1]
+    return Phantom(raw=raw, neurons=lut[neurons], membrane=membrane.astype(np.uint8), mito=mito, synapse=syn,
+                   vesicles=vesicles, partners=lut[partners] if partners.size else partners.astype(np.uint32),
+                   voxel_size=vs, seed=int(seed), config=cfg)
+
+
+# -- files and preview -------------------------------------------------------------------------------
+_ARRAYS = ("raw", "neurons", "membrane", "mito", "synapse", "vesicles")
+
+
+def save_phantom(ph: Phantom, out: str | Path) -> Path:
+    """Write ``ph`` atomically as a zarr v3 group (``*.npz``: compressed npz) plus ``<stem>_preview.png``.
+
+    Every array carries ``resolution`` (z, y, x nm); the npz holds ``resolution_nm`` and ``partners``.
+    Returns the preview path.
+    """
+    from ssl_em.utils.io import atomic_path
+
+    out = Path(out)
+    res = [float(v) for v in ph.voxel_size]
+    if out.suffix.lower() == ".npz":
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:  # a file object: savez must not append .npz
+            np.savez_compressed(f, **{k: getattr(ph, k) for k in _ARRAYS}, partners=ph.partners,
+                                resolution_nm=np.asarray(res))
+    else:
+        import zarr
+
+        with atomic_path(out, is_dir=True) as tmp:
+            root = zarr.open_group(tmp, mode="w", zarr_format=3)
+            root.attrs.update({"resolution": res, "unit": "nm", "axes": "zyx", "seed": ph.seed,
+                               "generator": "ssl_em.data.phantom", "partners": ph.partners.tolist(),
+                               "config": dataclasses.asdict(ph.config)})
+            chunks = tuple(min(n, c) for n, c in zip(ph.shape, (16, 128, 128)))
+            for name in _ARRAYS:
+                root.create_array(name, data=getattr(ph, name), chunks=chunks,
+                                  attributes={"resolution": res, "unit": "nm", "axes": "zyx"})
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return save_preview(ph, out.with_name(f"{stem}_preview.png"))
+
+
+def _overlay(raw: np.ndarray, membrane: np.ndarray, mito: np.ndarray, syn: np.ndarray) -> np.ndarray:
+    rgb = np.repeat(raw[..., None] / 255.0, 3, -1)
+    for mask, colour, alpha in ((membrane > 0, (0.15, 0.25, 1.0), 0.35), (mito > 0, (1.0, 0.1, 0.1), 0.4),
+                                (syn > 0, (0.1, 1.0, 0.1), 0.7)):
+        rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.asarray(colour)
+    return rgb
+
+
+def save_preview(ph: Phantom, path: str | Path) -> Path:
+    """PNG: middle section raw, the same with labels tinted, and an xz cut at true aspect (anisotropy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ssl_em.utils.io import atomic_path
+
+    path = Path(path)
+    Z, Y, X = ph.shape
+    z, y = Z // 2, Y // 2
+    vz, vy, vx = ph.voxel_size
+    cut = (ph.raw[z], ph.membrane[z], ph.mito[z], ph.synapse[z])
+    xz = (ph.raw[:, y], ph.membrane[:, y], ph.mito[:, y], ph.synapse[:, y])
+    # equal panel heights at true physical aspect: the xz cut shows how coarse z is
+    ratios = [X * vx / (Y * vy)] * 2 + [X * vx / (Z * vz)]
+    fig, axes = plt.subplots(1, 3, figsize=(4.8 * sum(ratios) + 0.6, 5.6), dpi=110,
+                             gridspec_kw={"width_ratios": ratios, "wspace": 0.04})
+    axes[0].imshow(cut[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    axes[0].set_title(f"raw, section z={z}", fontsize=9)
+    axes[1].imshow(_overlay(*cut), interpolation="nearest")
+    axes[1].set_title("membrane (blue), mitochondria (red), clefts (green)", fontsize=9)
+    axes[2].imshow(_overlay(*xz), aspect=vz / vx, interpolation="nearest")
+    axes[2].set_title(f"xz cut, y={y}", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"ssl-em phantom {Z}x{Y}x{X} voxels, {vz:g}x{vy:g}x{vx:g} nm, seed {ph.seed}")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 64,256,256") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 40,8,8") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ssl-em phantom OUT``: write a phantom (zarr group, or npz if OUT ends in .npz) and a preview PNG."""
+    ap = argparse.ArgumentParser(prog="ssl-em phantom", description="Write the synthetic ssTEM neuropil phantom "
+                                 "(raw + neurons, membrane, mito, synapse, vesicles) and OUT-stem_preview.png.")
+    ap.add_argument("out", help="output: DIR.zarr (zarr v3 group) or FILE.npz")
+    ap.add_argument("--shape", type=_ints, default=(64, 256, 256), help="z,y,x voxels (default 64,256,256)")
+    ap.add_argument("--voxel-size", type=_floats, default=(40.0, 8.0, 8.0), help="z,y,x nm (default 40,8,8)")
+    ap.add_argument("--seed", type=int, default=0, help="tissue and noise seed (default 0)")
+    ap.add_argument("--missing-section-rate", type=float, default=0.0,
+                    help="probability that a section's raw is blank or noise (labels intact)")
+    args = ap.parse_args(argv)
+    ph = make_phantom(args.shape, args.voxel_size, args.seed, missing_section_rate=args.missing_section_rate,
+                      progress=True)
+    preview = save_phantom(ph, args.out)
+    n = ph.raw.size
+    print(f"wrote {args.out}: {'x'.join(map(str, ph.shape))} voxels at {'x'.join(f'{v:g}' for v in ph.voxel_size)} nm; "
+          f"{int(ph.neurons.max())} neurons, {int(ph.mito.max())} mitochondria ({(ph.mito > 0).sum() / n:.1%}), "
+          f"{len(ph.partners)} synapses ({(ph.synapse > 0).sum() / n:.2%}); preview {preview}")
+    return 0

@@ -1,0 +1,39 @@
+"""AdamW with linear warm-up then cosine decay, shared by pretraining and fine-tuning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """Multiplier of the peak rate at each step: linear warm-up, then cosine down to ``min_lr_ratio``."""
+    total = max(int(total_steps), 1)
+    warmup = min(int(warmup_steps), total // 2)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return schedule
+
+
+def adamw_warmup_cosine(trainer: Any, params: Iterable, *, lr: float, warmup_steps: int, min_lr_ratio: float,
+                        **adamw_kwargs: Any) -> dict[str, Any]:
+    """``configure_optimizers`` output for a Lightning ``trainer``.
+
+    Fused AdamW (one kernel per step instead of one per tensor) unless gradients are clipped:
+    Lightning cannot clip gradients a fused optimizer unscales internally under mixed precision.
+    """
+    fused = not getattr(trainer, "gradient_clip_val", None)
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=fused, **adamw_kwargs)
+    total = trainer.estimated_stepping_batches if trainer is not None else 1
+    if not math.isfinite(total):  # max_steps=-1 and max_epochs=-1: no horizon for the cosine
+        total = 10**9
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total, min_lr_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,129 @@
+"""Task definitions: targets from labels, losses, post-processing back to instances, input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_em.adapters.tasks import NEURON_OFFSETS, get_task, list_tasks
+from ssl_em.errors import ConfigError, LabelError
+
+
+def _two_blobs() -> np.ndarray:
+    labels = np.zeros((6, 24, 24), np.uint32)
+    labels[1:5, 3:11, 3:11] = 1
+    labels[1:5, 3:11, 11:19] = 2  # touching the first: only the boundary channel separates them
+    return labels
+
+
+def test_registry_and_num_outputs():
+    assert list_tasks() == ["membrane", "mito", "neuron", "synapse"]
+    assert [get_task(n).num_outputs for n in list_tasks()] == [1, 2, len(NEURON_OFFSETS), 1]
+    with pytest.raises(ConfigError, match="unknown task"):
+        get_task("nuclei")
+
+
+@pytest.mark.parametrize("name", ["mito", "synapse", "neuron", "membrane"])
+def test_targets_and_loss_shapes(name):
+    task = get_task(name)
+    labels = _two_blobs() if name != "membrane" else (_two_blobs() > 0).astype(np.uint8)
+    mask = np.zeros(labels.shape, np.float32)
+    mask[2:4] = 1
+    target, tmask = task.make_targets(labels, mask)
+    assert target.shape == tmask.shape == (task.num_outputs, *labels.shape)
+    assert target.dtype == tmask.dtype == np.float32
+    assert tmask[:, :2].max() == 0 and tmask[:, 4:].max() == 0  # unlabelled sections stay ignored
+    logits = torch.randn(1, *target.shape, requires_grad=True)
+    loss = task.loss(logits, torch.from_numpy(target)[None], torch.from_numpy(tmask)[None])
+    loss.backward()
+    assert torch.isfinite(loss) and logits.grad[:, :, :2].abs().max() == 0
+
+
+def test_mito_boundary_separates_touching_instances():
+    target, _ = get_task("mito", voxel_size=(50, 4, 4)).make_targets(_two_blobs())
+    fg, boundary = target
+    assert fg.sum() == (_two_blobs() > 0).sum()
+    assert boundary[2, 6, 10] == 1 and boundary[2, 6, 11] == 1  # inner boundaries on both sides of the contact
+    assert boundary[2, 6, 6] == 0
+    assert boundary[1, 6, 6] == 0  # in-plane: the first section is not all boundary for anisotropic voxels
+    assert get_task("mito").make_targets(_two_blobs())[0][1][1, 6, 6] == 1  # 3-D boundary otherwise
+
+
+def test_neuron_affinities_match_slow_reference():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (4, 6, 7)).astype(np.int64)
+    mask = (rng.random(labels.shape) > 0.2).astype(np.float32)
+    offsets = [(-1, 0, 0), (0, -1, 0), (0, 0, 2), (0, -3, 0), (0, 9, 0)]
+    for zero_label in ("boundary", "ignore"):
+        target, tmask = get_task("neuron", offsets=offsets, zero_label=zero_label).make_targets(labels, mask)
+        for c, o in enumerate(offsets):
+            for v in np.ndindex(labels.shape):
+                w = tuple(a + b for a, b in zip(v, o))
+                inside = all(0 <= a < n for a, n in zip(w, labels.shape))
+                a = labels[v]
+                b = labels[w] if inside else 0
+                valid = inside and mask[v] > 0 and mask[w] > 0 and (
+                    (a or b) if zero_label == "boundary" else (a and b))
+                assert tmask[c][v] == float(bool(valid)), (c, v)
+                assert target[c][v] == float(inside and a != 0 and a == b), (c, v)
+    assert tmask[4].max() == 0  # offset longer than the volume: everything masked
+
+
+def test_postprocess_recovers_instances():
+    labels = _two_blobs()
+    mito = get_task("mito", voxel_size=(50, 4, 4))
+    target, _ = mito.make_targets(labels)
+    inst = mito.postprocess(target, (50, 4, 4))
+    assert inst.shape == labels.shape and len(np.unique(inst[inst > 0])) == 2
+    by_distance = get_task("mito", split="distance")
+    apart = labels.copy()
+    apart[:, :, 11:13] = 0  # the distance split needs a neck between the two
+    fg, _ = by_distance.make_targets(apart)
+    assert fg.shape == (1, *labels.shape)
+    assert len(np.unique(by_distance.postprocess(fg, (50, 4, 4))[apart > 0])) == 2
+    clefts = get_task("synapse").postprocess(np.stack([labels == 1])[:, :, :, :].astype(np.float32) * 0.9)
+    assert clefts.max() == 1
+    assert get_task("membrane").postprocess(np.full((1, 2, 3, 4), 0.7)).dtype == np.uint8
+
+
+def test_neuron_postprocess_from_perfect_affinities():
+    labels = np.zeros((4, 20, 20), np.int32)
+    labels[:, :, :9], labels[:, :, 10:] = 1, 2  # a 1-voxel boundary (id 0) between two neurons
+    labels[:, 12:, 10:] = 3
+    labels[:, 11, 10:] = 0
+    task = get_task("neuron")
+    aff, _ = task.make_targets(labels)
+    seg = task.postprocess(aff)
+    for i in (1, 2, 3):  # each neuron is one segment, and no two share one
+        ids = np.unique(seg[labels == i])
+        assert len(ids) == 1 and ids[0] != 0
+    assert len({int(np.unique(seg[labels == i])[0]) for i in (1, 2, 3)}) == 3
+
+
+@pytest.mark.parametrize(
+    "name,raw,labels,mask,match",
+    [
+        ("mito", np.zeros((2, 4, 4)), np.zeros((2, 4, 5), np.uint8), None, r"labels shape \(2, 4, 5\) != raw shape"),
+        ("mito", np.full((2, 4, 4), np.nan), np.zeros((2, 4, 4), np.uint8), None, "NaN"),
+        ("mito", None, np.zeros((2, 4, 4), np.uint8), np.zeros((2, 4, 4)), "no labelled voxel"),
+        ("membrane", None, np.full((2, 4, 4), 2, np.uint8), None, r"must be 0/1, found \[2\]"),
+        ("mito", None, np.full((2, 4, 4), -1, np.int32), None, "negative"),
+        ("mito", None, np.full((2, 4, 4), 0.5), None, "must be integers"),
+        ("neuron", None, np.zeros((2, 4, 4), np.int32), None, "every id is 0"),
+        ("synapse", None, np.zeros((2, 4, 4), np.uint8), np.ones((2, 4, 3)), r"mask shape"),
+    ],
+)
+def test_bad_inputs_give_one_line_label_errors(name, raw, labels, mask, match):
+    task = get_task(name)
+    with pytest.raises(LabelError, match=match) as err:
+        task.check(raw, labels, mask)
+        task.make_targets(labels, mask)
+    assert "\n" not in str(err.value)
+
+
+def test_a_training_crop_without_objects_is_not_an_error():
+    target, tmask = get_task("neuron").make_targets(np.zeros((2, 4, 4), np.int64))
+    assert target.max() == 0 and tmask.max() == 0  # boundary only: nothing to learn, nothing raised
+    target, tmask = get_task("mito").make_targets(np.zeros((2, 4, 4), np.int64))
+    assert target.max() == 0 and tmask.min() == 1  # labelled background is a real negative
