@@ -1,0 +1,1 @@
+"""Self-supervised pretraining methods: plain ``nn.Module``s returning a loss (LightningModules wrap them)."""

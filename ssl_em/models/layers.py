@@ -1,0 +1,97 @@
+"""The only layers that are 3-D specific: patch embedding and 3-D sin-cos position embedding.
+
+Everything else (attention, MLP, transformer block) is timm's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ssl_em.errors import ConfigError
+
+Triple = tuple[int, int, int]
+
+
+def to_triple(value: int | Sequence[int], name: str = "value") -> Triple:
+    """``8 -> (8, 8, 8)``; a 3-sequence (JSON gives lists) -> tuple of ints; anything else is a ConfigError."""
+    if isinstance(value, int):
+        return (value, value, value)
+    values = tuple(int(v) for v in value)
+    if len(values) != 3:
+        raise ConfigError(f"{name} {tuple(value)} must be one int or three (z, y, x)")
+    return values  # type: ignore[return-value]
+
+
+def check_divisible(shape: Sequence[int], patch: Triple, what: str = "crop") -> Triple:
+    """Return the token grid ``shape // patch`` or raise a one-line ConfigError naming the axis."""
+    shape = tuple(int(s) for s in shape[-3:])
+    for axis, size, p in zip("zyx", shape, patch):
+        if size % p or size == 0:
+            raise ConfigError(f"{what} {shape} is not divisible by patch {tuple(patch)} along {axis}")
+    return tuple(s // p for s, p in zip(shape, patch))  # type: ignore[return-value]
+
+
+class PatchEmbed3D(nn.Module):
+    """Non-overlapping 3-D patches -> tokens: a Conv3d with kernel = stride = patch.
+
+    ``(B, C, D, H, W) -> (B, N, embed_dim)`` with ``N = (D/pz)(H/py)(W/px)`` in (z, y, x) raster order.
+    """
+
+    def __init__(self, patch_size: Triple, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, C, d, h, w)
+        return rearrange(x, "b c d h w -> b (d h w) c")
+
+
+def _axis_pairs(dim: int) -> Triple:
+    """Split ``dim // 2`` sin/cos frequency pairs over (z, y, x).
+
+    Equal thirds where possible; any remainder goes to y and x, because anisotropic EM has far
+    fewer z positions than in-plane ones, so z needs the fewest frequencies.
+    """
+    pairs = dim // 2
+    pz = pairs // 3
+    py = (pairs - pz + 1) // 2
+    return pz, py, pairs - pz - py
+
+
+@functools.lru_cache(maxsize=64)
+def _sincos_cached(grid: Triple, dim: int, temperature: float, device: str) -> torch.Tensor:
+    parts = []
+    for n_pos, n_pairs in zip(grid, _axis_pairs(dim)):
+        omega = 1.0 / temperature ** (torch.arange(n_pairs, dtype=torch.float64, device="cpu") / max(n_pairs, 1))
+        out = torch.arange(n_pos, dtype=torch.float64, device="cpu")[:, None] * omega[None]  # (n_pos, n_pairs)
+        parts.append(torch.cat([out.sin(), out.cos()], dim=1))  # (n_pos, 2 * n_pairs)
+    ez, ey, ex = parts
+    d, h, w = grid
+    emb = torch.cat(  # every token gets [z-part, y-part, x-part]: (d, h, w, dim)
+        [
+            ez[:, None, None].expand(d, h, w, -1),
+            ey[None, :, None].expand(d, h, w, -1),
+            ex[None, None, :].expand(d, h, w, -1),
+        ],
+        dim=-1,
+    )
+    return rearrange(emb, "d h w c -> (d h w) c").float().to(device)  # (N, dim)
+
+
+def sincos_pos_embed_3d(grid: Sequence[int], dim: int, temperature: float = 10000.0,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """Fixed 3-D sin-cos position embedding ``(d*h*w, dim)`` for a token grid (z, y, x).
+
+    Positions are integer token indices, so a larger crop simply extends the table: a model
+    pretrained on one crop size runs unchanged on others. Cached per (grid, dim, device); treat
+    the result as read-only.
+    """
+    if dim % 2:
+        raise ConfigError(f"embed dim {dim} must be even for the sin-cos position embedding")
+    return _sincos_cached(tuple(int(g) for g in grid), int(dim), float(temperature), str(torch.device(device)))

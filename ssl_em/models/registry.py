@@ -1,0 +1,203 @@
+"""Encoders by name: registered in timm's registry and tracked as ssl-em encoders.
+
+``create_encoder("vit3d_small_patch2x16") == timm.create_model("vit3d_small_patch2x16")`` once
+:mod:`ssl_em.models` is imported. A variant is a few lines: defaults merged under the user's
+keyword arguments; the merged dict is recorded as ``model.encoder_config`` so an exported encoder
+can be rebuilt from its JSON sidecar alone. Names encode the patch (z x y x x voxels; one number =
+isotropic). Other encoder modules (``unet3d.py``) register with the same :func:`register_encoder`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import fnmatch
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from torch import nn
+
+from ssl_em.errors import ConfigError
+from ssl_em.models.vit3d import VisionTransformer3D
+
+__all__ = ["build_encoder", "create_encoder", "list_encoders", "main", "register_encoder"]
+
+_ENCODERS: list[str] = []  # names registered through register_encoder, in registration order
+# Arguments timm.create_model passes to every entrypoint; ssl-em encoders have no hub weights.
+_TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+def register_encoder(fn: F) -> F:
+    """Decorator: register ``fn`` in timm's registry under ``fn.__name__`` and list it as an ssl-em encoder."""
+    from timm.models import register_model
+
+    register_model(fn)
+    if fn.__name__ not in _ENCODERS:
+        _ENCODERS.append(fn.__name__)
+    return fn
+
+
+def _to_json(value: Any) -> Any:
+    return [_to_json(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def build_encoder(cls: Callable[..., nn.Module], name: str, defaults: dict[str, Any], pretrained: bool = False,
+                  **kwargs: Any) -> nn.Module:
+    """Build ``cls(**{**defaults, **kwargs})`` and record ``encoder_config`` for export.
+
+    Unknown arguments are a ConfigError naming them, not a TypeError from deep inside.
+    """
+    for key in _TIMM_ARGS:
+        kwargs.pop(key, None)
+    if pretrained:
+        raise ConfigError(f"{name} has no published weights; load yours with ssl_em.load_encoder(path)")
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ConfigError(f"{name} does not take argument(s) {', '.join(unknown)}; it takes {', '.join(params)}")
+    merged = {**defaults, **kwargs}
+    model = cls(**merged)
+    model.encoder_config = {"architecture": name, "kwargs": {k: _to_json(v) for k, v in merged.items()}}
+    return model
+
+
+def _vit3d(name: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+    return build_encoder(VisionTransformer3D, name, defaults, pretrained, **kwargs)
+
+
+_TEST = dict(embed_dim=32, depth=2, num_heads=2)
+_TINY = dict(embed_dim=192, depth=12, num_heads=3)
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12)
+
+
+@register_encoder
+def vit3d_test_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Test-size ViT (embed 32, depth 2): for unit tests and smoke runs only."""
+    return _vit3d("vit3d_test_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_TEST), kwargs)
+
+
+@register_encoder
+def vit3d_test_patch4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Test-size ViT with small isotropic (4, 4, 4) patches."""
+    return _vit3d("vit3d_test_patch4", pretrained, dict(img_size=(16, 32, 32), patch_size=4, **_TEST), kwargs)
+
+
+@register_encoder
+def vit3d_tiny_patch2x8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-Ti, (2, 8, 8) patches: fine in-plane tokens for thin anisotropic ssTEM structures."""
+    return _vit3d("vit3d_tiny_patch2x8", pretrained, dict(patch_size=(2, 8, 8), **_TINY), kwargs)
+
+
+@register_encoder
+def vit3d_tiny_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-Ti (5.5M), (2, 16, 16) patches: anisotropic ssTEM (~40-50 nm sections, 4-8 nm pixels)."""
+    return _vit3d("vit3d_tiny_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_TINY), kwargs)
+
+
+@register_encoder
+def vit3d_tiny_patch4x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-Ti, (4, 16, 16) patches: mildly anisotropic data (e.g. 30 nm sections at 8 nm)."""
+    return _vit3d("vit3d_tiny_patch4x16", pretrained, dict(img_size=(32, 128, 128), patch_size=(4, 16, 16), **_TINY),
+                  kwargs)
+
+
+@register_encoder
+def vit3d_tiny_patch8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-Ti, isotropic (8, 8, 8) patches: FIB-SEM."""
+    return _vit3d("vit3d_tiny_patch8", pretrained, dict(img_size=(64, 64, 64), patch_size=8, **_TINY), kwargs)
+
+
+@register_encoder
+def vit3d_small_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-S (22M), (2, 16, 16) patches."""
+    return _vit3d("vit3d_small_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_SMALL), kwargs)
+
+
+@register_encoder
+def vit3d_small_patch4x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-S, (4, 16, 16) patches."""
+    return _vit3d("vit3d_small_patch4x16", pretrained,
+                  dict(img_size=(32, 128, 128), patch_size=(4, 16, 16), **_SMALL), kwargs)
+
+
+@register_encoder
+def vit3d_small_patch8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-S, isotropic (8, 8, 8) patches: FIB-SEM."""
+    return _vit3d("vit3d_small_patch8", pretrained, dict(img_size=(64, 64, 64), patch_size=8, **_SMALL), kwargs)
+
+
+@register_encoder
+def vit3d_base_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-B (86M), (2, 16, 16) patches."""
+    return _vit3d("vit3d_base_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_BASE), kwargs)
+
+
+@register_encoder
+def vit3d_base_patch8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-B, isotropic (8, 8, 8) patches: FIB-SEM."""
+    return _vit3d("vit3d_base_patch8", pretrained, dict(img_size=(64, 64, 64), patch_size=8, **_BASE), kwargs)
+
+
+def list_encoders(pattern: str = "*") -> list[str]:
+    """Sorted names of ssl-em encoders (not all of timm's models) matching a shell-style pattern."""
+    return sorted(n for n in _ENCODERS if fnmatch.fnmatchcase(n, pattern))
+
+
+def create_encoder(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered encoder; ``overrides`` replace its defaults (e.g. ``patch_size=(2, 8, 8)``)."""
+    if name not in _ENCODERS:
+        close = difflib.get_close_matches(name, _ENCODERS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see 'ssl-em models'"
+        raise ConfigError(f"unknown encoder {name!r}{hint}")
+    import timm
+
+    return timm.create_model(name, **overrides)
+
+
+def _summary(name: str) -> dict[str, Any]:
+    import torch
+    from timm.models import model_entrypoint
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost even for ViT-B
+        model = create_encoder(name)
+    kw = model.encoder_config["kwargs"]
+    return {
+        "name": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "patch": "x".join(map(str, model.patch_size)),
+        "embed_dim": model.embed_dim,
+        "depth": kw.get("depth", "-"),
+        "kwargs": kw,
+        "doc": (inspect.getdoc(model_entrypoint(name)) or "").splitlines()[0],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ssl-em models [PATTERN] [--info NAME]``: a table of registered encoders, or one encoder's config."""
+    parser = argparse.ArgumentParser(prog="ssl-em models", description="List registered encoders.")
+    parser.add_argument("pattern", nargs="?", default="*", help="shell-style name filter, e.g. 'vit3d_small*'")
+    parser.add_argument("--info", metavar="NAME", help="print one encoder's full configuration")
+    args = parser.parse_args(list(argv or []))
+    import json
+
+    if args.info:
+        if args.info not in _ENCODERS:
+            create_encoder(args.info)  # raises the ConfigError with suggestions
+        s = _summary(args.info)
+        print(f"{s['name']}: {s['doc']}\nparams: {s['params']:,}\npatch (z, y, x): {s['patch']}")
+        print("kwargs:", json.dumps(s["kwargs"]))
+        return 0
+    rows = [_summary(n) for n in list_encoders(args.pattern)]
+    if not rows:
+        print(f"no encoder matches {args.pattern!r}")
+        return 1
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'name':<{width}}  {'params':>8}  {'patch':>8}  {'embed':>5}  {'depth':>5}")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['params'] / 1e6:>7.2f}M  {r['patch']:>8}  {r['embed_dim']:>5}  "
+              f"{r['depth']:>5}")
+    return 0
