@@ -226,6 +226,21 @@ def _find_prefix(state: Mapping[str, Any], expected: Sequence[str], ckpt: Path, 
     return preferred[0]
 
 
+def _read_checkpoint(ckpt: Path) -> Any:
+    """ssl-em checkpoints are safetensors (``ssl_em.utils.checkpoint``); other Lightning checkpoints are
+    read with ``torch.load(weights_only=True)``, which refuses code-carrying pickles."""
+    from ssl_em.utils.checkpoint import is_safetensors, load_checkpoint
+
+    if is_safetensors(ckpt):
+        return load_checkpoint(ckpt)
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for custom objects, RuntimeError for a broken zip
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{ckpt} cannot be read with weights_only=True (it must hold only tensors and plain "
+                              f"hyper-parameters): {msg}") from None
+
+
 def export_from_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, prefix: str | None = None,
                            metadata: Mapping[str, Any] | None = None) -> Path:
     """Extract the encoder from a Lightning checkpoint and :func:`save_encoder` it to ``out_dir``.
@@ -237,22 +252,25 @@ def export_from_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike, 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise CheckpointError(f"checkpoint {ckpt} does not exist")
-    try:
-        data = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for custom objects, RuntimeError for a broken zip
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{ckpt} cannot be read with weights_only=True (it must hold only tensors and plain "
-                              f"hyper-parameters): {msg}") from None
+    data = _read_checkpoint(ckpt)
     if not isinstance(data, Mapping) or not isinstance(data.get("state_dict"), Mapping):
         raise CheckpointError(f"{ckpt} is not a Lightning checkpoint (no 'state_dict')")
     state, hparams = data["state_dict"], dict(data.get("hyper_parameters") or {})
+    record = dict(data.get("ssl_em") or {})  # written by ssl-em's LightningModules: no guessing needed
+    if "encoder_config" in record:
+        hparams.setdefault("encoder_config", record["encoder_config"])
     model = _encoder_from_hparams(hparams, ckpt)
     expected = list(model.state_dict())
-    pre = _find_prefix(state, expected, ckpt, prefix)
+    pre = _find_prefix(state, expected, ckpt, prefix if prefix is not None else record.get("encoder_prefix"))
     tensors = {k: state[pre + k] for k in expected}
     _check_state(model.state_dict(), tensors, str(ckpt), strict=True)
     model.load_state_dict(tensors)
     meta = {k: hparams[k] for k in _HPARAM_KEYS if k in hparams}
+    description = dict(record.get("data") or {})
+    meta.update({k: description[k] for k in ("voxel_size", "normalization") if k in description})
+    meta.update({k: record[k] for k in ("method", "method_kwargs") if k in record})
+    if description:
+        meta["data"] = description
     meta.update(steps=data.get("global_step"), epoch=data.get("epoch"), source_checkpoint=ckpt.name)
     meta.update(metadata or {})
     return save_encoder(model, out_dir, meta)

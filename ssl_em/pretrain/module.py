@@ -3,12 +3,16 @@
 The objective is a plain ``nn.Module`` wrapping the encoder (``MaskedAutoencoder3D`` for ViTs,
 ``SparKMasked3D`` for U-Nets, ...) whose ``forward(x)`` returns ``(loss, pred, mask)``; this module
 only adds optimisation, logging, reconstruction panels and self-describing checkpoints.
+Two-view objectives (``two_views = True``: SimCLR, DINO in :mod:`ssl_em.pretrain.contrastive`) take
+the datamodule's ``view1``/``view2``/``overlap1``/``overlap2`` (``EMDataModule(two_views=True)``) and
+return ``(loss, h1, h2)`` pooled features; an ``update_teacher(progress)`` method runs after each
+optimiser step (momentum teachers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +20,15 @@ import lightning as L
 import torch
 
 from ssl_em.errors import ConfigError
+from ssl_em.utils.optim import adamw_warmup_cosine
 
 # method name -> "module:Class"; each class takes the encoder as first argument
 OBJECTIVES: dict[str, str] = {
     "mae": "ssl_em.pretrain.mae:MaskedAutoencoder3D",
     "spark": "ssl_em.pretrain.spark:SparKMasked3D",
+    "denoise": "ssl_em.pretrain.spark:Denoising3D",
+    "simclr": "ssl_em.pretrain.contrastive:SimCLR3D",
+    "dino": "ssl_em.pretrain.contrastive:DINO3D",
 }
 
 
@@ -43,12 +51,14 @@ class Pretraining(L.LightningModule):
         encoder: registered encoder name (``ssl-em models`` lists them).
         encoder_kwargs: overrides for the encoder's constructor (e.g. ``img_size``).
         init_from: an exported encoder (path or shipped name) to continue pretraining from.
-        method: objective name (``mae`` for ViTs, ``spark`` for U-Nets).
+        method: objective name (``mae`` for ViTs, ``spark`` for U-Nets, ``simclr`` / ``dino`` for either,
+            with ``data.init_args.two_views: true``).
         method_kwargs: the objective's arguments (``mask_ratio``, ``target``, ...).
         lr: peak learning rate after warm-up.
         weight_decay: AdamW weight decay (not applied to norms, biases, position embeddings).
         warmup_steps: linear warm-up steps before the cosine decay to ``min_lr_ratio * lr``.
         panel_every_n_steps: write a reconstruction PNG this often (0 disables).
+        seed: seeds the per-step masks (see ``_step_rng``).
     """
 
     def __init__(
@@ -64,6 +74,7 @@ class Pretraining(L.LightningModule):
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.05,
         panel_every_n_steps: int = 200,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -78,6 +89,7 @@ class Pretraining(L.LightningModule):
             net = create_encoder(encoder, **(encoder_kwargs or {}))
         self.objective = build_objective(method, net, **(method_kwargs or {}))
         self.data_description: dict[str, Any] = {}
+        self.last_embeddings: torch.Tensor | None = None  # (2B, C) pooled features of the last two-view batch
 
     @property
     def encoder(self) -> torch.nn.Module:
@@ -86,23 +98,60 @@ class Pretraining(L.LightningModule):
     def forward(self, x: torch.Tensor):
         return self.objective(x)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        loss, _, _ = self.objective(batch["raw"])
+    @property
+    def two_views(self) -> bool:
+        return bool(getattr(self.objective, "two_views", False))
+
+    @contextlib.contextmanager
+    def _step_rng(self, stage: str, batch_idx: int):
+        """Draw masks and dropout from a seed fixed by (seed, stage, step, rank), not from the global
+        RNG stream: a resumed run draws exactly what the uninterrupted run drew, and validation sees
+        the same masks at every evaluation, so its curve compares like with like."""
+        index = self.global_step if stage == "train" else batch_idx
+        seed = ((self.hparams.seed * 1_000_003 + int(index)) * 2 + (stage == "val")) * 4099 + self.global_rank
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(seed % 2**63)
+            yield
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str, batch_idx: int) -> torch.Tensor:
+        with self._step_rng(stage, batch_idx):
+            loss, size = self._objective_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{stage} loss is {loss.item()} at step {self.global_step}")
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=stage == "val",
-                 batch_size=batch["raw"].shape[0])
+                 batch_size=size)
         return loss
 
+    def _objective_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        if self.two_views:
+            if "view1" not in batch:
+                raise ConfigError(f"method {self.hparams.method!r} needs two views per crop: set "
+                                  "data.init_args.two_views: true")
+            loss, h1, h2 = self.objective(batch["view1"], batch["view2"], batch.get("overlap1"), batch.get("overlap2"))
+            self.last_embeddings = torch.cat([h1, h2]).detach()
+            size = batch["view1"].shape[0]
+        else:
+            loss, _, _ = self.objective(batch["raw"])
+            size = batch["raw"].shape[0]
+        return loss, size
+
     def training_step(self, batch, batch_idx):
-        loss = self._step(batch, "train")
+        loss = self._step(batch, "train", batch_idx)
         every = self.hparams.panel_every_n_steps
-        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+        if every and not self.two_views and self.global_step % every == 0 and self.trainer.is_global_zero:
             self.write_panel(batch["raw"][:1].detach())
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        update = getattr(self.objective, "update_teacher", None)
+        if update is not None:  # after the optimiser step: EMA of the student into the teacher
+            total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+            momentum = update(min(self.global_step / total, 1.0))
+            self.log("train/teacher_momentum", momentum, on_step=True, on_epoch=False)
+
     def validation_step(self, batch, batch_idx):
-        return self._step(batch, "val")
+        return self._step(batch, "val", batch_idx)
 
     @torch.no_grad()
     def write_panel(self, x: torch.Tensor, path: str | Path | None = None) -> Path | None:
@@ -117,6 +166,9 @@ class Pretraining(L.LightningModule):
         self.eval()
         panel = self.objective.reconstruct(x)
         self.train(was_training)
+        if not isinstance(panel, dict):  # MAE: (reconstruction, mask volume)
+            recon, mask = panel
+            panel = {"input": x, "masked input": x * (1 - mask), "reconstruction": recon}
         return save_reconstruction_panel(panel, path, title=f"{self.hparams.method} step {self.global_step}")
 
     def configure_optimizers(self):
@@ -128,20 +180,8 @@ class Pretraining(L.LightningModule):
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        # fused AdamW is one kernel per step instead of one per tensor (CUDA and recent CPU builds)
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), fused=True)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.hparams.warmup_steps, total // 2)
-        floor = self.hparams.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(total - warmup, 1)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self.trainer, groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                   warmup_steps=self.hparams.warmup_steps, min_lr_ratio=self.hparams.min_lr_ratio)
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

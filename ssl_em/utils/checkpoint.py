@@ -76,6 +76,13 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> None
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """True when ``path`` starts like a safetensors file (8-byte header length, then a JSON header)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; a pickle or corrupt file is refused."""
     from safetensors import safe_open
