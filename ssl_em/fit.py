@@ -4,7 +4,7 @@ A thin LightningCLI: the typed constructors of the LightningModule and the data 
 config, recipes are YAML with ``class_path``/``init_args``. What this adds to LightningCLI:
 
 * ``precision: auto`` (the default) -> bf16-mixed only where the hardware does bf16 natively;
-* checkpoints are safetensors (:class:`~ssl_em.utils.checkpoint.SafetensorsCheckpointIO`), with a
+* checkpoints are safetensors (:class:`SafetensorsCheckpointIO`), with a
   ``last.ckpt`` so ``--ckpt_path last`` resumes an interrupted run;
 * ``--data`` accepts volume specs directly: ``ssl-em fit --config r.yaml --data a.zarr b.h5:/raw``.
 """
@@ -15,11 +15,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from ssl_em.utils.checkpoint import SafetensorsCheckpointIO, load_checkpoint
+from ssl_em.utils.checkpoint import load_checkpoint, save_checkpoint
 from ssl_em.utils.precision import lightning_precision
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Lightning CheckpointIO writing :func:`save_checkpoint` files (``.ckpt`` name, safetensors inside)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("SafetensorsCheckpointIO takes no storage_options")
+        save_checkpoint(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint(path)
+
+    def remove_checkpoint(self, path) -> None:
+        Path(path).unlink(missing_ok=True)
 
 
 def _device_type(accelerator: Any) -> str:

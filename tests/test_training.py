@@ -95,3 +95,24 @@ def test_exported_encoder_loads_with_the_pretrained_weights(tmp_path):
     sidecar = json.loads((out / "encoder.json").read_text())
     assert sidecar["metadata"]["method"] == "spark"
     assert sidecar["metadata"]["normalization"]["mode"] == "percentile"
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    """Lightning DDP (gloo) over 2 CPU processes through the real CLI; both ranks train the same model."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "ssl_em.cli", "fit", "--config", str(REPO / "recipes/pretrain/spark_unet3d_tiny.yaml"),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root),
+           "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                               "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}]),
+           "--precision", "32", "--data.init_args.samples_per_epoch", "12",
+           *_tiny_model("unet"), *TINY_DATA]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distributed_backend=gloo" in done.stderr + done.stdout
+    ckpt = load_checkpoint(root / "ckpt" / "last.ckpt")
+    assert ckpt["global_step"] == 3

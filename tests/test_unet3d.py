@@ -183,3 +183,17 @@ def test_lora_targets_convs_by_name():
 
 def test_module_exports():
     assert {"ResidualUNet3D", "MaskedGroupNorm", "unet3d_tiny"} <= set(unet3d.__all__)
+
+
+def test_channels_last_3d_matches_contiguous():
+    """channels_last_3d (~10 % less CPU time for SparK pretraining here) computes the same function."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("unet3d_test", widths=(4, 8, 8), anisotropic_levels=1)
+    x = torch.randn(2, 1, 4, 16, 16)
+    visible = (torch.rand(2, 1, 2, 4, 4) > 0.5).float()
+    ref = m.forward_decoder(m.forward_encoder(x, visible))
+    m = m.to(memory_format=torch.channels_last_3d)
+    out = m.forward_decoder(m.forward_encoder(x.contiguous(memory_format=torch.channels_last_3d), visible))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -63,13 +63,15 @@ class MaskedGroupNorm(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         b, c = x.shape[:2]
         g = self.num_groups
-        # one pass for the masked values, two fused reductions; then a single affine pass (addcmul)
-        xm = (x * mask).reshape(b, g, -1)  # (B, G, C/G * DHW): channels of a group are contiguous
-        n = mask.reshape(b, 1, -1).sum(-1) * (c // g)  # visible voxels per (sample, group)
-        n = n.clamp_min(1.0)
-        mean = xm.sum(-1) / n
-        var = (torch.linalg.vector_norm(xm, dim=-1).square() / n - mean.square()).clamp_min(0.0)
-        rstd = torch.rsqrt(var + self.eps)  # (B, G)
+        dims = tuple(range(2, x.ndim))
+        # per-channel sums reduce over space in any memory format (a (B, G, -1) view would copy a
+        # channels_last_3d tensor); one masked pass, two reductions, one affine pass (addcmul)
+        xm = x * mask
+        s1 = xm.sum(dims).reshape(b, g, -1).sum(-1)  # (B, G)
+        s2 = xm.square().sum(dims).reshape(b, g, -1).sum(-1)
+        n = (mask.sum(dims) * (c // g)).clamp_min(1.0)  # visible voxels per (sample, group): (B, 1)
+        mean = s1 / n
+        rstd = torch.rsqrt((s2 / n - mean.square()).clamp_min(0.0) + self.eps)  # (B, G)
         scale = rstd.repeat_interleave(c // g, 1) * self.weight  # (B, C)
         shift = self.bias - mean.repeat_interleave(c // g, 1) * scale
         shape = (b, c) + (1,) * (x.ndim - 2)

@@ -89,6 +89,7 @@ class Pretraining(L.LightningModule):
             net = create_encoder(encoder, **(encoder_kwargs or {}))
         self.objective = build_objective(method, net, **(method_kwargs or {}))
         self.data_description: dict[str, Any] = {}
+        self._panel_dir: Path | None = None
         self.last_embeddings: torch.Tensor | None = None  # (2B, C) pooled features of the last two-view batch
 
     @property
@@ -157,9 +158,9 @@ class Pretraining(L.LightningModule):
     def write_panel(self, x: torch.Tensor, path: str | Path | None = None) -> Path | None:
         """Save input / masked input / reconstruction for a few z-slices of ``x`` (1, C, D, H, W)."""
         if path is None:
-            if self.trainer is None or self.trainer.log_dir is None:
+            if self._panel_dir is None:
                 return None
-            path = Path(self.trainer.log_dir) / "panels" / f"step_{self.global_step:06d}.png"
+            path = self._panel_dir / f"step_{self.global_step:06d}.png"
         from ssl_em.pretrain.panels import save_reconstruction_panel
 
         was_training = self.training
@@ -184,6 +185,9 @@ class Pretraining(L.LightningModule):
                                    warmup_steps=self.hparams.warmup_steps, min_lr_ratio=self.hparams.min_lr_ratio)
 
     def on_fit_start(self) -> None:
+        # trainer.log_dir is a collective under DDP: read it here on every rank, not on rank 0 alone
+        log_dir = self.trainer.log_dir
+        self._panel_dir = Path(log_dir) / "panels" if log_dir else None
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "describe"):
             self.data_description = datamodule.describe()

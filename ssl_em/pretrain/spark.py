@@ -19,7 +19,6 @@ additive Gaussian noise) as a cheaper, mask-free alternative.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,111 @@
+"""Contrastive (SimCLR), self-distillation (DINO) and masked modelling (MAE / SparK) at equal budget.
+
+For each encoder family (ViT: MAE; U-Net: SparK) every method pretrains the *same* encoder from the same
+random init for the same number of optimiser steps and batch size on the phantom (``EMDataModule``
+crops with the default EM augmentation; two views for SimCLR / DINO). Reported per method: mean step
+time (forward + backward + optimiser, data excluded; contrastive methods encode 2 x batch crops) and the
+frozen-feature linear probe (mitochondria vs rest, :func:`ssl_em.pretrain.probe.run_probe`) on a
+*different* phantom, next to the random-init encoder. The last line is the headline ratio:
+best joint-embedding probe AP / masked-modelling probe AP on the ViT.
+
+    python benchmarks/contrastive_vs_mae.py --quick       # < 1 min on a laptop CPU
+    python benchmarks/contrastive_vs_mae.py --steps 300   # the full comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+import ssl_em
+from ssl_em.data.datamodule import EMDataModule
+from ssl_em.pretrain.module import build_objective
+from ssl_em.pretrain.probe import load_labelled, run_probe
+
+SMALL_HEADS = {"simclr": dict(hidden_dim=256, out_dim=128, temperature=0.1),
+               "dino": dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, momentum=0.99, momentum_end=1.0)}
+
+
+def pretrain(encoder_name: str, method: str, args: argparse.Namespace, device: torch.device) -> tuple[Any, float, float]:
+    """Train one (encoder, method) pair; return (encoder, ms per step, final loss)."""
+    torch.manual_seed(args.seed)
+    encoder = ssl_em.create_encoder(encoder_name, **({"img_size": args.crop} if "vit" in encoder_name else {}))
+    objective = build_objective(method, encoder, **SMALL_HEADS.get(method, {})).to(device).train()
+    two = bool(getattr(objective, "two_views", False))
+    data = EMDataModule(two_views=two, patch_shape=tuple(args.crop), batch_size=args.batch_size,
+                        phantom_shape=tuple(args.phantom_shape), samples_per_epoch=args.steps * args.batch_size,
+                        val_fraction=0, seed=args.seed)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
+    times, loss = [], float("nan")
+    for step, batch in enumerate(data.train_dataloader()):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if two:
+            out = objective(batch["view1"], batch["view2"], batch["overlap1"], batch["overlap2"])[0]
+        else:
+            out = objective(batch["raw"])[0]
+        opt.zero_grad(set_to_none=True)
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        if hasattr(objective, "update_teacher"):
+            objective.update_teacher(step / max(args.steps - 1, 1))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= 2:  # skip warm-up steps (allocator, autotuning)
+            times.append(time.perf_counter() - t0)
+        loss = out.item()
+        if step + 1 >= args.steps:
+            break
+    return encoder.eval(), 1000 * sum(times) / max(len(times), 1), loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="test-size encoders, few steps (< 1 min)")
+    parser.add_argument("--vit", default="vit3d_test_patch4")
+    parser.add_argument("--unet", default="unet3d_tiny")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, nargs=3, default=[16, 64, 64])
+    parser.add_argument("--phantom-shape", type=int, nargs=3, default=[48, 192, 192])
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--probe-samples", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.quick:
+        args.unet, args.steps, args.batch_size, args.crop = "unet3d_test", 6, 2, [8, 32, 32]
+        args.phantom_shape, args.probe_samples = [16, 64, 64], 2000
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    raw, mito = load_labelled(task="mito", phantom_shape=(32, 128, 128), seed=1234)  # held-out phantom
+    print(f"config: device={device} steps={args.steps} batch={args.batch_size} crop={args.crop} "
+          f"train phantom={args.phantom_shape} (seed {args.seed}) probe phantom=(32, 128, 128) (seed 1234), "
+          f"lr={args.lr}, probe: logistic regression on {args.probe_samples} voxels, last 30% of z held out")
+    print(f"{'encoder':<22}{'method':<9}{'ms/step':>9}{'loss':>9}{'probe AP':>10}{'IoU':>7}")
+    results: dict[tuple[str, str], float] = {}
+    for family, name, methods in (("vit", args.vit, ("mae", "simclr", "dino")),
+                                  ("unet", args.unet, ("spark", "simclr", "dino"))):
+        random_enc = ssl_em.create_encoder(name, **({"img_size": args.crop} if family == "vit" else {}))
+        rows = [("random", random_enc, float("nan"), float("nan"))]
+        for method in methods:
+            enc, ms, loss = pretrain(name, method, args, device)
+            rows.append((method, enc, ms, loss))
+        for method, enc, ms, loss in rows:
+            r = run_probe(enc.to(device), raw, mito, n_train=args.probe_samples, n_test=args.probe_samples,
+                          tile=args.crop, device=device, seed=args.seed)
+            results[(family, method)] = r.ap
+            print(f"{name:<22}{method:<9}{ms:>9.1f}{loss:>9.3f}{r.ap:>10.3f}{r.iou:>7.3f}", flush=True)
+        print(f"{'':<22}(chance AP {r.chance_ap:.3f})")
+    best = max(("simclr", "dino"), key=lambda m: results[("vit", m)])
+    ratio = results[("vit", best)] / max(results[("vit", "mae")], 1e-9)
+    print(f"probe AP ratio {best}/mae on {args.vit} after {args.steps} steps: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
