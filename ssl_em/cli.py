@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except SslEmError as err:
         print(f"ssl-em {name}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"ssl-em {name}: interrupted", file=sys.stderr)
         return 130

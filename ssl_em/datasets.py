@@ -12,7 +12,6 @@ paths, ``..`` traversal and links are refused), and converts every array to ``de
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import tarfile
 import urllib.request
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssl_em.errors import SslEmError, VolumeError
-from ssl_em.utils.io import atomic_path
+from ssl_em.utils.io import atomic_path, sha256_file
 
 
 class DownloadError(SslEmError, ValueError):
@@ -149,14 +148,6 @@ REGISTRY: dict[str, Dataset] = {d.name: d for d in [
 ]}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fetch(url: str, target: Path, progress: bool = True) -> None:
     """urllib download to a temporary sibling, renamed when complete; tqdm shows bytes."""
     from tqdm.auto import tqdm
@@ -213,7 +204,7 @@ def safe_extract(archive: Path, dest: Path) -> Path:
 
 def verify(path: Path, sha256: str | None, what: str) -> bool:
     """True when the hash matches; False (and the hash printed) when none is known; raises on mismatch."""
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if sha256 is None:
         print(f"{what}: sha256 {digest} (UNVERIFIED: no published checksum in the registry)")
         return False

@@ -9,7 +9,6 @@ training checkpoints go through :func:`export_from_checkpoint` (``weights_only=T
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from ssl_em.errors import CheckpointError, ConfigError
+from ssl_em.utils.io import sha256_file
 
 __all__ = ["FORMAT_VERSION", "export_from_checkpoint", "load_encoder", "main", "save_encoder"]
 
@@ -29,14 +29,6 @@ _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar"}
 _EXPORT_HINT = "ssl-em loads only safetensors; run 'ssl-em export-encoder CKPT OUT_DIR' first"
 # Hyper-parameters copied from a training checkpoint into the sidecar's metadata.
 _HPARAM_KEYS = ("voxel_size", "normalization", "method", "data", "crop_size", "mask_ratio", "target")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_encoder(model: nn.Module, out_dir: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
@@ -83,7 +75,7 @@ def save_encoder(model: nn.Module, out_dir: str | os.PathLike, metadata: Mapping
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "architecture": arch})
-        record["weights_sha256"] = _sha256(tmp)
+        record["weights_sha256"] = sha256_file(tmp)
     atomic_write_text(out / SIDECAR, json.dumps(record, indent=2) + "\n")
     return out
 
@@ -158,7 +150,7 @@ def load_encoder(path_or_name: str | os.PathLike, *, strict: bool = True,
     if _looks_pickled(weights):
         raise CheckpointError(f"{weights} is a pickle checkpoint; {_EXPORT_HINT}")
     expected_sha = record.get("weights_sha256")
-    if expected_sha and _sha256(weights) != expected_sha:
+    if expected_sha and sha256_file(weights) != expected_sha:
         raise CheckpointError(f"{weights} does not match the sha256 in {sidecar} (mixed or corrupted export)")
     try:
         model = create_encoder(arch, **record.get("kwargs", {}))
