@@ -1,0 +1,89 @@
+"""Study configuration, the methods compared, their learning-rate grids and the metrics per task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ssl_em.errors import ConfigError
+
+METHODS = ("lora", "frozen", "full", "scratch", "lora_random", "unet")
+ADAPTER = {"lora": ("lora", True), "frozen": ("frozen", True), "full": ("full", True),
+           "scratch": ("full", False), "lora_random": ("lora", False)}  # as adapters.finetune.STUDY_METHODS
+# family -> encoder to pretrain, objective, pretraining rate
+FAMILIES: dict[str, dict[str, Any]] = {
+    "cnn": dict(encoder="unet3d_tiny", method="spark", method_kwargs={"mask_ratio": 0.6}, lr=2e-3),
+    "vit": dict(encoder="vit3d_tiny_patch2x16", method="mae", method_kwargs={"mask_ratio": 0.75}, lr=1.5e-3),
+}
+# learning-rate sweep grids (AdamW peak rates): adapters and heads need larger rates than full
+# training; centred where short CPU runs (~100-400 steps) on the phantom and VNC peaked
+LR_GRID = {"lora": (6e-3, 2e-2, 6e-2), "lora_random": (6e-3, 2e-2, 6e-2), "frozen": (1e-2, 3e-2, 1e-1),
+           "full": (2e-3, 6e-3, 2e-2), "scratch": (2e-3, 6e-3, 2e-2), "unet": (2e-3, 6e-3, 2e-2)}
+METRICS = {"mito": ("iou", "dice", "ap50"), "synapse": ("iou", "dice", "detection_f1"), "neuron": ("voi", "arand")}
+LOWER_IS_BETTER = {"voi", "arand"}
+_NAMES = {"iou": "IoU", "dice": "Dice", "ap50": "AP50", "voi": "VOI", "arand": "ARAND", "detection_f1": "F1"}
+
+
+@dataclass
+class StudyConfig:
+    """Everything a study depends on; written into ``results.json``.
+
+    Budgets are wall-clock seconds per fine-tuning run (``seconds``; each sweep rate gets
+    ``sweep_share`` of it) and for pretraining (``pretrain_seconds``; 0 with ``encoder`` skips it).
+    Rates are swept per (method, fraction) on seed 0's labels unless ``sweep_every_fraction`` is
+    False (then only at the smallest fraction). ``patch_shape`` is (z, y, x) voxels; ``eval_fraction`` / ``val_fraction`` are fractions of y.
+    """
+
+    task: str = "mito"
+    family: str = "cnn"
+    architecture: str | None = None  # override the family's encoder (e.g. unet3d_test in tests)
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    encoder: str | None = None  # an exported encoder (path or name) to start from
+    methods: tuple[str, ...] = METHODS
+    fractions: tuple[float, ...] = (0.05, 1.0)
+    seeds: int = 1
+    seconds: float = 30.0
+    pretrain_seconds: float = 120.0
+    sweep_share: float = 0.25
+    sweep_every_fraction: bool = True  # False: sweep at the smallest fraction, reuse the rate above it
+    lrs: dict[str, tuple[float, ...]] | None = None
+    patch_shape: tuple[int, int, int] = (8, 64, 64)
+    batch_size: int = 2
+    eval_fraction: float = 0.3
+    val_fraction: float = 0.2
+    max_eval_voxels: int = 4_000_000  # the evaluation region is centre-cropped in x to this size
+    max_val_voxels: int = 1_000_000  # likewise the validation part scored in the rate sweep
+    voxel_size: tuple[float, float, float] | None = None
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.task not in METRICS:
+            raise ConfigError(f"task {self.task!r} is not one of {', '.join(METRICS)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        bad = [f for f in self.fractions if not 0 < f <= 1]
+        if bad:
+            raise ConfigError(f"label fractions {bad} must be in (0, 1]")
+        self.fractions = tuple(sorted(float(f) for f in self.fractions))
+        self.patch_shape = tuple(int(p) for p in self.patch_shape)  # type: ignore[assignment]
+
+    @property
+    def arch(self) -> str:
+        return self.architecture or FAMILIES[self.family]["encoder"]
+
+
+def _lrs(cfg: StudyConfig, method: str) -> tuple[float, ...]:
+    return tuple((cfg.lrs or {}).get(method, LR_GRID[method]))
+
+
+def budget_units(cfg: StudyConfig) -> float:
+    """Total fine-tuning wall clock of a study in units of ``cfg.seconds`` (sweeps included)."""
+    total = 0.0
+    for m in cfg.methods:
+        k = len(_lrs(cfg, m))
+        sweeps = 0 if k < 2 else (len(cfg.fractions) if cfg.sweep_every_fraction else 1)
+        total += len(cfg.fractions) * cfg.seeds + sweeps * k * cfg.sweep_share
+    return total

@@ -1,0 +1,71 @@
+"""Disjoint training / validation / evaluation regions and reproducible sparse z-labels."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ssl_em.data.crops import Box, check_disjoint, sparse_slices
+from ssl_em.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Boxes (z, y, x) of the labelled volume: ``train`` (fine-tuning), ``evaluation`` (scores only),
+    and inside ``train`` the sweep's ``fit`` part and its ``val`` part (a y-slab)."""
+
+    train: Box
+    evaluation: Box
+    fit: Box
+    val: Box
+
+
+def _slab(shape: Sequence[int], axis: int, start: int, stop: int) -> Box:
+    box = [slice(0, int(n)) for n in shape]
+    box[axis] = slice(int(start), int(stop))
+    return tuple(box)
+
+
+def plan_regions(shape: Sequence[int], patch_shape: Sequence[int], eval_fraction: float = 0.3,
+                 val_fraction: float = 0.2, axis: int = 1) -> Regions:
+    """Split ``shape`` (z, y, x) along ``axis`` (in-plane: every region keeps all z-sections, so
+    sparse z-labels exist in each) as ``[fit | val] | gap | evaluation``.
+
+    The gap is half a patch, so no training crop reaches within half a receptive field of the
+    region it is scored on; every part is at least one patch wide (``val`` only ranks rates). Raises ConfigError when the volume is too small.
+    """
+    n, p = int(shape[axis]), int(patch_shape[axis])
+    if len(shape) != 3 or any(int(s) < int(q) for s, q in zip(shape, patch_shape)):
+        raise ConfigError(f"volume {tuple(shape)} is smaller than the patch {tuple(patch_shape)} (z, y, x)")
+    gap = -(-p // 2)
+    n_eval = max(p, round(n * eval_fraction))
+    n_train = n - n_eval - gap
+    n_val = max(p, round(n_train * val_fraction))
+    if n_train - n_val < p:
+        raise ConfigError(f"axis {axis} of {n} voxels is too small to hold training, validation and evaluation "
+                          f"regions of at least {p} (the patch) with gaps of {gap}")
+    train, ev = _slab(shape, axis, 0, n_train), _slab(shape, axis, n - n_eval, n)
+    fit, val = _slab(shape, axis, 0, n_train - n_val), _slab(shape, axis, n_train - n_val, n_train)
+    check_disjoint(train, ev, ("training", "evaluation"))
+    check_disjoint(fit, val, ("sweep training", "validation"))
+    return Regions(train, ev, fit, val)
+
+
+def label_sections(n_sections: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted z indices that keep labels: ``fraction`` of ``n_sections`` (at least one), per ``seed``."""
+    return sparse_slices(int(n_sections), fraction=float(fraction), seed=int(seed))
+
+
+def _trim(box: Box, max_voxels: int, axis: int = 2) -> Box:
+    """Centre-crop ``box`` along ``axis`` (x) to at most ``max_voxels`` (evaluation cost bound)."""
+    sizes = [b.stop - b.start for b in box]
+    if math.prod(sizes) <= max_voxels:
+        return box
+    keep = max(1, max_voxels // math.prod(s for i, s in enumerate(sizes) if i != axis))
+    start = box[axis].start + (sizes[axis] - keep) // 2
+    out = list(box)
+    out[axis] = slice(start, start + keep)
+    return tuple(out)

@@ -1,0 +1,123 @@
+"""The label-efficiency engine: disjoint regions, reproducible sparse labels, an end-to-end tiny study."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ssl_em.data.crops import check_disjoint
+from ssl_em.errors import ConfigError
+from ssl_em.study.train import _schedule
+from ssl_em.study import (
+    METRICS,
+    Study,
+    StudyConfig,
+    budget_units,
+    headline,
+    label_sections,
+    markdown_table,
+    plan_regions,
+)
+
+
+def _span(box, axis=1):
+    return box[axis].start, box[axis].stop
+
+
+def test_regions_are_disjoint_with_a_half_patch_gap():
+    shape, patch = (16, 256, 128), (8, 64, 64)
+    r = plan_regions(shape, patch)
+    (t0, t1), (e0, e1) = _span(r.train), _span(r.evaluation)
+    assert t0 == 0 and e1 == 256 and e0 - t1 >= patch[1] // 2  # gap of at least half a patch
+    assert _span(r.fit)[1] == _span(r.val)[0] and _span(r.val)[1] == t1  # fit | val tile the training region
+    for box in (r.train, r.evaluation, r.fit, r.val):
+        assert box[0] == slice(0, 16) and box[2] == slice(0, 128)  # in-plane split: every z-section everywhere
+        assert box[1].stop - box[1].start >= patch[1]
+    check_disjoint(r.train, r.evaluation)
+    with pytest.raises(ConfigError, match="overlap"):
+        check_disjoint(r.train, (slice(0, 16), slice(t1 - 1, 256), slice(0, 128)))
+
+
+def test_regions_refuse_a_volume_too_small():
+    with pytest.raises(ConfigError, match="too small"):
+        plan_regions((16, 150, 128), (8, 64, 64))
+    with pytest.raises(ConfigError, match="smaller than the patch"):
+        plan_regions((4, 256, 128), (8, 64, 64))
+
+
+def test_label_fractions_keep_at_least_one_section_reproducibly():
+    assert len(label_sections(20, 0.01, seed=0)) == 1
+    assert len(label_sections(20, 0.25, seed=0)) == 5
+    assert list(label_sections(20, 1.0, seed=3)) == list(range(20))
+    np.testing.assert_array_equal(label_sections(40, 0.1, seed=7), label_sections(40, 0.1, seed=7))
+    draws = {tuple(label_sections(40, 0.1, seed=s)) for s in range(5)}
+    assert len(draws) > 1  # seeds draw different sections
+
+
+def test_schedule_warms_up_then_anneals():
+    assert _schedule(0.0) < _schedule(0.05) == pytest.approx(1.0)
+    assert _schedule(0.5) < 1.0 and _schedule(1.0) == pytest.approx(0.05)
+
+
+def test_config_rejects_unknown_methods_and_fractions():
+    with pytest.raises(ConfigError, match="unknown methods"):
+        StudyConfig(methods=("lora", "magic"))
+    with pytest.raises(ConfigError, match="fractions"):
+        StudyConfig(fractions=(0.0,))
+    cfg = StudyConfig(methods=("lora", "scratch"), fractions=(0.1, 1.0), seeds=2, lrs={"lora": (1e-3,)})
+    assert budget_units(cfg) == pytest.approx(2 * 2 * 2 + 2 * 3 * cfg.sweep_share)  # scratch sweeps 3 rates twice
+
+
+def test_tables_and_headline_from_records():
+    recs = [{"method": m, "fraction": f, "seed": s, "metric": "iou", "value": v + 0.01 * s}
+            for m, v in (("lora", 0.5), ("scratch", 0.2), ("lora_random", 0.3)) for f in (0.05, 1.0) for s in (0, 1)]
+    table = markdown_table(recs, "iou")
+    assert "| lora | 0.505 ± 0.005 | 0.505 ± 0.005 |" in table and "5% labels" in table
+    line = headline(recs, "mito")
+    assert line.startswith("lora vs best of scratch/lora_random (lora_random) at 5% labels: +0.200 IoU")
+
+
+def test_tiny_study_end_to_end(tmp_path):
+    from ssl_em.data.phantom import make_phantom
+
+    target, pool = make_phantom((8, 160, 64), seed=2), make_phantom((8, 64, 64), seed=1)
+    np.savez(tmp_path / "target.npz", raw=target.raw, mito=target.mito)
+    np.savez(tmp_path / "pool.npz", raw=pool.raw)
+    raw, labels = f"{tmp_path / 'target.npz'}:raw", f"{tmp_path / 'target.npz'}:mito"
+    cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("lora", "scratch"), fractions=(0.25,),
+                      seconds=0.5, pretrain_seconds=0.5, patch_shape=(8, 32, 32), voxel_size=target.voxel_size,
+                      lrs={"lora": (3e-3, 1e-2), "scratch": (1e-3,)}, sweep_share=0.5)
+    study = Study(raw, labels, [f"{tmp_path / 'pool.npz'}:raw", raw], cfg, tmp_path / "out")
+    # the labelled raw is pretraining data only through its training region
+    assert study._pretraining_regions() == [None, study.regions.train]
+    records = study.run()
+    tmp_path = tmp_path / "out"
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["records"] == records
+    assert {(r["method"], r["fraction"], r["seed"]) for r in records} == {("lora", 0.25, 0), ("scratch", 0.25, 0)}
+    assert {r["metric"] for r in records} == set(METRICS["mito"])
+    assert all(set(r) == {"method", "fraction", "seed", "metric", "value"} and 0 <= r["value"] <= 1 for r in records)
+    assert [run["label_sections"] for run in doc["runs"]] == [label_sections(8, 0.25, 0).tolist()] * 2
+    assert doc["runs"][0]["lr"] in (3e-3, 1e-2) and doc["pretraining"]["steps"] >= 2
+    assert len(doc["pretraining"]["data"]) == 2
+    assert "| lora |" in (tmp_path / "results.md").read_text()
+    for png in ("label_efficiency.png", "overlays.png", "pretrain/loss.png", "pretrain/reconstruction.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "pretrain" / "encoder" / "encoder.safetensors").exists()
+
+
+def test_foreground_sampler_finds_rare_labelled_foreground():
+    from ssl_em.data.crops import SliceMask
+    from ssl_em.study.train import LabelledForegroundSampler
+
+    labels = np.zeros((8, 128, 128), np.uint8)
+    labels[:, 100:110, 20:30] = 1  # one small object; sections 2 and 5 are labelled
+    mask = SliceMask(labels.shape, [2, 5])
+    rng = np.random.default_rng(0)
+    sampler = LabelledForegroundSampler(p_foreground=1.0, max_tries=50)
+    for _ in range(10):
+        box = sampler(labels.shape, (4, 32, 32), rng, labels=labels, mask=mask)
+        m = mask[box]
+        assert m.any() and labels[box][m].any()  # a labelled section, with foreground on it
