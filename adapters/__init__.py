@@ -29,6 +29,8 @@ _LAZY = {
     "BCEDiceLoss": "losses", "CLDiceLoss": "losses", "bce_loss": "losses", "cldice_loss": "losses",
     "dice_loss": "losses", "soft_skeleton": "losses",
     "Task": "tasks", "get_task": "tasks", "list_tasks": "tasks",
+    "FinetunedModel": "export", "export_finetuned": "export", "is_finetuned_folder": "export",
+    "load_finetuned": "export",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,6 +56,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from ssl_em.adapters.peft_adapters import read_adapter_sidecar as read_adapter_sidecar
     from ssl_em.adapters.peft_adapters import resolve_targets as resolve_targets
     from ssl_em.adapters.peft_adapters import save_adapter as save_adapter
+    from ssl_em.adapters.export import FinetunedModel as FinetunedModel
+    from ssl_em.adapters.export import export_finetuned as export_finetuned
+    from ssl_em.adapters.export import is_finetuned_folder as is_finetuned_folder
+    from ssl_em.adapters.export import load_finetuned as load_finetuned
     from ssl_em.adapters.tasks import Task as Task
     from ssl_em.adapters.tasks import get_task as get_task
     from ssl_em.adapters.tasks import list_tasks as list_tasks

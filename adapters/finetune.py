@@ -51,6 +51,9 @@ class FineTuning(L.LightningModule):
         task_kwargs: the task's constructor arguments (thresholds, offsets, ...).
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with warm-up then cosine decay.
         grad_checkpointing: trade compute for activation memory in the encoder.
+        export_on_fit_end: when ``fit`` ends, write a deployable folder (:meth:`export`) that
+            ``ssl-em predict --model FOLDER`` runs.
+        export_dir: that folder; None = ``<trainer.log_dir>/model``.
     """
 
     def __init__(
@@ -68,6 +71,8 @@ class FineTuning(L.LightningModule):
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.05,
         grad_checkpointing: bool = False,
+        export_on_fit_end: bool = True,
+        export_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -76,7 +81,7 @@ class FineTuning(L.LightningModule):
 
         self.task = get_task(task, **(task_kwargs or {}))
         if pretrained:
-            net = load_encoder(pretrained)
+            net = load_encoder(pretrained).train()  # load_encoder returns eval mode (drop-path, norms)
         else:
             net = create_encoder(encoder, **(encoder_kwargs or {}))
         if grad_checkpointing:
@@ -136,10 +141,48 @@ class FineTuning(L.LightningModule):
         return adamw_warmup_cosine(self.trainer, params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                    warmup_steps=self.hparams.warmup_steps, min_lr_ratio=self.hparams.min_lr_ratio)
 
+    def setup(self, stage: str) -> None:
+        # after the data module's setup (shapes checked there): check label values before step 1
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        hp = getattr(datamodule, "hparams", None) or {}
+        if stage == "fit" and hp.get("labels") is not None:
+            self.check_labels(hp["labels"], hp.get("ignore_value"))
+
+    def check_labels(self, labels: Any, ignore_value: int | None = None, slab: int = 16) -> None:
+        """Raise LabelError (one line) when ``labels`` (a volume spec or array) hold values outside
+        the task's set or no object at all; read ``slab`` z-sections at a time (bounded memory)."""
+        from ssl_em.data.crops import as_volume, volume_name
+        from ssl_em.errors import LabelError
+
+        vol = as_volume(labels)
+        name, found = volume_name(vol), False
+        for z in range(0, int(vol.shape[-3]), slab):
+            part = np.asarray(vol[..., z : z + slab, :, :])
+            if ignore_value is not None:
+                part = np.where(part == ignore_value, 0, part)
+            try:
+                self.task._check_labels(None, part.reshape(part.shape[-3:]) if part.ndim > 3 else part, None)
+            except LabelError as err:
+                raise LabelError(f"{name}: {err}") from None
+            found = found or bool(part.any())
+        if not found:
+            raise LabelError(f"{name}: {self.task.name} labels are empty (every voxel is 0): nothing to learn")
+
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "describe"):
             self.data_description = datamodule.describe()
+
+    def on_fit_end(self) -> None:
+        if not self.hparams.export_on_fit_end:
+            return
+        # trainer.log_dir broadcasts rank 0's value under DDP (a collective): every rank reads it
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        out = Path(self.hparams.export_dir or Path(log_dir) / "model")
+        if self.trainer.is_global_zero:
+            self.export(out)
+            print(f"fine-tuned model: {out} (ssl-em predict --model {out} --input ... --output ...)")
+        self.trainer.strategy.barrier("ssl_em_export")  # no rank leaves before the folder is complete
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ssl_em"] = {
@@ -158,10 +201,9 @@ class FineTuning(L.LightningModule):
         return torch.sigmoid(self(raw).float())
 
     def export(self, out_dir: str | Path) -> Path:
-        """Save only adapter + head weights (safetensors) with a sidecar naming the base encoder."""
-        from ssl_em.adapters import save_adapter
+        """Write a self-contained folder for ``ssl-em predict --model``: adapter + head weights
+        (safetensors), a sidecar with task, head, normalisation, voxel size and the base encoder,
+        plus the base encoder itself for random-init runs (see :mod:`ssl_em.adapters.export`)."""
+        from ssl_em.adapters.export import export_finetuned
 
-        base = self.hparams.pretrained or self.hparams.encoder
-        metadata = {"task": self.hparams.task, "task_kwargs": dict(self.hparams.task_kwargs or {}),
-                    "head": self.hparams.head, "data": self.data_description}
-        return save_adapter(self.model, out_dir, base, metadata)
+        return export_finetuned(self, out_dir)

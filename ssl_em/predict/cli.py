@@ -138,7 +138,7 @@ def write_overlay(src: Any, out: Any, png: Path, normalization: Any = None, labe
     lo, hi = np.percentile(img, (0.5, 99.5))
     img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
     prob = np.asarray(out[0, z], np.float32)
-    prob = prob / 255.0 if np.asarray(out[0, :1, :1, :1]).dtype == np.uint8 else prob
+    prob = prob / 255.0 if np.dtype(out.dtype) == np.uint8 else prob
     seg = np.asarray(labels[z]) if labels is not None else (prob > threshold).astype(np.int32)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.3), squeeze=False)
     axes[0, 0].imshow(img, cmap="gray", vmin=0, vmax=1)

@@ -1,0 +1,168 @@
+"""Fine-tuning user path through the real CLI: ``ssl-em fit`` a LoRA recipe on two labelled phantom
+sections -> a deployable folder -> ``ssl-em predict --model FOLDER`` (+ instances, overlay PNG, ROI);
+bad training inputs give one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+import ssl_em
+from ssl_em.adapters.export import load_finetuned
+from ssl_em.adapters.finetune import FineTuning
+from ssl_em.adapters.peft_adapters import base_weights_sha256
+from ssl_em.cli import main as cli_main
+from ssl_em.data.phantom import make_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes/finetune/mito_lora.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", "[]",
+         "--trainer.enable_checkpointing", "false", "--precision", "32", "--data.init_args.num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A random-weights unet3d_test exported as the 'pretrained' base, then 40 LoRA steps through the CLI
+    on the phantom with labels on 2 z-sections (foreground-centred 8x32x32 crops, no augmentation)."""
+    root = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(0)
+    base = ssl_em.save_encoder(ssl_em.create_encoder("unet3d_test"), root / "base", {"method": "test"})
+    rc = cli_main(["fit", "--config", RECIPE, *QUIET, "--trainer.max_steps", "40", "--trainer.limit_val_batches", "0",
+                   "--trainer.default_root_dir", str(root / "run"),
+                   "--model.init_args.encoder", "unet3d_test", "--model.init_args.pretrained", str(base),
+                   "--model.init_args.lr", "0.02", "--model.init_args.warmup_steps", "2",
+                   "--model.init_args.export_dir", str(root / "model"),
+                   "--data.init_args.patch_shape", "[8, 32, 32]", "--data.init_args.phantom_shape", "[24, 96, 96]",
+                   "--data.init_args.batch_size", "2", "--data.init_args.val_samples", "2",
+                   "--data.init_args.sampler", "foreground", "--data.init_args.augment", "false"])
+    assert rc == 0
+    return root
+
+
+def _best_iou(prob: np.ndarray, truth: np.ndarray) -> float:
+    """IoU at the best threshold: how well the probabilities separate mitochondria, calibration aside
+    (40 steps on 2 sections leave the probabilities low)."""
+    ious = [((prob > t) & truth).sum() / max(((prob > t) | truth).sum(), 1) for t in np.linspace(0.05, 0.95, 19)]
+    return float(max(ious))
+
+
+def test_lora_fit_raises_mito_iou_on_held_out_sections(trained):
+    ft = load_finetuned(trained / "model")
+    held_out = make_phantom((16, 96, 96), seed=11)  # another phantom: sections never seen in training
+    truth = held_out.mito > 0
+    x = torch.from_numpy(ft.normalization(held_out.raw))[None, None]
+    L.seed_everything(0)  # the CLI's seed: the same untrained LoRA + head as at step 0
+    untrained = FineTuning(task="mito", encoder="unet3d_test", pretrained=str(trained / "base")).eval()
+    with torch.no_grad():
+        after = torch.sigmoid(ft.model(x))[0, 0].numpy()
+        before = torch.sigmoid(untrained(x))[0, 0].numpy()
+    iou_after, iou_before = _best_iou(after, truth), _best_iou(before, truth)
+    assert iou_after > iou_before + 0.05, f"held-out mito IoU {iou_after:.3f} after vs {iou_before:.3f} before"
+    assert ft.task.name == "mito" and ft.voxel_size == (40.0, 8.0, 8.0)
+
+
+def test_lora_leaves_the_base_unchanged_and_the_folder_references_it(trained):
+    info = json.loads((trained / "model" / "adapter.json").read_text())
+    assert Path(info["base"]["name_or_path"]) == (trained / "base").resolve()
+    assert not (trained / "model" / "encoder.safetensors").exists()  # pretrained base: referenced, not copied
+    assert info["metadata"]["normalization"]["mode"] == "percentile"
+    ft = load_finetuned(trained / "model", merge=False)
+    assert base_weights_sha256(ft.model) == info["base"]["sha256"]
+    base = ssl_em.load_encoder(trained / "base")
+    for name, value in base.state_dict().items():  # the frozen weights, read back through the adapter
+        layer = ft.model.base_model.get_submodule("encoder." + name.rsplit(".", 1)[0])
+        own = getattr(getattr(layer, "base_layer", layer), name.rsplit(".", 1)[1])
+        torch.testing.assert_close(own, value, rtol=0, atol=0)
+
+
+def test_exported_lora_folder_is_a_small_fraction_of_the_base(tmp_path):
+    base = ssl_em.save_encoder(ssl_em.create_encoder("unet3d_tiny"), tmp_path / "base")
+    module = FineTuning(task="mito", encoder="unet3d_tiny", pretrained=str(base), adapter_kwargs={"r": 4})
+    out = module.export(tmp_path / "model")
+    size = (out / "adapter.safetensors").stat().st_size
+    assert size < 0.15 * (base / "encoder.safetensors").stat().st_size
+
+
+def _perturb(module: FineTuning) -> FineTuning:
+    """Trained-looking weights: LoRA B starts at 0, which would hide a missing adapter."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    module.data_description = {"normalization": {"mode": "fixed", "low": 20.0, "high": 230.0},
+                               "voxel_size": [40.0, 8.0, 8.0]}
+    return module.eval()
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_random_init_export_is_self_contained(tmp_path, adapter):
+    module = _perturb(FineTuning(task="mito", encoder="unet3d_test", adapter=adapter))
+    module.export(tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "moved")  # nothing may point outside the folder
+    ft = load_finetuned(tmp_path / "moved")
+    x = torch.rand(1, 1, 8, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ft.model(x), module(x), atol=1e-5, rtol=1e-4)
+
+
+def test_predict_cli_reproduces_the_in_memory_model(tmp_path, capsys):
+    module = _perturb(FineTuning(task="mito", encoder="unet3d_test", adapter="lora"))
+    module.export(tmp_path / "model")
+    raw = make_phantom((16, 64, 64), seed=3).raw
+    np.save(tmp_path / "raw.npy", raw)
+    roi = (slice(4, 12), slice(0, 48), slice(16, 64))
+    # one block = the whole ROI, no overlap: the CLI's output is exactly one forward of the crop
+    rc = cli_main(["predict", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "raw.npy"),
+                   "--output", str(tmp_path / "out.zarr"), "--roi", "4:12,:48,16:", "--block", "8,48,48",
+                   "--overlap", "0", "--instances", "--png", "--no-progress", "--precision", "32"])
+    assert rc == 0, capsys.readouterr().err
+    import zarr
+
+    got = zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[...]
+    x = torch.from_numpy((raw[roi].astype(np.float32) - 20) / 210)[None, None]
+    expected = module.predict_probabilities(x)[0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    instances = zarr.open_array(str(tmp_path / "out_instances.zarr"), mode="r")[...]
+    assert instances.shape == (8, 48, 48) and instances.dtype == np.uint32
+    assert (tmp_path / "out.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    ph = make_phantom((24, 64, 64), seed=0)
+    labels = ph.mito.astype(np.int32)
+    np.save(d / "raw.npy", ph.raw)
+    np.save(d / "labels.npy", labels)
+    np.save(d / "labels_small.npy", labels[:, :32])
+    np.save(d / "labels_empty.npy", np.zeros_like(labels))
+    negative = labels.copy()
+    negative[0, 0, 0] = -3
+    np.save(d / "labels_negative.npy", negative)
+    nan = ph.raw.astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    np.save(d / "raw_nan.npy", nan)
+    return d
+
+
+@pytest.mark.parametrize("raw, labels, message", [
+    ("raw.npy", "labels_small.npy", "does not match raw"),
+    ("raw.npy", "labels_empty.npy", "labels are empty"),
+    ("raw.npy", "labels_negative.npy", "negative value -3"),
+    ("raw_nan.npy", "labels.npy", "NaN"),
+])
+def test_bad_training_inputs_give_one_line_errors(bad_inputs, tmp_path, capsys, raw, labels, message):
+    rc = cli_main(["fit", "--config", RECIPE, *QUIET, "--trainer.fast_dev_run", "1",
+                   "--trainer.default_root_dir", str(tmp_path), "--model.init_args.encoder", "unet3d_test",
+                   "--data.init_args.raw", str(bad_inputs / raw), "--data.init_args.labels", str(bad_inputs / labels),
+                   "--data.init_args.patch_shape", "[8, 32, 32]"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ssl-em fit: error:")]
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "model").exists()
