@@ -631,12 +631,10 @@ def _overlay(raw: np.ndarray, membrane: np.ndarray, mito: np.ndarray, syn: np.nd
 
 def save_preview(ph: Phantom, path: str | Path) -> Path:
     """PNG: middle section raw, the same with labels tinted, and an xz cut at true aspect (anisotropy)."""
-    import matplotlib
+    from ssl_em.utils.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    from ssl_em.utils.io import atomic_path
 
     path = Path(path)
     Z, Y, X = ph.shape
@@ -657,9 +655,7 @@ def save_preview(ph: Phantom, path: str | Path) -> Path:
     for ax in axes:
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(f"ssl-em phantom {Z}x{Y}x{X} voxels, {vz:g}x{vy:g}x{vx:g} nm, seed {ph.seed}")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, bbox_inches="tight")
     return path
 
 

@@ -123,13 +123,11 @@ def error_map(pred: np.ndarray, gt: np.ndarray, task: str, threshold: float = 0.
 def save_worst_slices(path: Path, pred: np.ndarray, gt: np.ndarray, task: str, raw: np.ndarray | None = None,
                       n: int = 3, threshold: float = 0.5) -> list[int]:
     """PNG of the ``n`` z-slices with most error voxels: raw + gt contours, pred, errors. Returns the z's."""
-    import matplotlib
+    from ssl_em.utils.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from skimage.segmentation import find_boundaries
 
-    from ssl_em.utils.io import atomic_path
 
     err = error_map(pred, gt, task, threshold)
     per_z = err.reshape(err.shape[0], -1).sum(1)
@@ -155,9 +153,7 @@ def save_worst_slices(path: Path, pred: np.ndarray, gt: np.ndarray, task: str, r
         for ax in row:
             ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
     return zs
 
 

@@ -93,7 +93,7 @@ class VisionTransformer3D(nn.Module):
         )
         self.norm = norm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)
         w = self.patch_embed.proj.weight  # MAE: init the patch projection like a Linear on flat patches
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
@@ -209,7 +209,7 @@ class VisionTransformer3D(nn.Module):
         return {"pos_embed"} if self.pos_embed_type == "learned" else set()
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_weights(m: nn.Module) -> None:
     """MAE's init: xavier-uniform Linear weights, zero biases, unit LayerNorm."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)

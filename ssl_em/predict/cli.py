@@ -122,15 +122,13 @@ def write_instances(labels: Any, path: Path, chunks: tuple[int, ...]) -> None:
 def write_overlay(src: Any, out: Any, png: Path, normalization: Any = None, labels: Any = None,
                   threshold: float = 0.5) -> None:
     """Middle z-section: raw | raw with the predicted mask (or ``labels``, one colour per id) | channel 0."""
-    import matplotlib
+    from ssl_em.utils.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
     from skimage.color import label2rgb
 
     from ssl_em.predict.blockwise import default_normalization
-    from ssl_em.utils.io import atomic_path
 
     z = out.shape[1] // 2
     raw = np.asarray(src[z : z + 1] if len(src.shape) == 3 else src[0, z : z + 1])
@@ -152,9 +150,7 @@ def write_overlay(src: Any, out: Any, png: Path, normalization: Any = None, labe
     for ax in axes.flat:
         ax.set_axis_off()
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, png, dpi=80)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -169,13 +165,11 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def write_preview(src: Any, out: Any, png: Path) -> None:
     """Middle z-slice of the input and of each output channel (up to 4), side by side."""
-    import matplotlib
+    from ssl_em.utils.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
-    from ssl_em.utils.io import atomic_path
 
     z = out.shape[1] // 2
     raw = np.asarray(src[z] if len(src.shape) == 3 else src[0, z])
@@ -190,9 +184,7 @@ def write_preview(src: Any, out: Any, png: Path) -> None:
     for ax in axes.flat:
         ax.set_axis_off()
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, png, dpi=80)
 
 
 def main(argv: list[str]) -> int:

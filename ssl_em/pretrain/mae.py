@@ -24,6 +24,7 @@ from torch import nn
 
 from ssl_em.errors import ConfigError
 from ssl_em.models.layers import Triple, sincos_pos_embed_3d
+from ssl_em.models.vit3d import init_weights
 
 __all__ = ["DEFAULT_TARGET", "MaskedAutoencoder3D", "gaussian_blur_3d"]
 
@@ -118,7 +119,7 @@ class MaskedAutoencoder3D(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, patch_voxels)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(_init_weights)  # the encoder keeps its own (possibly pretrained) weights
+            m.apply(init_weights)  # the encoder keeps its own (possibly pretrained) weights
         nn.init.normal_(self.mask_token, std=0.02)
 
     # ---- patches --------------------------------------------------------------------------
@@ -219,13 +220,3 @@ class MaskedAutoencoder3D(nn.Module):
         recon = self.unpatchify(patches * (1 - m) + pred * m, grid)
         mask_vol = self.unpatchify(m.expand_as(patches), grid)[:, :1]  # (B, 1, D, H, W), same for every channel
         return recon, mask_vol
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

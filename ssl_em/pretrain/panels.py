@@ -7,16 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ssl_em.utils.io import atomic_path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from ssl_em.utils.plotting import pyplot, save_figure
 
 
 def _as_volume(x: Any) -> np.ndarray:
@@ -31,7 +22,7 @@ def save_reconstruction_panel(
     panel: dict[str, Any], path: str | Path, title: str = "", n_slices: int = 3
 ) -> Path:
     """Rows = z-slices, columns = the panel's entries (e.g. input, masked input, reconstruction)."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = {name: _as_volume(v) for name, v in panel.items()}
     depth = next(iter(columns.values())).shape[0]
     zs = np.unique(np.linspace(0, depth - 1, min(n_slices, depth)).round().astype(int))
@@ -52,16 +43,14 @@ def save_reconstruction_panel(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 
 def save_curve(series: dict[str, tuple[list[float], list[float]]], path: str | Path, *, xlabel: str,
                ylabel: str, title: str = "", logy: bool = False) -> Path:
     """Plot named (x, y) series to a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=name)
@@ -75,7 +64,5 @@ def save_curve(series: dict[str, tuple[list[float], list[float]]], path: str | P
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path

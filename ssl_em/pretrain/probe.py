@@ -226,12 +226,10 @@ def run_probe(encoder: nn.Module, raw: np.ndarray, labels: np.ndarray, *, featur
 
 def _save_probe_png(path: str | Path, raw: np.ndarray, labels: np.ndarray, prob: np.ndarray, z: int) -> Path:
     """Three panels of one z-section: EM, ground truth, probe probability (written atomically)."""
-    import matplotlib
+    from ssl_em.utils.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    from ssl_em.utils.io import atomic_path
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     for ax, img, title, cmap in zip(axes, (raw, labels, prob), (f"EM (z={z})", "labels", "probe probability"),
@@ -242,9 +240,7 @@ def _save_probe_png(path: str | Path, raw: np.ndarray, labels: np.ndarray, prob:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 

@@ -61,8 +61,8 @@ def headline(records: Sequence[dict[str, Any]], task: str, target_fraction: floa
 def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig, pretraining: dict[str, Any],
                   shown: dict[tuple[str, float], np.ndarray], ev_raw: np.ndarray, ev_gt: np.ndarray) -> None:
     """``results.md``, ``label_efficiency.png`` and ``overlays.png`` from the records."""
-    from ssl_em.pretrain.panels import _pyplot
-    from ssl_em.utils.io import atomic_path, atomic_write_text
+    from ssl_em.utils.io import atomic_write_text
+    from ssl_em.utils.plotting import pyplot, save_figure
 
     metrics = [m for m in METRICS[cfg.task] if any(r["metric"] == m for r in records)]
     pre = (f"Pretraining: {pretraining.get('method', '-')} on {pretraining.get('architecture', pretraining.get('encoder'))}"
@@ -76,7 +76,7 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
     text.append(headline(records, cfg.task))
     atomic_write_text(out / "results.md", "\n".join(text) + "\n")
 
-    plt = _pyplot()
+    plt = pyplot()
     stats = summarize(records)
     metric = metrics[0] if metrics else METRICS[cfg.task][0]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -94,9 +94,7 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(out / "label_efficiency.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "label_efficiency.png", dpi=100)
 
     if not shown:
         return
@@ -119,6 +117,4 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
         ax.set_yticks([])
     fig.suptitle(f"{cfg.task}, middle section of the evaluation region", fontsize=10)
     fig.tight_layout()
-    with atomic_path(out / "overlays.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "overlays.png", dpi=100)
