@@ -49,3 +49,15 @@ def gala_path() -> Path:
 @pytest.fixture(scope="session")
 def isbi_path() -> Path:
     return _shared_file("isbi2012.npz")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny 3-D ops are dispatch-bound: on a busy 2-core machine two OpenMP threads ran them up to
+    100x slower than one. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,13 +20,7 @@ VIT = "vit3d_test_patch2x16"
 X_SHAPE = (1, 1, 2, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny 3-D convs are dispatch-bound: more threads only contend on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed: int = 0, head: str = "linear", encoder: str = VIT, **kw):

@@ -15,13 +15,7 @@ from ssl_em.adapters.heads import (
 from ssl_em.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny 3-D convs are dispatch-bound: more threads only contend on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("patch", [(2, 16, 16), (1, 8, 8), (4, 4, 4), (2, 8, 8)])

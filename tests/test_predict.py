@@ -18,7 +18,7 @@ from torch import nn
 from ssl_em.errors import ConfigError
 from ssl_em.predict import predict_volume
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"), pytest.mark.usefixtures("one_torch_thread")]
 FP32 = {"precision": "32", "progress": False}  # bf16 autocast would blur exact comparisons
 
 
@@ -39,15 +39,6 @@ def whole(model: nn.Module, raw: np.ndarray) -> np.ndarray:
     x = x[None, None] if x.ndim == 3 else x[None]
     with torch.inference_mode():
         return model(x)[0].numpy()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny convs on a busy 2-core machine are ~100x slower with two OpenMP threads than with one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
