@@ -98,20 +98,10 @@ class FineTuning(L.LightningModule):
 
     # ---- targets -------------------------------------------------------------------------------
     def _targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = batch["label"].detach().cpu().numpy()
-        masks = batch["mask"].detach().cpu().numpy() if "mask" in batch else np.ones(labels.shape, np.float32)
-        targets, target_masks = [], []
-        for lab, m in zip(labels, masks):
-            lab, m = lab.reshape(lab.shape[-3:]), m.reshape(m.shape[-3:])
-            if not (m > 0).any():  # a crop without labelled voxels contributes nothing
-                targets.append(np.zeros((self.task.num_outputs, *lab.shape), np.float32))
-                target_masks.append(np.zeros((self.task.num_outputs, *lab.shape), np.float32))
-                continue
-            t, tm = self.task.make_targets(lab.astype(np.int64), m)
-            targets.append(t)
-            target_masks.append(tm)
+        masks = batch["mask"].detach().cpu().numpy() if "mask" in batch else None
+        target, mask = self.task.batch_targets(batch["label"].detach().cpu().numpy(), masks)
         device = batch["raw"].device
-        return torch.from_numpy(np.stack(targets)).to(device), torch.from_numpy(np.stack(target_masks)).to(device)
+        return torch.from_numpy(target).to(device), torch.from_numpy(mask).to(device)
 
     def training_step(self, batch, batch_idx):
         target, mask = self._targets(batch)

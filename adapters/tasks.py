@@ -103,6 +103,27 @@ class Task:
     def _targets(self, labels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def batch_targets(self, labels: np.ndarray, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A batch of crops: ``labels``/``masks`` (B, [1,] z, y, x) -> ``(target, target_mask)`` (B, C, z, y, x).
+
+        A crop without labelled voxels (sparse labels) gets zero targets and a zero mask, so it
+        contributes nothing instead of failing the empty-labels check.
+        """
+        labels = np.asarray(labels)
+        masks = np.ones(labels.shape, np.float32) if masks is None else np.asarray(masks)
+        targets, target_masks = [], []
+        for lab, m in zip(labels, masks):
+            lab, m = lab.reshape(lab.shape[-3:]), m.reshape(m.shape[-3:])
+            if not (m > 0).any():
+                empty = np.zeros((self.num_outputs, *lab.shape), np.float32)
+                targets.append(empty)
+                target_masks.append(empty)
+                continue
+            t, tm = self.make_targets(lab.astype(np.int64), m)
+            targets.append(t)
+            target_masks.append(tm)
+        return np.stack(targets), np.stack(target_masks)
+
     def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Masked loss on ``(B, C, z, y, x)`` tensors."""
         if logits.shape[1] != self.num_outputs:

@@ -85,13 +85,8 @@ def _targets(task: Any, batch: dict) -> tuple[Any, Any]:
     """Per-sample task targets and target masks (B, K, D, H, W) from labels and the label mask."""
     import torch
 
-    targets, masks = [], []
-    for lab, m in zip(batch["label"].numpy(), batch["mask"].numpy()):
-        lab, m = lab.reshape(lab.shape[-3:]).astype(np.int64), m.reshape(m.shape[-3:])
-        t, tm = task.make_targets(lab, m)
-        targets.append(t)
-        masks.append(tm)
-    return torch.from_numpy(np.stack(targets)), torch.from_numpy(np.stack(masks))
+    target, mask = task.batch_targets(batch["label"].numpy(), batch["mask"].numpy())
+    return torch.from_numpy(target), torch.from_numpy(mask)
 
 
 def train_for(net: Any, params: list, loss_fn: Callable[[dict], Any], next_batch: Callable[[int], dict],
