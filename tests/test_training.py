@@ -35,6 +35,10 @@ RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.y
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_runs_through_the_cli(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    if "../shared/data" in (REPO / recipe).read_text():  # the shipped encoders' recipes read real EM
+        if not (REPO.parent / "shared" / "data").is_dir():
+            pytest.skip("../shared/data (real EM volumes) is not beside this clone")
+        monkeypatch.chdir(REPO)  # their data paths are relative to the project root
     rc = cli_main(["fit", "--config", str(REPO / recipe), "--trainer.fast_dev_run", "2",
                    "--trainer.default_root_dir", str(tmp_path), *_tiny_model(recipe), *TINY_DATA])
     assert rc == 0

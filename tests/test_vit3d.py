@@ -90,7 +90,7 @@ def test_registry_errors():
         create_encoder("vit3d_smal_patch2x16")
     with pytest.raises(ConfigError, match="does not take argument.*embed_dims"):
         create_encoder("vit3d_test_patch2x16", embed_dims=64)
-    with pytest.raises(ConfigError, match="no published weights"):
+    with pytest.raises(ConfigError, match="no shipped weights"):
         timm.create_model("vit3d_test_patch2x16", pretrained=True)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from ssl_em.errors import CheckpointError, ConfigError
 from ssl_em.utils.io import sha256_file
 
-__all__ = ["FORMAT_VERSION", "export_from_checkpoint", "load_encoder", "main", "save_encoder"]
+__all__ = ["FORMAT_VERSION", "export_from_checkpoint", "load_encoder", "load_encoder_weights", "main", "save_encoder"]
 
 FORMAT_VERSION = 1
 WEIGHTS, SIDECAR = "encoder.safetensors", "encoder.json"
@@ -91,6 +91,12 @@ def _looks_pickled(path: Path) -> bool:
 def _resolve(path_or_name: str | os.PathLike) -> tuple[Path, Path]:
     """(sidecar, weights) for a folder, a ``.safetensors``, a ``.json`` or a named encoder folder."""
     p = Path(path_or_name).expanduser()
+    if not p.exists() and isinstance(path_or_name, str) and os.sep not in path_or_name:
+        from ssl_em.models.pretrained import pretrained_dir
+
+        shipped = pretrained_dir(path_or_name)
+        if shipped is not None:
+            p = shipped
     if not p.exists() and isinstance(path_or_name, str) and os.sep not in path_or_name and not p.suffix:
         home = Path(os.environ.get("SSL_EM_ENCODERS", Path.home() / ".cache" / "ssl-em" / "encoders"))
         if not (home / path_or_name).is_dir():
@@ -126,18 +132,12 @@ def read_sidecar(path_or_name: str | os.PathLike) -> dict[str, Any]:
     return json.loads(sidecar.read_text())
 
 
-def load_encoder(path_or_name: str | os.PathLike, *, strict: bool = True,
-                 map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an encoder from ``encoder.json`` and load ``encoder.safetensors``; returned in eval mode.
-
-    ``path_or_name``: the folder, either file, or a bare name looked up under ``$SSL_EM_ENCODERS``
-    (default ``~/.cache/ssl-em/encoders/NAME``). The sidecar dict is attached as
-    ``model.pretrained_metadata`` (``["metadata"]["voxel_size"]`` etc.).
-    """
+def _read_verified(path_or_name: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """(sidecar record, tensors, weights path) of an exported encoder, after every integrity check."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ssl_em.models.registry import create_encoder, list_encoders
+    from ssl_em.models.registry import list_encoders
 
     sidecar, weights = _resolve(path_or_name)
     record = json.loads(sidecar.read_text())
@@ -153,17 +153,46 @@ def load_encoder(path_or_name: str | os.PathLike, *, strict: bool = True,
     if expected_sha and sha256_file(weights) != expected_sha:
         raise CheckpointError(f"{weights} does not match the sha256 in {sidecar} (mixed or corrupted export)")
     try:
-        model = create_encoder(arch, **record.get("kwargs", {}))
-    except ConfigError as err:
-        raise CheckpointError(f"{sidecar}: cannot rebuild {arch}: {err}") from None
-    try:
         tensors = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({err})") from None
+    return record, tensors, weights
+
+
+def load_encoder(path_or_name: str | os.PathLike, *, strict: bool = True,
+                 map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an encoder from ``encoder.json`` and load ``encoder.safetensors``; returned in eval mode.
+
+    ``path_or_name``: the folder, either file, the name of an encoder shipped with ssl-em
+    (``ssl-em models --pretrained``, e.g. ``"unet3d_tiny.spark_vnc"``), or a bare name looked up under
+    ``$SSL_EM_ENCODERS`` (default ``~/.cache/ssl-em/encoders/NAME``). The sidecar dict is attached as
+    ``model.pretrained_metadata`` (``["metadata"]["voxel_size"]`` etc.).
+    """
+    from ssl_em.models.registry import create_encoder
+
+    record, tensors, weights = _read_verified(path_or_name)
+    arch = record["architecture"]
+    try:
+        model = create_encoder(arch, **record.get("kwargs", {}))
+    except ConfigError as err:
+        raise CheckpointError(f"{weights.parent}: cannot rebuild {arch}: {err}") from None
     _check_state(model.state_dict(), tensors, str(weights), strict)
     model.load_state_dict(tensors, strict=strict)
     model.pretrained_metadata = record
     return model.to(map_location).eval()
+
+
+def load_encoder_weights(model: nn.Module, path_or_name: str | os.PathLike) -> nn.Module:
+    """Load an exported encoder's weights into ``model`` (built by the same registered architecture,
+    e.g. by ``timm.create_model(name, pretrained=True)``); shapes are checked first."""
+    record, tensors, weights = _read_verified(path_or_name)
+    arch = (getattr(model, "encoder_config", None) or {}).get("architecture")
+    if record["architecture"] != arch:
+        raise CheckpointError(f"{weights} holds a {record['architecture']}, not a {arch}")
+    _check_state(model.state_dict(), tensors, str(weights), True)
+    model.load_state_dict(tensors)
+    model.pretrained_metadata = record
+    return model
 
 
 def _check_state(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], where: str,
@@ -280,4 +309,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = json.loads((out / SIDECAR).read_text())
     print(f"wrote {out / WEIGHTS} and {out / SIDECAR}: {record['architecture']}, "
           f"{record['num_params']:,} params, step {record['metadata'].get('steps')}")
+    curve = write_loss_curve(Path(args.ckpt), out / "loss.png", max_step=record["metadata"].get("steps"),
+                             title=f"{record['architecture']} {record['metadata'].get('method', '')} pretraining")
+    if curve is not None:
+        print(f"wrote {curve} from the run's metrics.csv")
     return 0
+
+
+def write_loss_curve(ckpt: Path, out_png: Path, *, max_step: int | None = None, title: str = "") -> Path | None:
+    """Plot the run's logged losses (Lightning's ``metrics.csv``, next to ``checkpoints/``) up to the
+    checkpoint's step; None when the run left no such log (e.g. a logger other than CSV)."""
+    import csv
+
+    metrics = ckpt.resolve().parent.parent / "metrics.csv"
+    if not metrics.is_file():
+        return None
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    with open(metrics, newline="") as f:
+        for row in csv.DictReader(f):
+            for key in ("train/loss", "val/loss", "train/loss_step", "val/loss_epoch"):
+                value, step = row.get(key), row.get("step")
+                if value and step and (max_step is None or int(step) <= max_step):
+                    xs, ys = series.setdefault(key, ([], []))
+                    xs.append(float(step))
+                    ys.append(float(value))
+    if not series:
+        return None
+    from ssl_em.pretrain.panels import save_curve
+
+    return save_curve(series, out_png, xlabel="step", ylabel="loss", title=title, logy=True)

@@ -19,12 +19,13 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ssl_em.errors import ConfigError
+from ssl_em.models.pretrained import timm_default_cfgs
 from ssl_em.models.vit3d import VisionTransformer3D
 
 __all__ = ["build_encoder", "create_encoder", "list_encoders", "main", "register_encoder"]
 
 _ENCODERS: list[str] = []  # names registered through register_encoder, in registration order
-# Arguments timm.create_model passes to every entrypoint; ssl-em encoders have no hub weights.
+# Arguments timm.create_model passes to every entrypoint (the config names the shipped weights' tag).
 _TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
@@ -50,10 +51,14 @@ def build_encoder(cls: Callable[..., nn.Module], name: str, defaults: dict[str, 
 
     Unknown arguments are a ConfigError naming them, not a TypeError from deep inside.
     """
+    pretrained_cfg = kwargs.get("pretrained_cfg")
     for key in _TIMM_ARGS:
         kwargs.pop(key, None)
-    if pretrained:
-        raise ConfigError(f"{name} has no published weights; load yours with ssl_em.load_encoder(path)")
+    shipped = None
+    if pretrained:  # resolved before building, so a missing tag fails fast
+        from ssl_em.models.pretrained import resolve_pretrained_name
+
+        shipped = resolve_pretrained_name(name, pretrained_cfg)
     params = inspect.signature(cls).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
@@ -61,6 +66,10 @@ def build_encoder(cls: Callable[..., nn.Module], name: str, defaults: dict[str, 
     merged = {**defaults, **kwargs}
     model = cls(**merged)
     model.encoder_config = {"architecture": name, "kwargs": {k: _to_json(v) for k, v in merged.items()}}
+    if shipped is not None:
+        from ssl_em.models.export import load_encoder_weights
+
+        load_encoder_weights(model, shipped)
     return model
 
 
@@ -68,6 +77,8 @@ def _vit3d(name: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[s
     return build_encoder(VisionTransformer3D, name, defaults, pretrained, **kwargs)
 
 
+# shipped weights as timm pretrained configs: timm.create_model("name.tag", pretrained=True) resolves them
+default_cfgs = timm_default_cfgs()
 _TEST = dict(embed_dim=32, depth=2, num_heads=2)
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
@@ -148,8 +159,11 @@ def list_encoders(pattern: str = "*") -> list[str]:
 
 
 def create_encoder(name: str, **overrides: Any) -> nn.Module:
-    """Build a registered encoder; ``overrides`` replace its defaults (e.g. ``patch_size=(2, 8, 8)``)."""
-    if name not in _ENCODERS:
+    """Build a registered encoder; ``overrides`` replace its defaults (e.g. ``patch_size=(2, 8, 8)``).
+
+    ``pretrained=True`` loads shipped weights: ``name`` may carry their tag (``"unet3d_tiny.spark_vnc"``).
+    """
+    if name.split(".", 1)[0] not in _ENCODERS:
         close = difflib.get_close_matches(name, _ENCODERS, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see 'ssl-em models'"
         raise ConfigError(f"unknown encoder {name!r}{hint}")
@@ -177,27 +191,43 @@ def _summary(name: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``ssl-em models [PATTERN] [--info NAME]``: a table of registered encoders, or one encoder's config."""
-    parser = argparse.ArgumentParser(prog="ssl-em models", description="List registered encoders.")
+    """``ssl-em models [PATTERN] [--info NAME]``: registered encoders and their shipped weights, or
+    one encoder's configuration (and model card, for shipped weights ``arch.tag``)."""
+    from ssl_em.models.pretrained import list_pretrained, model_card, pretrained_dir
+
+    parser = argparse.ArgumentParser(prog="ssl-em models", description="List registered encoders and shipped weights.")
     parser.add_argument("pattern", nargs="?", default="*", help="shell-style name filter, e.g. 'vit3d_small*'")
-    parser.add_argument("--info", metavar="NAME", help="print one encoder's full configuration")
+    parser.add_argument("--info", metavar="NAME", help="one encoder's configuration; for shipped weights "
+                        "(e.g. unet3d_tiny.spark_vnc) also its model card")
+    parser.add_argument("--pretrained", action="store_true", help="list only encoders shipped with weights")
     args = parser.parse_args(list(argv or []))
     import json
 
     if args.info:
+        if "." in args.info or args.info in list_pretrained():
+            print(model_card(args.info).rstrip())
+            print(f"\nfiles: {pretrained_dir(args.info)}")
+            return 0
         if args.info not in _ENCODERS:
             create_encoder(args.info)  # raises the ConfigError with suggestions
         s = _summary(args.info)
         print(f"{s['name']}: {s['doc']}\nparams: {s['params']:,}\npatch (z, y, x): {s['patch']}")
         print("kwargs:", json.dumps(s["kwargs"]))
+        shipped = list_pretrained(f"{args.info}.*")
+        print("shipped weights:", ", ".join(shipped) if shipped else "none (random init)")
         return 0
-    rows = [_summary(n) for n in list_encoders(args.pattern)]
+    shipped = list_pretrained()
+    names = list_encoders(args.pattern)
+    if args.pretrained:
+        names = [n for n in names if any(p.startswith(n + ".") for p in shipped)]
+    rows = [_summary(n) for n in names]
     if not rows:
         print(f"no encoder matches {args.pattern!r}")
         return 1
     width = max(len(r["name"]) for r in rows)
-    print(f"{'name':<{width}}  {'params':>8}  {'patch':>8}  {'embed':>5}  {'depth':>5}")
+    print(f"{'name':<{width}}  {'params':>8}  {'patch':>8}  {'embed':>5}  {'depth':>5}  shipped weights")
     for r in rows:
+        tags = ", ".join(p for p in shipped if p.startswith(r["name"] + ".")) or "-"
         print(f"{r['name']:<{width}}  {r['params'] / 1e6:>7.2f}M  {r['patch']:>8}  {r['embed_dim']:>5}  "
-              f"{r['depth']:>5}")
+              f"{r['depth']:>5}  {tags}")
     return 0

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from ssl_em.errors import ConfigError
 
 from ssl_em.models.layers import check_divisible
+from ssl_em.models.pretrained import timm_default_cfgs
 from ssl_em.models.registry import build_encoder, register_encoder
 
 Triple = tuple[int, int, int]
@@ -303,6 +304,7 @@ class ResidualUNet3D(nn.Module):
 
 
 # --- registered variants ----------------------------------------------------------------------
+default_cfgs = timm_default_cfgs()  # shipped weights (ssl_em/weights/) as timm pretrained configs
 def _create(name: str, defaults: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> ResidualUNet3D:
     return build_encoder(ResidualUNet3D, name, defaults, pretrained, **kwargs)  # type: ignore[return-value]
 

@@ -73,6 +73,18 @@ class Study:
     def encoder(self) -> str:
         """The encoder to fine-tune: pretrained now (``cfg.pretrain_seconds``) or ``cfg.encoder`` as is."""
         cfg = self.cfg
+        if cfg.encoder:
+            import warnings
+
+            from ssl_em.models.export import read_sidecar
+            from ssl_em.models.pretrained import VoxelSizeWarning, check_voxel_size
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", VoxelSizeWarning)
+                check_voxel_size(cfg.voxel_size, read_sidecar(cfg.encoder)["metadata"].get("voxel_size"),
+                                 what="the labelled volume's")
+            for w in caught:
+                self.log(f"warning: {w.message}")
         if cfg.encoder and cfg.pretrain_seconds <= 0:
             self.pretraining = {"encoder": cfg.encoder, "seconds": 0}
             return cfg.encoder
