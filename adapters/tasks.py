@@ -134,6 +134,12 @@ class Task:
         """Probabilities ``(C, z, y, x)`` in [0, 1] -> label volume (z, y, x); ``voxel_size`` in nm."""
         raise NotImplementedError
 
+    def blockwise_instances_args(self) -> dict[str, Any] | None:
+        """Arguments of :func:`ssl_em.predict.stitch.blockwise_instances` that run :meth:`postprocess`
+        block by block on volumes larger than memory (``method``, ``threshold``, ...); None when
+        the task has no instances."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(channels={self.channels})"
 
@@ -186,6 +192,9 @@ class MitoTask(Task):
         return mito_instances(probs[0], boundary, voxel_size, threshold=self.threshold,
                               min_volume_nm3=self.min_volume_nm3)
 
+    def blockwise_instances_args(self) -> dict[str, Any]:
+        return dict(method="mito", threshold=self.threshold, min_volume_nm3=self.min_volume_nm3)
+
 
 class SynapseTask(Task):
     """Synaptic clefts: foreground -> connected components (one id per detected cleft).
@@ -210,6 +219,9 @@ class SynapseTask(Task):
         if self.min_volume_nm3 > 0:
             labels = remove_small_objects(labels, self.min_volume_nm3, voxel_size)
         return relabel_sequential(labels)
+
+    def blockwise_instances_args(self) -> dict[str, Any]:
+        return dict(method="components", threshold=self.threshold, min_volume_nm3=self.min_volume_nm3)
 
 
 class NeuronTask(Task):
@@ -259,6 +271,10 @@ class NeuronTask(Task):
         from ssl_em.predict.instances import affinity_agglomeration
 
         return affinity_agglomeration(probs, self.offsets, self.threshold, seed_threshold=self.seed_threshold)
+
+    def blockwise_instances_args(self) -> dict[str, Any]:
+        return dict(method="affinities", threshold=self.threshold, offsets=[list(o) for o in self.offsets],
+                    seed_threshold=self.seed_threshold)
 
 
 class MembraneTask(Task):

@@ -36,9 +36,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fractions", default="0.01,0.05,0.1,1.0")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default="lora,frozen,full,scratch,lora_random,unet")
-    p.add_argument("--encoder", metavar="NAME_OR_PATH", help="exported encoder to start from")
+    p.add_argument("--encoder", metavar="NAME_OR_PATH", default="auto",
+                   help="encoder to start from: 'auto' = the one ssl-em ships for the family, 'none' = random "
+                   "init (then pretrained on --unlabeled or --raw), or a path or name")
     p.add_argument("--minutes", type=float, default=1.0, help="fine-tuning budget per run")
-    p.add_argument("--pretrain-minutes", type=float, default=5.0, help="0 with --encoder: no further pretraining")
+    p.add_argument("--pretrain-minutes", type=float, default=None,
+                   help="pretraining budget (default: 5 from random init; from a given encoder 5 with "
+                   "--unlabeled, which continues pretraining on them, else 0: the encoder as it is)")
     p.add_argument("--family", default="cnn", choices=("cnn", "vit", "both"))
     p.add_argument("--patch", default="8,64,64", help="crop z,y,x")
     p.add_argument("--voxel-size", help="z,y,x nm, overriding the files")
@@ -74,16 +78,22 @@ def load(args: argparse.Namespace) -> tuple:
 
 def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
     from ssl_em.study import Study, StudyConfig, headline
+    from ssl_em.study.config import resolve_encoder
 
     raw, labels, unlabeled, vs, _ = data
     vs = _numbers(args.voxel_size) if args.voxel_size else vs
     quick = args.quick
+    arch = ("unet3d_test" if family == "cnn" else "vit3d_test_patch2x16") if quick else None
+    encoder = resolve_encoder(args.encoder, family, arch)
+    minutes = args.pretrain_minutes
+    if minutes is None:
+        minutes = 5.0 if encoder is None or args.unlabeled else 0.0
     cfg = StudyConfig(
-        task=args.task, family=family, encoder=args.encoder,
+        task=args.task, family=family, encoder=encoder,
         architecture=("unet3d_test" if family == "cnn" else "vit3d_test_patch2x16") if quick else None,
         methods=("lora", "scratch") if quick else tuple(args.methods.split(",")),
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
-        seconds=2.0 if quick else 60 * args.minutes, pretrain_seconds=2.0 if quick else 60 * args.pretrain_minutes,
+        seconds=2.0 if quick else 60 * args.minutes, pretrain_seconds=2.0 if quick else 60 * minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int), voxel_size=vs,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else None,
     )

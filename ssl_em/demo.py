@@ -1,7 +1,8 @@
 """``ssl-em demo``: the whole claim in one command, on the built-in phantom or on your volumes.
 
-With no arguments: pretrain a small encoder (SparK on ``unet3d_tiny``; ``--family vit`` for a ViT
-with MAE) on an unlabelled phantom volume (seed 1), fine-tune with LoRA on a few labelled sections
+With no arguments: start from the encoder ssl-em ships (``unet3d_tiny.spark_vnc``, SparK on real
+ssTEM; ``--encoder none`` starts from random weights, ``--family vit`` uses a ViT with MAE),
+continue its pretraining on an unlabelled phantom volume (seed 1), fine-tune with LoRA on a few labelled sections
 of a second phantom volume (seed 2), compare against the baselines under the same labels and
 wall-clock budget, and score everything on a spatially disjoint evaluation region (see
 :mod:`ssl_em.study`). ``--minutes`` is the total budget (default 8: under 10 minutes on 2 cores).
@@ -48,7 +49,9 @@ def build_parser(prog: str = "ssl-em demo") -> argparse.ArgumentParser:
     p.add_argument("--labels", metavar="SPEC", help="labels of one --data volume (enables the real-data study)")
     p.add_argument("--task", default="mito", choices=("mito", "synapse", "neuron"))
     p.add_argument("--family", default="cnn", choices=("cnn", "vit"), help="U-Net + SparK (cnn) or ViT + MAE")
-    p.add_argument("--encoder", metavar="NAME_OR_PATH", help="start from this exported encoder")
+    p.add_argument("--encoder", metavar="NAME_OR_PATH", default="auto",
+                   help="encoder to start from (pretraining continues on --data): 'auto' = the one ssl-em ships "
+                   "for the family (ssl-em models --pretrained), 'none' = random init, or a path or name")
     p.add_argument("--minutes", type=float, default=8.0, help="total wall-clock budget (default 8)")
     p.add_argument("--fractions", default="0.1,1.0", help="label fractions of the z-sections (default 0.1,1.0)")
     # frozen and full are available too; the default keeps the runs that carry the claim (pretraining
@@ -68,6 +71,7 @@ def build_parser(prog: str = "ssl-em demo") -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from ssl_em.study import Study, StudyConfig, budget_units, headline, markdown_table, METRICS
+    from ssl_em.study.config import resolve_encoder
 
     if args.labels and not args.data:
         raise ConfigError(f"--labels {args.labels} needs --data with the matching raw volume")
@@ -81,7 +85,9 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     patch = (8, 32, 32) if tiny else tuple(int(v) for v in _floats(args.patch))
     cfg = StudyConfig(
-        task=args.task, family=args.family, encoder=args.encoder,
+        task=args.task, family=args.family,
+        encoder=resolve_encoder(args.encoder, args.family, ("unet3d_test" if args.family == "cnn" else
+                                                            "vit3d_test_patch2x16") if tiny else None),
         architecture=("unet3d_test" if args.family == "cnn" else "vit3d_test_patch2x16") if tiny else None,
         methods=("lora", "scratch") if tiny else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         fractions=(0.25,) if tiny else _floats(args.fractions), seeds=args.seeds,
@@ -106,7 +112,8 @@ def main(argv: list[str]) -> int:
         cfg.voxel_size = cfg.voxel_size or tuple(float(v) for v in target.voxel_size)  # type: ignore[assignment]
         print(f"phantom: labelled volume {shapes[0]} (seed 2), unlabelled volume {shapes[1]} (seed 1), "
               f"voxel size {cfg.voxel_size} nm")
-    print(f"budget {args.minutes:g} min: pretraining {cfg.pretrain_seconds:.0f} s, {cfg.seconds:.1f} s per "
+    print(f"encoder: {cfg.encoder or 'random init ' + cfg.arch}; budget {args.minutes:g} min: pretraining "
+          f"{cfg.pretrain_seconds:.0f} s, {cfg.seconds:.1f} s per "
           f"fine-tuning run, methods {', '.join(cfg.methods)}, label fractions {cfg.fractions}")
     t0 = time.perf_counter()
     out = Path(args.out)

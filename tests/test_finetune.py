@@ -134,6 +134,32 @@ def test_predict_cli_reproduces_the_in_memory_model(tmp_path, capsys):
     assert (tmp_path / "out.png").stat().st_size > 0
 
 
+def test_predict_cli_instances_are_blockwise_with_global_ids(tmp_path, capsys):
+    """Synaptic clefts are connected components: across a 2 x 2 x 2 block grid the CLI's stitched
+    ids must give exactly the whole volume's components of the same probabilities."""
+    import zarr
+
+    from ssl_em.predict.instances import connected_components
+
+    module = _perturb(FineTuning(task="synapse", encoder="unet3d_test", adapter="full"))
+    with torch.no_grad():  # a bias that puts the threshold inside the output's range: many objects
+        module.model.base_model.head.conv.bias.fill_(0.0)
+    module.export(tmp_path / "model")
+    np.save(tmp_path / "raw.npy", make_phantom((16, 64, 64), seed=3).raw)
+    rc = cli_main(["predict", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "raw.npy"),
+                   "--output", str(tmp_path / "p.zarr"), "--block", "8,32,32", "--overlap", "0,8,8",
+                   "--instances", "--no-progress", "--precision", "32"])
+    assert rc == 0, capsys.readouterr().err
+    probs = zarr.open_array(str(tmp_path / "p.zarr"), mode="r")[...]
+    got = zarr.open_array(str(tmp_path / "p_instances.zarr"), mode="r")[...]
+    expected = connected_components(probs[0] > 0.5, 26)
+    assert expected.max() > 3, "the test needs several objects"
+    pairs = np.unique(np.stack([got.ravel(), expected.ravel()]), axis=1)
+    assert ((pairs[0] == 0) == (pairs[1] == 0)).all()  # same foreground
+    assert len(pairs[0]) == len(np.unique(got)) == len(np.unique(expected))  # one-to-one ids
+    assert "instance(s)" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")

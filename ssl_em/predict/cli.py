@@ -3,7 +3,8 @@
 ``--model`` takes a fine-tuned folder (written when ``ssl-em fit`` of a fine-tuning recipe ends:
 ``<log_dir>/model``), a TorchScript file, a ``torch.export`` archive or ``module:factory``. A
 fine-tuned folder brings its own normalisation (the training data's) and sigmoid output, and
-``--instances`` runs its task's post-processing (watershed, components, agglomeration).
+``--instances`` runs its task's post-processing (watershed, components, agglomeration) block by
+block with global ids (:func:`ssl_em.predict.stitch.blockwise_instances`), so it scales like prediction.
 """
 
 from __future__ import annotations
@@ -105,20 +106,6 @@ def _stem(output: str) -> str:
     return str(output).rstrip("/").removesuffix(".zarr").removesuffix(".ome")
 
 
-def write_instances(labels: Any, path: Path, chunks: tuple[int, ...]) -> None:
-    """A (z, y, x) label array as a zarr v3 array at ``path`` (written beside, then renamed)."""
-    import numpy as np
-    import zarr
-
-    from ssl_em.utils.io import atomic_path
-
-    labels = np.asarray(labels)
-    with atomic_path(path, is_dir=True) as tmp:
-        arr = zarr.create_array(str(tmp), shape=labels.shape, dtype=labels.dtype,
-                                chunks=tuple(min(c, s) for c, s in zip(chunks, labels.shape)), overwrite=True)
-        arr[...] = labels
-
-
 def write_overlay(src: Any, out: Any, png: Path, normalization: Any = None, labels: Any = None,
                   threshold: float = 0.5) -> None:
     """Middle z-section: raw | raw with the predicted mask (or ``labels``, one colour per id) | channel 0."""
@@ -205,8 +192,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out-dtype", choices=["float32", "uint8"], default="float32")
     p.add_argument("--mask", default=None, help="volume spec; blocks without mask voxels are skipped")
     p.add_argument("--instances", action="store_true",
-                   help="fine-tuned folder only: also write DST_instances.zarr with the task's post-processing "
-                        "(reads the whole prediction into memory: for volumes or --roi crops that fit in RAM)")
+                   help="fine-tuned folder only: also write DST_instances.zarr, the task's post-processing run "
+                        "block by block with global ids (memory: one block + halo; same --backend)")
+    p.add_argument("--instances-halo", type=_ints, default=(8, 32, 32),
+                   help="context z,y,x on each side of an instance block: at least the objects' size for "
+                        "seams to match the whole-volume result")
+    p.add_argument("--min-volume-nm3", type=float, default=None,
+                   help="drop instances smaller than this (default: the task's own setting)")
     p.add_argument("--precision", default="auto", help="auto, 32 or bf16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", choices=["local", "dask"], default="local")
@@ -255,17 +247,21 @@ def main(argv: list[str]) -> int:
     print(f"wrote {args.output}: shape {tuple(out.shape)} (c, z, y, x), chunks {tuple(out.chunks)}, {out.dtype}")
     labels = None
     if args.instances:
-        import numpy as np
+        from ssl_em.predict.stitch import blockwise_instances
 
-        probs = np.asarray(out[...], np.float32)
-        if args.out_dtype == "uint8":
-            probs /= 255.0
-        # the physical size thresholds (min volume, distances) refer to the training voxel size
+        spec = finetuned.task.blockwise_instances_args()
+        if spec is None:
+            raise ConfigError(f"task {finetuned.task.name!r} has no instances (its output is a mask): drop --instances")
+        if args.min_volume_nm3 is not None:
+            spec["min_volume_nm3"] = args.min_volume_nm3
+        # physical sizes (min volume, mito boundaries) refer to the voxel size the model was trained at
         voxel = finetuned.voxel_size or getattr(src, "voxel_size", None) or (1.0, 1.0, 1.0)
-        labels = finetuned.task.postprocess(probs, voxel)
         path = Path(_stem(args.output) + "_instances.zarr")
-        write_instances(labels, path, tuple(out.chunks[1:]))
-        print(f"wrote {path}: {int(labels.max())} {finetuned.task.name} object(s), shape {labels.shape}")
+        labels = blockwise_instances(
+            args.output, path, block_shape=tuple(out.chunks[1:]), halo=args.instances_halo, voxel_size=voxel,
+            backend=args.backend, scheduler=args.scheduler, overwrite=True, progress=not args.no_progress, **spec)
+        print(f"wrote {path}: {labels.attrs['num_instances']} {finetuned.task.name} instance(s), shape {tuple(labels.shape)}, "
+              f"chunks {tuple(labels.chunks)}")
     if args.png:
         png = Path(_stem(args.output) + ".png")
         if finetuned is not None:

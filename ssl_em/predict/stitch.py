@@ -26,9 +26,10 @@ cells in (8, 24, 24) blocks are exact from halo (4, 8, 8); with a (2, 4, 4) halo
 seams. Flat plateaus in the map are flooded in visiting order, so their voxels may differ from
 the in-memory result in any case (a few boundary voxels, never whole objects).
 
-CLI (the lead wires it): ``ssl-em predict ... --output probs.zarr --instances mito
---instances-output mito_ids.zarr --min-volume-nm3 5e6`` calls :func:`blockwise_instances` on
-``predict_volume``'s output with the same ``--block``/``--backend``/``--scheduler``.
+CLI: ``ssl-em predict --model FINETUNED --input ... --output probs.zarr --instances
+[--instances-halo 8,32,32] [--min-volume-nm3 5e6]`` writes ``probs_instances.zarr`` by calling
+:func:`blockwise_instances` on ``predict_volume``'s output with the task's method
+(``Task.blockwise_instances_args``) and the same blocks, ``--backend`` and ``--scheduler``.
 
 Resume: pass 1 leaves a counts file per finished block in ``.<dst>.work/``; a rerun with identical
 settings segments only the missing blocks. The work folder is removed once ``dst`` is complete.
@@ -356,7 +357,7 @@ def blockwise_instances(
         overwrite: replace an existing ``dst`` (else ConfigError).
 
     Returns:
-        The output zarr array (opened read-only).
+        The output zarr array (opened read-only); ``attrs["num_instances"]`` = the number of ids.
     """
     import zarr
 
@@ -426,6 +427,7 @@ def blockwise_instances(
             arr = _create_labels(tmp, dst.name, shape, block, "uint32" if n_total < 2**32 else "uint64", vs)
             items = [(idx, str(arr), int(off), *face) for idx, off, face in zip(blocks, offsets, faces)]
             _run(_relabel_task, job_run, items, backend, client, f"relabel {dst.name}", progress)
+            zarr.open_array(str(arr), mode="r+").attrs["num_instances"] = int(n_total)
     finally:
         for obj in owned:
             obj.close()

@@ -75,6 +75,21 @@ class StudyConfig:
         return self.architecture or FAMILIES[self.family]["encoder"]
 
 
+def resolve_encoder(encoder: str | None, family: str, architecture: str | None = None) -> str | None:
+    """``--encoder`` of the demo and the study: ``"auto"`` = the encoder ssl-em ships for the
+    family's architecture (None when it ships none, or ``architecture`` overrides it); ``"none"`` =
+    random init, pretrained from scratch; anything else is a path or name used as is."""
+    if encoder is None or encoder.lower() == "none":
+        return None
+    if encoder != "auto":
+        return encoder
+    from ssl_em.models.pretrained import pretrained_dir
+
+    arch = architecture or FAMILIES[family]["encoder"]
+    folder = None if architecture and architecture != FAMILIES[family]["encoder"] else pretrained_dir(arch)
+    return folder.name if folder is not None else None
+
+
 def _lrs(cfg: StudyConfig, method: str) -> tuple[float, ...]:
     return tuple((cfg.lrs or {}).get(method, LR_GRID[method]))
 
