@@ -32,7 +32,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unlabeled", nargs="+", metavar="SPEC", help="pretraining volumes (default: --raw itself)")
     p.add_argument("--raw", metavar="SPEC", help="labelled raw volume (default: a phantom)")
     p.add_argument("--labels", metavar="SPEC", help="its labels")
-    p.add_argument("--task", default="mito", choices=("mito", "synapse", "neuron"))
+    p.add_argument("--task", default="mito", choices=("mito", "synapse", "neuron", "membrane"))
     p.add_argument("--fractions", default="0.01,0.05,0.1,1.0")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default="lora,frozen,full,scratch,lora_random,unet")
@@ -63,7 +63,7 @@ def load(args: argparse.Namespace) -> tuple:
 
         shape, pool = (QUICK_SHAPE, (8, 64, 64)) if args.quick else ((24, 256, 128), (24, 192, 192))
         ph, un = make_phantom(shape, seed=2), make_phantom(pool, seed=1)
-        field = {"mito": "mito", "synapse": "synapse", "neuron": "neurons"}[args.task]
+        field = {"mito": "mito", "synapse": "synapse", "neuron": "neurons", "membrane": "membrane"}[args.task]
         return ph.raw, getattr(ph, field), [un.raw], ph.voxel_size, f"phantom {shape} + unlabelled {pool}"
     if args.labels is None:
         sys.exit("--raw needs --labels")

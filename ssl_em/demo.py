@@ -47,7 +47,7 @@ def build_parser(prog: str = "ssl-em demo") -> argparse.ArgumentParser:
                                 "scored on a disjoint region: on the built-in phantom, or on --data/--labels.")
     p.add_argument("--data", nargs="+", metavar="SPEC", help="unlabelled (and the labelled raw) volume specs")
     p.add_argument("--labels", metavar="SPEC", help="labels of one --data volume (enables the real-data study)")
-    p.add_argument("--task", default="mito", choices=("mito", "synapse", "neuron"))
+    p.add_argument("--task", default="mito", choices=("mito", "synapse", "neuron", "membrane"))
     p.add_argument("--family", default="cnn", choices=("cnn", "vit"), help="U-Net + SparK (cnn) or ViT + MAE")
     p.add_argument("--encoder", metavar="NAME_OR_PATH", default="auto",
                    help="encoder to start from (pretraining continues on --data): 'auto' = the one ssl-em ships "
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
 
         shapes = ((8, 160, 64), (8, 64, 64)) if tiny else ((24, 256, 128), (24, 192, 192))
         target, pool = make_phantom(shapes[0], seed=2), make_phantom(shapes[1], seed=1)
-        field = {"mito": "mito", "synapse": "synapse", "neuron": "neurons"}[args.task]
+        field = {"mito": "mito", "synapse": "synapse", "neuron": "neurons", "membrane": "membrane"}[args.task]
         raw, labels, unlabeled = target.raw, getattr(target, field), [pool.raw]
         cfg.voxel_size = cfg.voxel_size or tuple(float(v) for v in target.voxel_size)  # type: ignore[assignment]
         print(f"phantom: labelled volume {shapes[0]} (seed 2), unlabelled volume {shapes[1]} (seed 1), "

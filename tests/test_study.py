@@ -135,3 +135,23 @@ def test_sweep_keeps_the_grid_centre_when_validation_sections_hold_no_foreground
     study = Study(raw, labels, [raw], cfg, tmp_path / "out")
     assert not labels[study.regions.val].any()
     assert study.sweep("scratch", 0.25, "unused: no rate is trained") == 3e-3
+
+
+def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_path):
+    """Membranes are a study task too (ISBI-style binary labels); an encoder pretrained at another
+    voxel size is used as given, and the log says by how much the scales differ."""
+    import ssl_em
+    from ssl_em.data.phantom import make_phantom
+
+    target = make_phantom((8, 160, 64), seed=2)
+    enc = ssl_em.save_encoder(ssl_em.create_encoder("unet3d_test"), tmp_path / "enc",
+                              {"voxel_size": [50.0, 4.0, 4.0], "method": "spark"})
+    cfg = StudyConfig(task="membrane", architecture="unet3d_test", encoder=str(enc), pretrain_seconds=0,
+                      methods=("lora", "scratch"), fractions=(0.25,), seconds=0.5, patch_shape=(8, 32, 32),
+                      voxel_size=target.voxel_size, lrs={"lora": (1e-2,), "scratch": (3e-3,)})
+    lines: list[str] = []
+    records = Study(target.raw, target.membrane, None, cfg, tmp_path / "out", log=lines.append).run()
+    assert {r["metric"] for r in records} == set(METRICS["membrane"])
+    assert all(0 <= r["value"] <= 1 for r in records)
+    warning = next(line for line in lines if "VoxelSize" in line or "voxel size" in line)
+    assert "(40, 8, 8) nm differs" in warning and "(50, 4, 4)" in warning

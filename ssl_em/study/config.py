@@ -19,7 +19,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 # training; centred where short CPU runs (~100-400 steps) on the phantom and VNC peaked
 LR_GRID = {"lora": (6e-3, 2e-2, 6e-2), "lora_random": (6e-3, 2e-2, 6e-2), "frozen": (1e-2, 3e-2, 1e-1),
            "full": (2e-3, 6e-3, 2e-2), "scratch": (2e-3, 6e-3, 2e-2), "unet": (2e-3, 6e-3, 2e-2)}
-METRICS = {"mito": ("iou", "dice", "ap50"), "synapse": ("iou", "dice", "detection_f1"), "neuron": ("voi", "arand")}
+METRICS = {"mito": ("iou", "dice", "ap50"), "synapse": ("iou", "dice", "detection_f1"), "neuron": ("voi", "arand"),
+           "membrane": ("iou", "dice")}
 LOWER_IS_BETTER = {"voi", "arand"}
 _NAMES = {"iou": "IoU", "dice": "Dice", "ap50": "AP50", "voi": "VOI", "arand": "ARAND", "detection_f1": "F1"}
 
