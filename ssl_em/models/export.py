@@ -92,11 +92,10 @@ def _resolve(path_or_name: str | os.PathLike) -> tuple[Path, Path]:
     """(sidecar, weights) for a folder, a ``.safetensors``, a ``.json`` or a named encoder folder."""
     p = Path(path_or_name).expanduser()
     if not p.exists() and isinstance(path_or_name, str) and os.sep not in path_or_name:
-        from ssl_em.models.pretrained import pretrained_dir
+        from ssl_em.models.pretrained import WEIGHTS_ROOT, list_pretrained
 
-        shipped = pretrained_dir(path_or_name)
-        if shipped is not None:
-            p = shipped
+        if path_or_name in list_pretrained():  # full "arch.tag" only: a bare architecture means random init
+            p = WEIGHTS_ROOT / path_or_name
     if not p.exists() and isinstance(path_or_name, str) and os.sep not in path_or_name and not p.suffix:
         home = Path(os.environ.get("SSL_EM_ENCODERS", Path.home() / ".cache" / "ssl-em" / "encoders"))
         if not (home / path_or_name).is_dir():
@@ -335,6 +334,14 @@ def write_loss_curve(ckpt: Path, out_png: Path, *, max_step: int | None = None, 
                     ys.append(float(value))
     if not series:
         return None
+    key = next(iter(series))
+    xs, ys = series[key]
+    import numpy as np
+
+    if len(ys) >= 20:  # per-step losses of masked modelling are noisy: the trend is in a moving mean
+        k = max(5, len(ys) // 20)
+        mean = np.convolve(ys, np.ones(k) / k, mode="valid").tolist()
+        series[f"{key}, moving mean ({k} logs)"] = (xs[k - 1:], mean)
     from ssl_em.pretrain.panels import save_curve
 
     return save_curve(series, out_png, xlabel="step", ylabel="loss", title=title, logy=True)
