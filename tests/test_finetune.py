@@ -192,3 +192,13 @@ def test_bad_training_inputs_give_one_line_errors(bad_inputs, tmp_path, capsys, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ssl-em fit: error:")]
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("adapter, checkpointed", [("lora", True), ("full", False), ("frozen", False)])
+def test_peft_adapters_checkpoint_activations_by_default(adapter, checkpointed):
+    """A frozen conv still saves its input for backward: LoRA only saves memory with checkpointing."""
+    module = FineTuning(task="mito", encoder="unet3d_test", adapter=adapter)
+    stages = [m for m in module.model.modules() if hasattr(m, "grad_checkpointing")]
+    assert stages and all(m.grad_checkpointing == checkpointed for m in stages)
+    forced = FineTuning(task="mito", encoder="unet3d_test", adapter=adapter, grad_checkpointing=False)
+    assert not any(m.grad_checkpointing for m in forced.model.modules() if hasattr(m, "grad_checkpointing"))
