@@ -210,6 +210,7 @@ def add_adapter(
     dropout: float = 0.0,
     targets: Sequence[str] | str | None = None,
     modules_to_save: Sequence[str] = ("head",),
+    train_decoder: bool = False,
     **method_kwargs: Any,
 ) -> AdaptedModel:
     """Wrap ``model`` for fine-tuning; load its base weights first (see the module docstring).
@@ -220,6 +221,11 @@ def add_adapter(
         r / alpha / dropout: rank, scaling and dropout (LoHa/LoKr: rank dropout; ignored by IA3).
         targets: module names / regexes to adapt; None = the encoder's default (module docstring).
         modules_to_save: exact module names trained in full and saved with the adapter (new heads).
+        train_decoder: U-Nets: adapters on the encoder path only, while the decoder path (the
+            encoder's ``decoder_modules``) and the encoder path's normalisation layers train in full
+            and are saved with the adapter, as a ViT's UNETR decoder is. One seed on VNC mitochondria
+            (1 labelled section, 45 s): IoU 0.330 vs 0.146 for LoRA everywhere (random-init control
+            0.278); not yet the default.
         method_kwargs: passed to the peft config (e.g. ``use_rslora=True``, ``feedforward_modules``).
 
     The model is modified in place (peft injects layers); use the returned wrapper from then on.
@@ -228,6 +234,8 @@ def add_adapter(
         raise ConfigError("model already has an adapter; call merge_adapter first or start from the base model")
     if method not in METHODS:
         raise ConfigError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+    if train_decoder:
+        modules_to_save = (*modules_to_save, *_decoder_path(model))
     heads = _resolve_modules_to_save(model, modules_to_save)
     base_sha = _sha256(_base_state(model, heads, None))
     resolved = resolve_targets(model, targets, method, exclude=heads) if method in _SUPPORTED else []
@@ -246,6 +254,18 @@ def add_adapter(
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     return AdaptedModel(wrapped, method, spec, base_sha)
+
+
+def _decoder_path(model: nn.Module) -> list[str]:
+    """Module names (in ``model``) of the encoder's decoder path and of the encoder path's norms."""
+    encoder = getattr(model, "encoder", None)
+    decoder = getattr(encoder, "decoder_modules", None)
+    if not decoder:
+        raise ConfigError(f"train_decoder needs an encoder with a decoder path (a U-Net); "
+                          f"{type(encoder).__name__} has none")
+    norms = [n for n, m in encoder.named_modules()
+             if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm3d)) and not _under(n, decoder)]
+    return [f"encoder.{n}" for n in (*decoder, *norms)]
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:

@@ -76,6 +76,27 @@ def test_unet_defaults_to_its_convs():
         add_adapter(_model(head="dense", encoder="unet3d_test"), "loha")
 
 
+def test_unet_train_decoder_adapts_the_encoder_path_and_trains_the_decoder(tmp_path):
+    base = _model(head="dense", encoder="unet3d_test")
+    model = add_adapter(base, "lora", r=2, train_decoder=True)
+    wrapped = _wrapped(model)
+    assert wrapped and all(n.startswith("encoder.stages.") for n in wrapped)
+    trainable = {n for n, p in model.base_model.named_parameters() if p.requires_grad}
+    decoder = {n for n, _ in base.named_parameters() if n.startswith(("encoder.decoder.", "encoder.ups."))}
+    assert decoder and decoder <= trainable  # the decoder path trains in full
+    stage_norms = {n for n in trainable if n.startswith("encoder.stages.") and ".norm" in n}
+    assert stage_norms, "the encoder path's norms train too"
+    assert not any(n.endswith("base_layer.weight") for n in trainable)  # adapted convs stay frozen
+    _train(model, 2, shape=(1, 1, 4, 16, 16))
+    out = save_adapter(model, tmp_path / "a", "unet3d_test")
+    loaded = load_adapter(_model(head="dense", encoder="unet3d_test"), out)
+    x = torch.randn(1, 1, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(ConfigError, match="train_decoder needs an encoder with a decoder path"):
+        add_adapter(_model(), "lora", train_decoder=True)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_trains_adapter_only_and_merges(method):
     model = add_adapter(_model(), method, r=2)

@@ -213,6 +213,7 @@ class ResidualUNet3D(nn.Module):
         self.decoder = nn.ModuleList(_Stage(widths[i], widths[i], decoder_blocks, None, kernels[i], **kw)
                                      for i in range(n - 1))
         self.head = nn.Conv3d(widths[0], out_channels, 1) if out_channels > 0 else None
+        self.decoder_modules = ("ups", "decoder")  # what add_adapter(train_decoder=True) trains in full
         self.widths = widths
         self.embed_dim = self.num_features = widths[-1]
         self.dense_dim = widths[0]
