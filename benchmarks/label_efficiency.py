@@ -40,6 +40,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="encoder to start from: 'auto' = the one ssl-em ships for the family, 'none' = random "
                    "init (then pretrained on --unlabeled or --raw), or a path or name")
     p.add_argument("--minutes", type=float, default=1.0, help="fine-tuning budget per run")
+    p.add_argument("--adapter-kwargs", type=json.loads, default=None, metavar="JSON",
+                   help='add_adapter options for lora and lora_random (default: the family\'s; cnn: '
+                        '\'{"train_decoder": true}\'), e.g. \'{"r": 16, "train_decoder": false}\'')
     p.add_argument("--pretrain-minutes", type=float, default=None,
                    help="pretraining budget (default: 5 from random init; from a given encoder 5 with "
                    "--unlabeled, which continues pretraining on them, else 0: the encoder as it is)")
@@ -89,7 +92,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
     if minutes is None:
         minutes = 5.0 if encoder is None or args.unlabeled else 0.0
     cfg = StudyConfig(
-        task=args.task, family=family, encoder=encoder,
+        task=args.task, family=family, encoder=encoder, adapter_kwargs=args.adapter_kwargs,
         architecture=("unet3d_test" if family == "cnn" else "vit3d_test_patch2x16") if quick else None,
         methods=("lora", "scratch") if quick else tuple(args.methods.split(",")),
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,

@@ -147,7 +147,8 @@ def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_pat
     enc = ssl_em.save_encoder(ssl_em.create_encoder("unet3d_test"), tmp_path / "enc",
                               {"voxel_size": [50.0, 4.0, 4.0], "method": "spark"})
     cfg = StudyConfig(task="membrane", architecture="unet3d_test", encoder=str(enc), pretrain_seconds=0,
-                      methods=("lora", "scratch"), fractions=(0.25,), seconds=0.5, patch_shape=(8, 32, 32),
+                      adapter_kwargs={"train_decoder": True}, methods=("lora", "scratch"), fractions=(0.25,),
+                      seconds=0.5, patch_shape=(8, 32, 32),
                       voxel_size=target.voxel_size, lrs={"lora": (1e-2,), "scratch": (3e-3,)})
     lines: list[str] = []
     records = Study(target.raw, target.membrane, None, cfg, tmp_path / "out", log=lines.append).run()
@@ -155,3 +156,7 @@ def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_pat
     assert all(0 <= r["value"] <= 1 for r in records)
     warning = next(line for line in lines if "VoxelSize" in line or "voxel size" in line)
     assert "(40, 8, 8) nm differs" in warning and "(50, 4, 4)" in warning
+    from ssl_em.study.train import build_learner
+
+    learner = build_learner("lora", cfg, str(enc), seed=0)  # adapter_kwargs reach add_adapter
+    assert "encoder.decoder" in " ".join(learner.net.spec["modules_to_save"])

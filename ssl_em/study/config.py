@@ -12,7 +12,10 @@ ADAPTER = {"lora": ("lora", True), "frozen": ("frozen", True), "full": ("full", 
            "scratch": ("full", False), "lora_random": ("lora", False)}  # as adapters.finetune.STUDY_METHODS
 # family -> encoder to pretrain, objective, pretraining rate
 FAMILIES: dict[str, dict[str, Any]] = {
-    "cnn": dict(encoder="unet3d_tiny", method="spark", method_kwargs={"mask_ratio": 0.6}, lr=2e-3),
+    # U-Net lora: adapters on the encoder path, decoder path trained in full (like a ViT's UNETR
+    # decoder). VNC mito, 1 labelled section, 45 s, 2 seeds: IoU 0.310 vs 0.178 with LoRA everywhere
+    "cnn": dict(encoder="unet3d_tiny", method="spark", method_kwargs={"mask_ratio": 0.6}, lr=2e-3,
+                adapter_kwargs={"train_decoder": True}),
     "vit": dict(encoder="vit3d_tiny_patch2x16", method="mae", method_kwargs={"mask_ratio": 0.75}, lr=1.5e-3),
 }
 # learning-rate sweep grids (AdamW peak rates): adapters and heads need larger rates than full
@@ -40,6 +43,7 @@ class StudyConfig:
     architecture: str | None = None  # override the family's encoder (e.g. unet3d_test in tests)
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     encoder: str | None = None  # an exported encoder (path or name) to start from
+    adapter_kwargs: dict[str, Any] | None = None  # add_adapter options of lora / lora_random; None: the family's
     methods: tuple[str, ...] = METHODS
     fractions: tuple[float, ...] = (0.05, 1.0)
     seeds: int = 1
@@ -70,6 +74,8 @@ class StudyConfig:
             raise ConfigError(f"label fractions {bad} must be in (0, 1]")
         self.fractions = tuple(sorted(float(f) for f in self.fractions))
         self.patch_shape = tuple(int(p) for p in self.patch_shape)  # type: ignore[assignment]
+        if self.adapter_kwargs is None:
+            self.adapter_kwargs = dict(FAMILIES[self.family].get("adapter_kwargs", {}))
 
     @property
     def arch(self) -> str:

@@ -61,6 +61,7 @@ def build_learner(method: str, cfg: StudyConfig, encoder_dir: str | Path, seed: 
     sidecar = read_sidecar(encoder_dir)
     ft = FineTuning(task=cfg.task, encoder=sidecar["architecture"], pretrained=str(encoder_dir) if pretrained else None,
                     encoder_kwargs=dict(sidecar.get("kwargs") or {}), adapter=adapter, task_kwargs=task_kwargs,
+                    adapter_kwargs=dict(cfg.adapter_kwargs) if adapter not in ("full", "frozen") else None,
                     grad_checkpointing=False)  # same compute per step for every method of a timed comparison
     return Learner(method, ft.model, ft.task)
 
