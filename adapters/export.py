@@ -36,7 +36,10 @@ def _base_encoder(module: FineTuning) -> nn.Module:
     from ssl_em.models import create_encoder
 
     adapted = module.model
-    state = _base_state(adapted.base_model, adapted.spec["modules_to_save"], adapted.adapter_prefix)
+    # modules inside the encoder that train in full (train_decoder) stay: the encoder must be whole;
+    # their trained values also live in the adapter file, which is loaded over them
+    heads = [h for h in adapted.spec["modules_to_save"] if not h.startswith("encoder.")]
+    state = _base_state(adapted.base_model, heads, adapted.adapter_prefix)
     cfg = module.encoder_config
     encoder = create_encoder(cfg["architecture"], **dict(cfg.get("kwargs") or {}))
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})

@@ -75,7 +75,12 @@ def test_lora_leaves_the_base_unchanged_and_the_folder_references_it(trained):
     ft = load_finetuned(trained / "model", merge=False)
     assert base_weights_sha256(ft.model) == info["base"]["sha256"]
     base = ssl_em.load_encoder(trained / "base")
-    for name, value in base.state_dict().items():  # the frozen weights, read back through the adapter
+    trained_in_full = info["adapter"]["modules_to_save"]  # the recipe trains the U-Net's decoder path
+    assert any(m.startswith("encoder.decoder") for m in trained_in_full)
+    frozen = {n: v for n, v in base.state_dict().items()
+              if not any(("encoder." + n).startswith(m + ".") for m in trained_in_full)}
+    assert frozen and any(n.startswith("stages.") and "conv" in n for n in frozen)
+    for name, value in frozen.items():  # the frozen weights, read back through the adapter
         layer = ft.model.base_model.get_submodule("encoder." + name.rsplit(".", 1)[0])
         own = getattr(getattr(layer, "base_layer", layer), name.rsplit(".", 1)[1])
         torch.testing.assert_close(own, value, rtol=0, atol=0)
