@@ -44,8 +44,11 @@ def _build(encoder: str, method: str, patch: tuple[int, int, int], grad_ckpt: bo
     if grad_ckpt:
         net.set_grad_checkpointing(True)
     task = get_task("mito")
-    model = add_adapter(build_segmentation_model(net, "auto", out_channels=task.num_outputs), method=method,
-                        r=rank, alpha=2 * rank)
+    # "lora_decoder": LoRA on a U-Net's encoder path, its decoder path trained in full (the study's
+    # and the recipes' U-Net setting, add_adapter(train_decoder=True))
+    extra = {"train_decoder": True} if method == "lora_decoder" else {}
+    model = add_adapter(build_segmentation_model(net, "auto", out_channels=task.num_outputs),
+                        method="lora" if method == "lora_decoder" else method, r=rank, alpha=2 * rank, **extra)
     return model.to(device), task
 
 
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patch", type=int, nargs=3, default=None, help="crop z y x")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--methods", nargs="+", default=["lora", "frozen", "full"])
+    p.add_argument("--methods", nargs="+", default=["lora", "lora_decoder", "frozen", "full"],
+                   help="add_adapter methods, plus lora_decoder (U-Nets only)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     encoders = args.encoders or (["vit3d_tiny_patch2x16", "unet3d_tiny"] if args.quick
@@ -118,18 +122,20 @@ def main(argv: list[str] | None = None) -> None:
               "methods": args.methods, "grad_checkpointing": [False, True],
               "optimizer": "AdamW", "precision": "fp32", "device": str(device), "torch": torch.__version__}
     print("config:", json.dumps(config))
-    head = f"{'encoder':<24}{'method':<8}{'ckpt':<6}{'trainable':>12}{'params':>9}{'grads':>9}{'adamw':>9}" \
+    head = f"{'encoder':<24}{'method':<13}{'ckpt':<6}{'trainable':>12}{'params':>9}{'grads':>9}{'adamw':>9}" \
            f"{'activ.':>10}{'total MiB':>11}{'cuda MiB':>10}"
     print(head)
     results = []
     for encoder in encoders:
         for ckpt in config["grad_checkpointing"]:
             for method in args.methods:
+                if method == "lora_decoder" and not encoder.startswith("unet3d"):
+                    continue
                 r = measure(encoder, method, patch, args.batch, ckpt, args.rank, device)
                 r["grad_checkpointing"] = ckpt
                 results.append(r)
                 cuda = "-" if r["cuda_peak"] is None else f"{r['cuda_peak'] / MiB:.1f}"
-                print(f"{encoder:<24}{method:<8}{'yes' if ckpt else 'no':<6}{r['trainable']:>12,}"
+                print(f"{encoder:<24}{method:<13}{'yes' if ckpt else 'no':<6}{r['trainable']:>12,}"
                       f"{r['params'] / MiB:>9.1f}{r['grads'] / MiB:>9.1f}{r['optimizer'] / MiB:>9.1f}"
                       f"{r['activations'] / MiB:>10.1f}{r['accounted'] / MiB:>11.1f}{cuda:>10}", flush=True)
     key = "cuda_peak" if device.type == "cuda" else "accounted"
@@ -142,6 +148,10 @@ def main(argv: list[str] | None = None) -> None:
                       f"{by['full', ckpt][key] / by['lora', ckpt][key]:.2f}x")
         # what a user gets without touching the flag: FineTuning's default per method
         full, lora = by.get(("full", default_grad_checkpointing("full"))), by.get(("lora", default_grad_checkpointing("lora")))
+        decoder = by.get(("lora_decoder", default_grad_checkpointing("lora")))
+        if full and decoder:
+            print(f"full / LoRA with trained decoder ({key}) {encoder}, FineTuning defaults: "
+                  f"{full[key] / decoder[key]:.2f}x ({full[key] / MiB:.1f} vs {decoder[key] / MiB:.1f} MiB)")
         if full and lora:
             ratios.append((encoder, full[key] / lora[key]))
             print(f"full / LoRA ({key}) {encoder}, FineTuning defaults: {ratios[-1][1]:.2f}x "
