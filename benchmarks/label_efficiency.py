@@ -93,7 +93,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         minutes = 5.0 if encoder is None or args.unlabeled else 0.0
     cfg = StudyConfig(
         task=args.task, family=family, encoder=encoder, adapter_kwargs=args.adapter_kwargs,
-        architecture=("unet3d_test" if family == "cnn" else "vit3d_test_patch2x16") if quick else None,
+        architecture=arch,
         methods=("lora", "scratch") if quick else tuple(args.methods.split(",")),
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
         seconds=2.0 if quick else 60 * args.minutes, pretrain_seconds=2.0 if quick else 60 * minutes,

@@ -84,11 +84,10 @@ def main(argv: list[str]) -> int:
 
         torch.set_num_threads(args.threads)
     patch = (8, 32, 32) if tiny else tuple(int(v) for v in _floats(args.patch))
+    arch = ("unet3d_test" if args.family == "cnn" else "vit3d_test_patch2x16") if tiny else None
     cfg = StudyConfig(
         task=args.task, family=args.family,
-        encoder=resolve_encoder(args.encoder, args.family, ("unet3d_test" if args.family == "cnn" else
-                                                            "vit3d_test_patch2x16") if tiny else None),
-        architecture=("unet3d_test" if args.family == "cnn" else "vit3d_test_patch2x16") if tiny else None,
+        encoder=resolve_encoder(args.encoder, args.family, arch), architecture=arch,
         methods=("lora", "scratch") if tiny else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         fractions=(0.25,) if tiny else _floats(args.fractions), seeds=args.seeds,
         pretrain_seconds=PRETRAIN_SHARE * total, patch_shape=patch,  # type: ignore[arg-type]

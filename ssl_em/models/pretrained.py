@@ -14,6 +14,7 @@ timm resolves ``name.tag`` itself and hands the entrypoint the config, which loa
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -61,6 +62,7 @@ def model_card(name: str) -> str:
     return card.read_text()
 
 
+@functools.cache  # registry.py and unet3d.py both register from it: read the sidecars once
 def timm_default_cfgs() -> dict[str, Any]:
     """timm ``default_cfgs`` for every shipped encoder; assign it to a module's ``default_cfgs``
     before its entrypoints are registered (timm's ``register_model`` looks its names up there)."""
@@ -88,7 +90,8 @@ def resolve_pretrained_name(architecture: str, pretrained_cfg: Any) -> str:
 
 
 def check_voxel_size(data_voxel: Sequence[float] | None, encoder_voxel: Sequence[float] | None, *,
-                     what: str = "data", tolerance: float = 0.25) -> tuple[float, float, float] | None:
+                     what: str = "data", reference: str = "encoder's pretraining",
+                     tolerance: float = 0.25) -> tuple[float, float, float] | None:
     """Warn (:class:`VoxelSizeWarning`) when ``data_voxel`` differs from ``encoder_voxel`` (z, y, x nm)
     by more than ``tolerance`` (relative) on any axis; return the per-axis zoom factor that would
     resample the data to the encoder's voxel size (``scipy.ndimage.zoom`` / ``ssl-em convert``),
@@ -104,7 +107,7 @@ def check_voxel_size(data_voxel: Sequence[float] | None, encoder_voxel: Sequence
         return None
     fmt = ", ".join(f"{v:g}" for v in data_v), ", ".join(f"{v:g}" for v in enc_v)
     warnings.warn(
-        f"{what} voxel size ({fmt[0]}) nm differs from the encoder's pretraining voxel size ({fmt[1]}) nm; "
+        f"{what} voxel size ({fmt[0]}) nm differs from the {reference} voxel size ({fmt[1]}) nm; "
         f"resample the volume by zoom (z, y, x) = ({', '.join(f'{z:.3g}' for z in zoom)}) for features at the "
         "scale they were learnt", VoxelSizeWarning, stacklevel=2)
     return zoom  # type: ignore[return-value]

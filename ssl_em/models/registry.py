@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import json
 
     if args.info:
-        if "." in args.info or args.info in list_pretrained():
+        if "." in args.info:  # shipped weights are "arch.tag"
             print(model_card(args.info).rstrip())
             print(f"\nfiles: {pretrained_dir(args.info)}")
             return 0

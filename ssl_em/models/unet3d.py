@@ -306,6 +306,8 @@ class ResidualUNet3D(nn.Module):
 
 # --- registered variants ----------------------------------------------------------------------
 default_cfgs = timm_default_cfgs()  # shipped weights (ssl_em/weights/) as timm pretrained configs
+
+
 def _create(name: str, defaults: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> ResidualUNet3D:
     return build_encoder(ResidualUNet3D, name, defaults, pretrained, **kwargs)  # type: ignore[return-value]
 

@@ -223,11 +223,10 @@ def main(argv: list[str]) -> int:
     if args.roi:
         src = CroppedSource(src, parse_roi(args.roi, tuple(src.shape)))
     normalization = finetuned.normalization if finetuned is not None else None
-    if finetuned is not None and finetuned.voxel_size and getattr(src, "voxel_size_known", False):
-        trained, given = finetuned.voxel_size, tuple(float(v) for v in src.voxel_size)
-        if any(abs(a - b) > 0.25 * a for a, b in zip(trained, given)):
-            warnings.warn(f"{args.input} has voxel size {given} nm but the model was trained at {trained} nm; "
-                          "resample the input for reliable predictions", stacklevel=1)
+    if finetuned is not None and getattr(src, "voxel_size_known", False):
+        from ssl_em.models.pretrained import check_voxel_size
+
+        check_voxel_size(src.voxel_size, finetuned.voxel_size, what=f"input {args.input}", reference="model's training")
     mask = args.mask
     if mask is not None and args.roi:
         from ssl_em.data.volume import open_volume

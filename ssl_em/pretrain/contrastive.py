@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,23 @@ def pool_features(fmap: torch.Tensor, boxes: torch.Tensor | None = None, in_shap
 
 
 # ---- heads -----------------------------------------------------------------------------------------
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, activation: Callable[[], nn.Module],
+         batch_norm: bool = False, *, what: str) -> nn.Sequential:
+    """``num_layers`` Linear layers ``in -> hidden -> ... -> out``, (BatchNorm +) activation between them.
+    With BatchNorm the hidden layers have no bias (the norm's shift replaces it)."""
+    if num_layers < 1:
+        raise ConfigError(f"{what} num_layers={num_layers} must be >= 1")
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == num_layers - 1
+        layers.append(nn.Linear(a, b, bias=last or not batch_norm))
+        if not last:
+            layers += [nn.BatchNorm1d(b)] if batch_norm else []
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
 class ProjectionHead(nn.Module):
     """SimCLR MLP ``in_dim -> hidden_dim -> ... -> out_dim`` with BatchNorm + ReLU between layers.
 
@@ -98,17 +115,8 @@ class ProjectionHead(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128, num_layers: int = 2,
                  batch_norm: bool = True) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ConfigError(f"projection head num_layers={num_layers} must be >= 1")
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            last = i == num_layers - 1
-            layers.append(nn.Linear(a, b, bias=last or not batch_norm))
-            if not last:
-                layers += [nn.BatchNorm1d(b)] if batch_norm else []
-                layers.append(nn.ReLU(inplace=True))
-        self.layers = nn.Sequential(*layers)
+        self.layers = _mlp(in_dim, hidden_dim, out_dim, num_layers, lambda: nn.ReLU(inplace=True), batch_norm,
+                           what="projection head")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -124,15 +132,7 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 512, bottleneck_dim: int = 128,
                  num_layers: int = 3, norm_last_layer: bool = True) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ConfigError(f"DINO head num_layers={num_layers} must be >= 1")
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < num_layers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, nn.GELU, what="DINO head")
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
