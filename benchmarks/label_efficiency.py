@@ -51,6 +51,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--voxel-size", help="z,y,x nm, overriding the files")
     p.add_argument("--out", default="bench_out/label_efficiency")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (a GPU when one is visible)")
     p.add_argument("--quick", action="store_true", help="tiny crops and networks, one fraction and seed (< 1 min)")
     return p.parse_args(argv)
 
@@ -98,6 +99,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
         seconds=2.0 if quick else 60 * args.minutes, pretrain_seconds=2.0 if quick else 60 * minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int), voxel_size=vs,
+        device=args.device,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else None,
     )
     print("configuration:", json.dumps({k: v for k, v in asdict(cfg).items()}, default=str))

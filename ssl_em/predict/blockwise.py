@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ssl_em.errors import ConfigError, VolumeError
+from ssl_em.utils.precision import resolve_device
 
 Triple = tuple[int, int, int]
 BlockId = tuple[int, int, int]
@@ -261,14 +262,6 @@ class BlockJob:
         for idx in ids:
             self.store(idx, preds.get(idx))
         return list(ids)
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def activate(y: Any, activation: str | None) -> Any:

@@ -13,7 +13,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ssl_em.predict.blockwise import BlockId, BlockJob, resolve_device
+from ssl_em.predict.blockwise import BlockId, BlockJob
+from ssl_em.utils.precision import resolve_device
 
 
 class ModelPayload:

@@ -60,6 +60,7 @@ class StudyConfig:
     max_val_voxels: int = 1_000_000  # likewise the validation part scored in the rate sweep
     voxel_size: tuple[float, float, float] | None = None
     precision: str = "auto"
+    device: str = "auto"  # "auto": CUDA when a GPU is visible; budgets stay wall clock on either
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -1,4 +1,7 @@
-"""Networks per method, the wall-clock-budgeted training loop, sliding-window prediction, scoring, pretraining."""
+"""Networks per method, the wall-clock-budgeted training loop, sliding-window prediction, scoring, pretraining.
+
+Everything runs on ``cfg.device`` (CPU or CUDA); data are prepared on the CPU and moved per batch.
+"""
 
 from __future__ import annotations
 
@@ -38,32 +41,36 @@ class Learner:
     method: str
     net: Any
     task: Any
+    device: str = "cpu"
 
     def parameters(self) -> list:
         return [p for p in self.net.parameters() if p.requires_grad]
 
 
 def build_learner(method: str, cfg: StudyConfig, encoder_dir: str | Path, seed: int) -> Learner:
-    """The network for ``method``; random inits come from ``seed`` (scratch and lora_random share it)."""
+    """The network for ``method`` on ``cfg.device``; random inits come from ``seed`` (scratch and
+    lora_random share it), drawn on the CPU so a GPU run starts from the same weights."""
     import torch
 
     from ssl_em.adapters import get_task
     from ssl_em.adapters.finetune import FineTuning
     from ssl_em.models.export import read_sidecar
+    from ssl_em.utils.precision import resolve_device
 
+    device = resolve_device(cfg.device)
     task_kwargs = {"voxel_size": list(cfg.voxel_size)} if cfg.task == "mito" and cfg.voxel_size else {}
     torch.manual_seed(seed)
     if method == "unet":
         task = get_task(cfg.task, **task_kwargs)
         anisotropic = cfg.voxel_size is not None and cfg.voxel_size[0] > 1.5 * min(cfg.voxel_size[1:])
-        return Learner(method, _MonaiUNet.build(task.num_outputs, anisotropic), task)
+        return Learner(method, _MonaiUNet.build(task.num_outputs, anisotropic).to(device), task, device)
     adapter, pretrained = ADAPTER[method]
     sidecar = read_sidecar(encoder_dir)
     ft = FineTuning(task=cfg.task, encoder=sidecar["architecture"], pretrained=str(encoder_dir) if pretrained else None,
                     encoder_kwargs=dict(sidecar.get("kwargs") or {}), adapter=adapter, task_kwargs=task_kwargs,
                     adapter_kwargs=dict(cfg.adapter_kwargs) if adapter not in ("full", "frozen") else None,
                     grad_checkpointing=False)  # same compute per step for every method of a timed comparison
-    return Learner(method, ft.model, ft.task)
+    return Learner(method, ft.model.to(device), ft.task, device)
 
 
 # ----------------------------------------------------------------------------------- training
@@ -93,9 +100,11 @@ def _targets(task: Any, batch: dict) -> tuple[Any, Any]:
 
 def train_for(net: Any, params: list, loss_fn: Callable[[dict], Any], next_batch: Callable[[int], dict],
               seconds: float, lr: float, weight_decay: float = 1e-4, precision: str = "auto",
-              min_steps: int = 2, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+              min_steps: int = 2, on_step: Callable[[int, float], None] | None = None,
+              device: str = "cpu") -> list[float]:
     """AdamW on ``params`` for ``seconds`` of wall clock (at least ``min_steps``), rate following
-    warm-up-cosine over the elapsed fraction of the budget. Returns the loss per step."""
+    warm-up-cosine over the elapsed fraction of the budget. Returns the loss per step (reading each
+    loss synchronises a GPU, so the clock counts finished steps only)."""
     import torch
 
     from ssl_em.utils.precision import autocast
@@ -113,8 +122,8 @@ def train_for(net: Any, params: list, loss_fn: Callable[[dict], Any], next_batch
             break
         for g in opt.param_groups:
             g["lr"] = lr * _schedule(min(progress, 1.0))
-        batch = next_batch(step)
-        with autocast(precision, "cpu"):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next_batch(step).items()}
+        with autocast(precision, torch.device(device).type):
             loss = loss_fn(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step} (lr {lr:g})")
@@ -186,10 +195,11 @@ def finetune(learner: Learner, data: Labelled, box: Box, sections: np.ndarray, c
 
     def loss_fn(batch: dict) -> Any:
         target, mask = _targets(task, batch)
-        return task.loss(learner.net(batch["raw"]).float(), target, mask)
+        dev = batch["raw"].device
+        return task.loss(learner.net(batch["raw"]).float(), target.to(dev), mask.to(dev))
 
     return len(train_for(learner.net, learner.parameters(), loss_fn, _batches(ds, cfg.batch_size), seconds, lr,
-                         precision=cfg.precision))
+                         precision=cfg.precision, device=learner.device))
 
 
 def predict(net: Any, raw: np.ndarray, patch_shape: Sequence[int], precision: str = "auto",
@@ -197,7 +207,7 @@ def predict(net: Any, raw: np.ndarray, patch_shape: Sequence[int], precision: st
     """Sliding-window sigmoid probabilities (K, z, y, x) float32 of normalised ``raw`` (z, y, x).
 
     MONAI's ``sliding_window_inference`` with Gaussian blending and 25 % overlap; volumes smaller
-    than the patch are padded by it.
+    than the patch are padded by it. Windows run on ``net``'s device, the blended volume stays on the CPU.
     """
     import torch
 
@@ -208,10 +218,12 @@ def predict(net: Any, raw: np.ndarray, patch_shape: Sequence[int], precision: st
     except ImportError as err:  # pragma: no cover - monai is a dependency of the study
         raise ConfigError(f"the study's sliding-window evaluation needs MONAI (pip install monai): {err}") from None
     net.eval()
+    device = next(net.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))[None, None]
-    with torch.no_grad(), autocast(precision, "cpu"):
+    with torch.no_grad(), autocast(precision, device.type):
         y = sliding_window_inference(x, tuple(int(p) for p in patch_shape), batch_size,
-                                     lambda t: torch.sigmoid(net(t).float()), overlap=0.25, mode="gaussian")
+                                     lambda t: torch.sigmoid(net(t).float()), overlap=0.25, mode="gaussian",
+                                     sw_device=device, device="cpu")
     return y[0].float().numpy()
 
 
@@ -265,15 +277,17 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     from ssl_em.models import save_encoder
     from ssl_em.pretrain.module import Pretraining, _no_weight_decay
     from ssl_em.pretrain.panels import save_curve, save_reconstruction_panel
+    from ssl_em.utils.precision import resolve_device
 
     fam = FAMILIES[cfg.family]
+    device = resolve_device(cfg.device)
     volumes = [as_volume(v, cfg.voxel_size) for v in volumes]
     kwargs = dict(cfg.encoder_kwargs)
     if cfg.family == "vit" and "img_size" not in kwargs and not cfg.encoder:
         kwargs["img_size"] = list(cfg.patch_shape)
     torch.manual_seed(seed)
     module = Pretraining(encoder=cfg.arch, encoder_kwargs=kwargs, init_from=cfg.encoder, method=fam["method"],
-                         method_kwargs=dict(fam["method_kwargs"]), lr=fam["lr"], seed=seed)
+                         method_kwargs=dict(fam["method_kwargs"]), lr=fam["lr"], seed=seed).to(device)
     vs = cfg.voxel_size
     augment = default_em_augment(anisotropic=vs is None or vs[0] > 1.5 * min(vs[1:]), strength=0.5)
     ds = CropDataset(list(volumes), cfg.patch_shape, regions=list(regions), augment=augment,
@@ -286,14 +300,14 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
     torch.manual_seed(seed)
     losses = train_for(module, groups, lambda b: module.objective(b["raw"])[0], batches, cfg.pretrain_seconds,
-                       fam["lr"], precision=cfg.precision)
+                       fam["lr"], precision=cfg.precision, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = list(range(1, len(losses) + 1))
     smooth = np.convolve(losses, np.ones(min(10, len(losses))) / min(10, len(losses)), mode="valid").tolist()
     save_curve({"loss": (steps, losses), "moving mean (10)": (steps[len(steps) - len(smooth):], smooth)},
                out_dir / "loss.png", xlabel="step", ylabel=f"{fam['method']} loss",
                title=f"{module.hparams.encoder} {fam['method']} pretraining")
-    x = batches(10**6)["raw"][:1]
+    x = batches(10**6)["raw"][:1].to(device)
     module.eval()
     with torch.no_grad():
         panel = module.objective.reconstruct(x)
