@@ -219,3 +219,31 @@ def test_recipe_fast_dev_run(recipe: Path, tmp_path: Path, monkeypatch: pytest.M
     ])
     assert cli.model.two_views
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+def test_simclr_pretraining_beats_random_init_in_the_probe() -> None:
+    """100 SimCLR steps on one phantom; a mitochondria probe on frozen bottleneck features of another
+    phantom scores higher than the same encoder at random init (measured: AP 0.185 vs 0.102, seed 0;
+    0.100 vs 0.068 with seed 1; chance 0.037)."""
+    from ssl_em.data.datamodule import EMDataModule
+    from ssl_em.pretrain.module import build_objective
+    from ssl_em.pretrain.probe import load_labelled, run_probe
+
+    torch.manual_seed(0)
+    encoder = ssl_em.create_encoder("unet3d_tiny")
+    objective = build_objective("simclr", encoder, hidden_dim=256, out_dim=128, temperature=0.1).train()
+    data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
+                        samples_per_epoch=100 * 8, val_fraction=0, seed=0)
+    opt = torch.optim.AdamW(objective.parameters(), lr=1e-3, weight_decay=0.05)
+    for batch in data.train_dataloader():
+        loss = objective(batch["view1"], batch["view2"], batch["overlap1"], batch["overlap2"])[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), 3.0)
+        opt.step()
+    torch.manual_seed(100)
+    random_init = ssl_em.create_encoder("unet3d_tiny")
+    raw, mito = load_labelled(task="mito", phantom_shape=(32, 96, 96), seed=1234)  # a phantom never trained on
+    kw = dict(feature="bottleneck", n_train=3000, n_test=3000, tile=(8, 32, 32), seed=0, max_iter=100)
+    trained, baseline = run_probe(encoder, raw, mito, **kw), run_probe(random_init, raw, mito, **kw)
+    assert trained.ap > 1.3 * baseline.ap and trained.ap > 3 * trained.chance_ap, (trained, baseline)

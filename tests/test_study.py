@@ -160,3 +160,18 @@ def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_pat
 
     learner = build_learner("lora", cfg, str(enc), seed=0)  # adapter_kwargs reach add_adapter
     assert "encoder.decoder" in " ".join(learner.net.spec["modules_to_save"])
+
+
+def test_device_choice_and_clear_errors():
+    import torch
+
+    from ssl_em.utils.precision import resolve_device
+
+    visible = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == visible and resolve_device("cpu") == "cpu"
+    assert StudyConfig(device="auto").device == visible  # results.json records the device used
+    with pytest.raises(ConfigError, match="not one of auto, cpu, cuda"):
+        StudyConfig(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+            resolve_device("cuda:0")

@@ -75,6 +75,9 @@ class StudyConfig:
             raise ConfigError(f"label fractions {bad} must be in (0, 1]")
         self.fractions = tuple(sorted(float(f) for f in self.fractions))
         self.patch_shape = tuple(int(p) for p in self.patch_shape)  # type: ignore[assignment]
+        from ssl_em.utils.precision import resolve_device
+
+        self.device = resolve_device(self.device)  # results.json records the device the runs used
         if self.adapter_kwargs is None:
             self.adapter_kwargs = dict(FAMILIES[self.family].get("adapter_kwargs", {}))
 

@@ -94,7 +94,7 @@ def _targets(task: Any, batch: dict) -> tuple[Any, Any]:
     """Per-sample task targets and target masks (B, K, D, H, W) from labels and the label mask."""
     import torch
 
-    target, mask = task.batch_targets(batch["label"].numpy(), batch["mask"].numpy())
+    target, mask = task.batch_targets(batch["label"].cpu().numpy(), batch["mask"].cpu().numpy())
     return torch.from_numpy(target), torch.from_numpy(mask)
 
 

@@ -23,12 +23,25 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given."""
-    if device != "auto":
-        return device
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; ``"cpu"``, ``"cuda"``, ``"cuda:N"``
+    (and ``"mps"`` on Apple silicon) as given, after checking that such a GPU exists (a one-line ConfigError otherwise)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from ssl_em.errors import ConfigError
+
+    name = str(device).lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu" or (name == "mps" and torch.backends.mps.is_available()):
+        return name
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is visible (use --device cpu or auto)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    return name
 
 
 def native_bf16(device_type: str) -> bool:
