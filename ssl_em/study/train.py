@@ -41,7 +41,6 @@ class Learner:
     method: str
     net: Any
     task: Any
-    device: str = "cpu"
 
     def parameters(self) -> list:
         return [p for p in self.net.parameters() if p.requires_grad]
@@ -55,22 +54,21 @@ def build_learner(method: str, cfg: StudyConfig, encoder_dir: str | Path, seed: 
     from ssl_em.adapters import get_task
     from ssl_em.adapters.finetune import FineTuning
     from ssl_em.models.export import read_sidecar
-    from ssl_em.utils.precision import resolve_device
 
-    device = resolve_device(cfg.device)
+    device = cfg.device  # resolved when the config was built
     task_kwargs = {"voxel_size": list(cfg.voxel_size)} if cfg.task == "mito" and cfg.voxel_size else {}
     torch.manual_seed(seed)
     if method == "unet":
         task = get_task(cfg.task, **task_kwargs)
         anisotropic = cfg.voxel_size is not None and cfg.voxel_size[0] > 1.5 * min(cfg.voxel_size[1:])
-        return Learner(method, _MonaiUNet.build(task.num_outputs, anisotropic).to(device), task, device)
+        return Learner(method, _MonaiUNet.build(task.num_outputs, anisotropic).to(device), task)
     adapter, pretrained = ADAPTER[method]
     sidecar = read_sidecar(encoder_dir)
     ft = FineTuning(task=cfg.task, encoder=sidecar["architecture"], pretrained=str(encoder_dir) if pretrained else None,
                     encoder_kwargs=dict(sidecar.get("kwargs") or {}), adapter=adapter, task_kwargs=task_kwargs,
                     adapter_kwargs=dict(cfg.adapter_kwargs) if adapter not in ("full", "frozen") else None,
                     grad_checkpointing=False)  # same compute per step for every method of a timed comparison
-    return Learner(method, ft.model.to(device), ft.task, device)
+    return Learner(method, ft.model.to(device), ft.task)
 
 
 # ----------------------------------------------------------------------------------- training
@@ -94,7 +92,7 @@ def _targets(task: Any, batch: dict) -> tuple[Any, Any]:
     """Per-sample task targets and target masks (B, K, D, H, W) from labels and the label mask."""
     import torch
 
-    target, mask = task.batch_targets(batch["label"].cpu().numpy(), batch["mask"].cpu().numpy())
+    target, mask = task.batch_targets(batch["label"].numpy(), batch["mask"].numpy())
     return torch.from_numpy(target), torch.from_numpy(mask)
 
 
@@ -193,13 +191,19 @@ def finetune(learner: Learner, data: Labelled, box: Box, sections: np.ndarray, c
                      normalization=Normalization("fixed", low=0.0, high=1.0), seed=seed)
     task = learner.task
 
-    def loss_fn(batch: dict) -> Any:
-        target, mask = _targets(task, batch)
-        dev = batch["raw"].device
-        return task.loss(learner.net(batch["raw"]).float(), target.to(dev), mask.to(dev))
+    crops = _batches(ds, cfg.batch_size)
 
-    return len(train_for(learner.net, learner.parameters(), loss_fn, _batches(ds, cfg.batch_size), seconds, lr,
-                         precision=cfg.precision, device=learner.device))
+    def next_batch(step: int) -> dict:
+        """Raw crops with their task targets, made on the CPU (train_for moves them to the device)."""
+        batch = crops(step)
+        target, mask = _targets(task, batch)
+        return {"raw": batch["raw"], "target": target, "mask": mask}
+
+    def loss_fn(batch: dict) -> Any:
+        return task.loss(learner.net(batch["raw"]).float(), batch["target"], batch["mask"])
+
+    return len(train_for(learner.net, learner.parameters(), loss_fn, next_batch, seconds, lr,
+                         precision=cfg.precision, device=cfg.device))
 
 
 def predict(net: Any, raw: np.ndarray, patch_shape: Sequence[int], precision: str = "auto",
@@ -277,10 +281,9 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     from ssl_em.models import save_encoder
     from ssl_em.pretrain.module import Pretraining, _no_weight_decay
     from ssl_em.pretrain.panels import save_curve, save_reconstruction_panel
-    from ssl_em.utils.precision import resolve_device
 
     fam = FAMILIES[cfg.family]
-    device = resolve_device(cfg.device)
+    device = cfg.device  # resolved when the config was built
     volumes = [as_volume(v, cfg.voxel_size) for v in volumes]
     kwargs = dict(cfg.encoder_kwargs)
     if cfg.family == "vit" and "img_size" not in kwargs and not cfg.encoder:
