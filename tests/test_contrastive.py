@@ -247,3 +247,38 @@ def test_simclr_pretraining_beats_random_init_in_the_probe() -> None:
     kw = dict(feature="bottleneck", n_train=3000, n_test=3000, tile=(8, 32, 32), seed=0, max_iter=100)
     trained, baseline = run_probe(encoder, raw, mito, **kw), run_probe(random_init, raw, mito, **kw)
     assert trained.ap > 1.3 * baseline.ap and trained.ap > 3 * trained.chance_ap, (trained, baseline)
+
+
+def test_dino_leaves_the_uniform_teacher_and_beats_random_init_in_the_probe() -> None:
+    """100 DINO steps of a test ViT on one phantom: the loss falls below log K (without the head's batch
+    standardisation it rises to log K and stays there: the teacher is uniform) and a mitochondria probe on
+    the frozen tokens of another phantom beats the same encoder before training (measured: AP 0.694 vs
+    0.565 with seed 0, 0.506 vs 0.391 with seed 1; chance 0.046)."""
+    import copy
+
+    from ssl_em.data.datamodule import EMDataModule
+    from ssl_em.pretrain.probe import load_labelled, run_probe
+
+    torch.manual_seed(0)
+    encoder = ssl_em.create_encoder("vit3d_test_patch4", img_size=(8, 32, 32))
+    random_init = copy.deepcopy(encoder)
+    k = 1024
+    objective = DINO3D(encoder, out_dim=k, hidden_dim=256, bottleneck_dim=64, momentum=0.99).train()
+    data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
+                        samples_per_epoch=100 * 8, val_fraction=0, seed=0)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    losses = []
+    for step, batch in enumerate(data.train_dataloader()):
+        loss = objective(batch["view1"], batch["view2"], batch["overlap1"], batch["overlap2"])[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        objective.update_teacher(step / 99)
+        losses.append(float(loss))
+    assert sum(losses[-20:]) / 20 < math.log(k) - 0.2, losses[-20:]
+    raw, mito = load_labelled(task="mito", phantom_shape=(32, 128, 128), seed=1234)  # the benchmark's probe phantom
+    kw = dict(n_train=20000, n_test=20000, tile=(8, 32, 32), seed=0, max_iter=100)
+    trained, baseline = run_probe(encoder.eval(), raw, mito, **kw), run_probe(random_init.eval(), raw, mito, **kw)
+    assert trained.ap > 1.1 * baseline.ap and trained.ap > 3 * trained.chance_ap, (trained, baseline)

@@ -136,3 +136,16 @@ def test_phantom_default():
     batch = next(iter(dm.train_dataloader()))
     assert batch["raw"].shape == (2, 1, 4, 32, 32) and "label" in batch
     assert dm.describe()["voxel_size"] is not None
+
+
+def test_z_section_positives_through_the_datamodule():
+    """min_view_shift of a patch depth along z: views share no section, in training and validation
+    (the validation slab is made deep enough for the two views)."""
+    dm = EMDataModule(two_views=True, patch_shape=(4, 32, 32), min_view_shift=(4, 0, 0), max_view_shift=(6, 4, 4),
+                      phantom_shape=(24, 64, 64), batch_size=2, samples_per_epoch=4, val_samples=2, augment=False)
+    dm.setup()
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        batch = next(iter(loader))
+        assert batch["view1"].shape == (2, 1, 4, 32, 32)
+        assert batch["overlap1"][:, 0].tolist() == [[0, 4], [0, 4]]
+        assert not torch.equal(batch["view1"], batch["view2"])

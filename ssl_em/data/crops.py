@@ -515,47 +515,66 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
 
 
 class TwoViewDataset(CropDataset):
-    """Two overlapping crops of one region for contrastive learning, augmented independently.
+    """Two crops of one region for contrastive learning, augmented independently.
 
-    View 2 is view 1 moved by a random shift of up to ``max_shift`` voxels per axis (default a
-    quarter of the patch), so the views share ``patch - |shift|`` voxels per axis. Item:
-    ``view1``/``view2`` float32 (1, D, H, W); ``overlap1``/``overlap2`` int64 (3, 2): the shared
-    region as [start, stop) per axis (z, y, x) in each view's own coordinates (after flips and
-    rotations; elastic and misalignment move it by a few pixels at most).
+    View 2 is view 1 moved by a random shift of ``min_shift`` to ``max_shift`` voxels per axis, either
+    sign (default 0 to a quarter of the patch: the views share ``patch - |shift|`` voxels per axis).
+    A shift of a patch or more along z gives *z-section positives*: the same (y, x) region seen in
+    sections that do not overlap, e.g. ``min_shift=(8, 0, 0), max_shift=(16, 8, 8)`` with 8-section
+    patches (the pair then shares structure that continues across sections, not voxels). Item:
+    ``view1``/``view2`` float32 (1, D, H, W); ``overlap1``/``overlap2`` int64 (3, 2): the shared region
+    as [start, stop) per axis (z, y, x) in each view's own coordinates (after flips and rotations;
+    elastic and misalignment move it by a few pixels at most); along an axis the views do not share,
+    the whole extent.
     """
 
     def __init__(
-        self, raw: Any, patch_shape: Sequence[int], *, max_shift: Sequence[int] | int | None = None, **kw: Any
+        self, raw: Any, patch_shape: Sequence[int], *, max_shift: Sequence[int] | int | None = None,
+        min_shift: Sequence[int] | int = 0, **kw: Any
     ) -> None:
         kw.pop("labels", None)
         super().__init__(raw, patch_shape, **kw)
         p = np.array(self.patch_shape)
-        shift = p // 4 if max_shift is None else np.broadcast_to(np.asarray(max_shift, dtype=np.int64), (3,))
-        self.max_shift = tuple(int(v) for v in np.clip(shift, 0, p - 1))  # keep an overlap
+        lo = np.broadcast_to(np.asarray(min_shift, dtype=np.int64), (3,))
+        hi = np.maximum(p // 4, lo) if max_shift is None else np.broadcast_to(np.asarray(max_shift, dtype=np.int64), (3,))
+        if np.any(lo < 0) or np.any(hi < lo):
+            raise ConfigError(f"two-view shifts need 0 <= min_shift <= max_shift per axis, got {_ints(lo)} and {_ints(hi)}")
+        for src in self.sources:
+            room = np.array(src.raw.shape) - p
+            if np.any(room < lo):
+                raise ConfigError(f"{src.raw.spec} region {_ints(src.raw.shape)} leaves room for view shifts of "
+                                  f"{_ints(room)} voxels around a {_ints(p)} patch, less than min_shift {_ints(lo)}")
+        self.min_shift, self.max_shift = tuple(int(v) for v in lo), tuple(int(v) for v in hi)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self._rng(index)
         src = self._pick(rng)
         p, room = np.array(self.patch_shape), np.array(src.raw.shape) - np.array(self.patch_shape)
-        lim = np.minimum(self.max_shift, room)
-        shift = np.array([int(rng.integers(-m, m + 1)) for m in lim])
+        hi = np.minimum(self.max_shift, room)
+        shift = np.array([int(rng.integers(-b, b + 1)) if a == 0  # a magnitude of at least a, either sign
+                          else int(rng.integers(a, b + 1)) * int(rng.choice((-1, 1))) for a, b in zip(self.min_shift, hi)])
         union = p + np.abs(shift)
         box = self.sampler(src.raw.shape, tuple(int(u) for u in union), rng, labels=None, mask=src.mask)
         both = src.norm(src.raw[box])  # read once, cut two views
         s1 = np.maximum(0, -shift)
         s2 = s1 + shift
+        shared = np.maximum(p - np.abs(shift), 0)
         out: dict[str, torch.Tensor] = {}
         for i, s in ((1, s1), (2, s2)):
             view = both[tuple(slice(a, a + n) for a, n in zip(s, p))]
             other = s2 if i == 1 else s1
-            lo = np.maximum(s, other) - s
-            overlap = np.stack([lo, lo + p - np.abs(shift)], axis=1).astype(np.int64)  # (3, 2)
+            start = np.where(shared > 0, np.maximum(s, other) - s, 0)
+            overlap = np.stack([start, start + np.where(shared > 0, shared, p)], axis=1).astype(np.int64)  # (3, 2)
             sample = {"raw": view, "overlap": overlap}
             if self.augment is not None:
                 sample = self.augment(sample, rng)
             out[f"view{i}"] = _tensor(sample["raw"])
             out[f"overlap{i}"] = torch.from_numpy(np.ascontiguousarray(sample["overlap"]))
         return out
+
+
+def _ints(values: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
 
 
 class EpochSampler(DistributedSampler):

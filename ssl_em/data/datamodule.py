@@ -68,6 +68,8 @@ class EMDataModule(L.LightningDataModule):
         patch_shape: crop size (z, y, x) in voxels.
         samples_per_epoch, val_samples: crops per training epoch / in the fixed validation set.
         two_views: yield ``view1``/``view2`` overlapping crops (contrastive) instead of ``raw``.
+        min_view_shift, max_view_shift: (z, y, x) voxels between the two views (``TwoViewDataset``;
+            default 0 to a quarter patch); a z shift of a patch or more gives z-section positives.
         augment, augment_strength: the default EM augmentation (0 = none, 1 = standard).
         voxel_size: (z, y, x) nm, overriding what the files say.
         normalization, normalization_range: intensity mode; "fixed" needs (low, high).
@@ -91,6 +93,8 @@ class EMDataModule(L.LightningDataModule):
         samples_per_epoch: int = 512,
         val_samples: int = 64,
         two_views: bool = False,
+        min_view_shift: tuple[int, int, int] = (0, 0, 0),
+        max_view_shift: tuple[int, int, int] | None = None,
         augment: bool = True,
         augment_strength: float = 1.0,
         voxel_size: tuple[float, float, float] | None = None,
@@ -160,7 +164,7 @@ class EMDataModule(L.LightningDataModule):
         override = hp.voxel_size if hp.voxel_size is not None else self._phantom_voxel
         self.voxel_size = voxel_size_of(raws[0], override)
         # validation: the last sections of every volume (split_regions guarantees disjoint boxes)
-        pz, frac = self.patch_shape[0], hp.val_fraction
+        pz, frac = self.patch_shape[0] + (hp.min_view_shift[0] if hp.two_views else 0), hp.val_fraction  # z it needs
         splits = [split_regions(r.shape, frac, min_size=pz) if frac > 0 else (None, None) for r in raws]
         train_boxes, val_boxes = [s[0] for s in splits], [s[1] for s in splits]
         # one fit per volume, on its training part, shared by its validation crops; a resumed run
@@ -186,7 +190,8 @@ class EMDataModule(L.LightningDataModule):
         def build(boxes: list, n: int, seed: int, train: bool) -> CropDataset:
             kw = dict(regions=boxes, samples_per_epoch=n, seed=seed, **common)
             if hp.two_views:  # contrastive validation keeps augmentation: view invariance is the task
-                return TwoViewDataset(raws, self.patch_shape, augment=augment, **kw)
+                return TwoViewDataset(raws, self.patch_shape, augment=augment, min_shift=hp.min_view_shift,
+                                      max_shift=hp.max_view_shift, **kw)
             m = train_mask if train else mask  # validation stays densely labelled
             return CropDataset(
                 raws, self.patch_shape, labels=None if labels is None else [labels],

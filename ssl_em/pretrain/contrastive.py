@@ -127,11 +127,21 @@ class DINOHead(nn.Module):
     layer to ``out_dim`` prototypes (Caron et al. 2021). ``(B, in_dim) -> (B, out_dim)`` logits.
 
     The last layer's norm is fixed to 1 (``norm_last_layer``), which DINO found stabilises ViT training.
+
+    ``standardize_input`` (default) first standardises each input feature over the batch (batch
+    statistics in training and evaluation alike, no affine, no running statistics; a batch needs two or
+    more rows). Why: crop-averaged features of a freshly initialised encoder on EM differ little from
+    crop to crop, so a component shared by every crop dominates the head's output, the teacher's centre
+    equals every sample's logits, centring leaves a uniform teacher and the loss sits at log K with
+    nothing to learn (measured on the phantom with both encoder families). Standardising keeps only what
+    differs between crops; DINO's BatchNorm head for convnets serves the same purpose.
     """
 
     def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 512, bottleneck_dim: int = 128,
-                 num_layers: int = 3, norm_last_layer: bool = True) -> None:
+                 num_layers: int = 3, norm_last_layer: bool = True, standardize_input: bool = True) -> None:
         super().__init__()
+        self.standardize = (nn.BatchNorm1d(in_dim, affine=False, track_running_stats=False) if standardize_input
+                            else nn.Identity())
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, nn.GELU, what="DINO head")
         for m in self.mlp:
             if isinstance(m, nn.Linear):
@@ -142,7 +152,9 @@ class DINOHead(nn.Module):
         self.last_layer.parametrizations.weight.original0.requires_grad = not norm_last_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        if x.ndim != 2 or (isinstance(self.standardize, nn.BatchNorm1d) and x.shape[0] < 2):
+            raise ConfigError(f"DINO head needs (B>=2, C) features to standardise over the batch, got {tuple(x.shape)}")
+        return self.last_layer(F.normalize(self.mlp(self.standardize(x)), dim=-1))
 
 
 # ---- losses ----------------------------------------------------------------------------------------
@@ -276,7 +288,8 @@ class DINO3D(_TwoViewObjective):
 
     Args:
         encoder: the student encoder; the teacher is a frozen deep copy updated by EMA.
-        out_dim / hidden_dim / bottleneck_dim: :class:`DINOHead` (small ``out_dim`` for small data).
+        out_dim / hidden_dim / bottleneck_dim / standardize_input: :class:`DINOHead` (small ``out_dim``
+            for small data; keep ``standardize_input`` unless the features already differ across crops).
         student_temp, teacher_temp, warmup_teacher_temp, warmup_fraction: temperatures; the teacher's
             rises linearly from ``warmup_teacher_temp`` over the first ``warmup_fraction`` of training.
         center_momentum: EMA of the teacher centre.
@@ -290,13 +303,14 @@ class DINO3D(_TwoViewObjective):
     def __init__(self, encoder: nn.Module, out_dim: int = 4096, hidden_dim: int = 512, bottleneck_dim: int = 128,
                  student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
                  warmup_fraction: float = 0.0, center_momentum: float = 0.9, momentum: float = 0.996,
-                 momentum_end: float = 1.0, feature: str = "auto", region: str = "overlap") -> None:
+                 momentum_end: float = 1.0, standardize_input: bool = True, feature: str = "auto",
+                 region: str = "overlap") -> None:
         super().__init__(encoder, feature, region)
         if not 0.0 <= momentum <= momentum_end <= 1.0:
             raise ConfigError(f"DINO momentum {momentum} -> {momentum_end} must satisfy 0 <= start <= end <= 1")
         if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0:
             raise ConfigError("DINO temperatures must be > 0")
-        self.head = DINOHead(self.feature_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.head = DINOHead(self.feature_dim, out_dim, hidden_dim, bottleneck_dim, standardize_input=standardize_input)
         self.teacher_backbone = copy.deepcopy(encoder).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.criterion = DINOLoss(out_dim, student_temp, center_momentum)
