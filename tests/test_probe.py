@@ -105,8 +105,13 @@ def test_probe_and_collapse_callbacks_in_training(tmp_path: Path) -> None:
                         warmup_steps=1)
     data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 64, 64),
                         samples_per_epoch=4, val_fraction=0)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=3, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="log"), enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[probe, collapse], default_root_dir=tmp_path)
     trainer.fit(model, data)
-    assert [step for step, _ in probe.history] == [2]
+    assert [step for step, _ in probe.history] == [0, 2, 3]  # the untrained baseline, every 2 steps, the end
+    rows = (tmp_path / "log" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    logged = [r.split(",") for r in rows[1:]]
+    probed = [int(r[header.index("step")]) for r in logged if r[header.index("probe/ap")]]
+    assert probed == [0, 2, 3]
     assert {"probe/ap", "probe/iou", "collapse/std", "collapse/effective_rank"} <= set(trainer.callback_metrics)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -245,10 +246,12 @@ def _save_probe_png(path: str | Path, raw: np.ndarray, labels: np.ndarray, prob:
 
 
 class ProbeCallback(L.Callback):
-    """Lightning callback: every ``every_n_steps`` run :func:`run_probe` on the module's encoder; log ``probe/*``.
+    """Lightning callback: run :func:`run_probe` on the module's encoder before training (the baseline the
+    gains are read against), every ``every_n_steps`` optimiser steps and at the end; log ``probe/*``
+    to the trainer's loggers and ``callback_metrics`` and print one line each time.
 
     Args:
-        every_n_steps: probe interval in optimiser steps (also at the end of training).
+        every_n_steps: probe interval in optimiser steps.
         raw / labels: volume specs of a labelled volume; None -> the phantom (``phantom_shape``,
             ``phantom_seed``, field named by ``task``), kept in memory.
         task: phantom label field ("mito", "synapse", "membrane", "neurons").
@@ -270,17 +273,31 @@ class ProbeCallback(L.Callback):
         self.history: list[tuple[int, ProbeResult]] = []
 
     def _probe(self, trainer: Any, pl_module: Any) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or (self.history and self.history[-1][0] == step):
+            return
         if self.data is None:
             self.data = load_labelled(**self.source)
         tile = self.tile or getattr(getattr(trainer, "datamodule", None), "patch_shape", None)
         result = run_probe(pl_module.encoder, *self.data, tile=tile, device=pl_module.device, **self.kwargs)
-        self.history.append((trainer.global_step, result))
-        pl_module.log_dict({"probe/ap": result.ap, "probe/iou": result.iou, "probe/chance_ap": result.chance_ap},
-                           on_step=True, on_epoch=False)
+        self.history.append((step, result))
+        metrics = {"probe/ap": result.ap, "probe/iou": result.iou, "probe/chance_ap": result.chance_ap}
+        # loggers directly: Lightning forbids self.log in on_train_start / on_train_end
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        rank_zero_info(f"probe at step {step}: AP {result.ap:.3f} (chance {result.chance_ap:.3f}), IoU {result.iou:.3f}")
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_step == 0:  # a resumed run already has its baseline
+            self._probe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero:
+        if trainer.global_step % self.every_n_steps == 0:
             self._probe(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._probe(trainer, pl_module)
 
 
 def _parse_roi(roi: str | None, shape: Sequence[int]) -> tuple[slice, ...]:
