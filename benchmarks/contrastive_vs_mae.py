@@ -1,4 +1,5 @@
-"""Contrastive (SimCLR), self-distillation (DINO) and masked modelling (MAE / SparK) at equal budget.
+"""Contrastive (SimCLR), self-distillation (DINO), masked modelling (MAE / SparK) and the two combined
+(MAE+SimCLR / SparK+SimCLR) at equal budget.
 
 For each encoder family (ViT: MAE; U-Net: SparK) every method pretrains the *same* encoder from the same
 random init for the same number of optimiser steps and batch size on the phantom (``EMDataModule``
@@ -6,7 +7,7 @@ crops with the default EM augmentation; two views for SimCLR / DINO). Reported p
 time (forward + backward + optimiser, data excluded; contrastive methods encode 2 x batch crops) and the
 frozen-feature linear probe (mitochondria vs rest, :func:`ssl_em.pretrain.probe.run_probe`) on a
 *different* phantom, next to the random-init encoder. The last line is the headline ratio:
-best joint-embedding probe AP / masked-modelling probe AP on the ViT.
+best joint-embedding or combined probe AP / masked-modelling probe AP on the ViT.
 
     python benchmarks/contrastive_vs_mae.py --quick       # < 1 min on a laptop CPU
     python benchmarks/contrastive_vs_mae.py --steps 300   # the full comparison
@@ -26,7 +27,9 @@ from ssl_em.pretrain.module import build_objective
 from ssl_em.pretrain.probe import load_labelled, run_probe
 
 SMALL_HEADS = {"simclr": dict(hidden_dim=256, out_dim=128, temperature=0.1),
-               "dino": dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, momentum=0.99, momentum_end=1.0)}
+               "dino": dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, momentum=0.99, momentum_end=1.0),
+               "mae_simclr": dict(hidden_dim=256, out_dim=128, temperature=0.1),
+               "spark_simclr": dict(hidden_dim=256, out_dim=128, temperature=0.1)}
 
 
 def pretrain(encoder_name: str, method: str, args: argparse.Namespace, device: torch.device) -> tuple[Any, float, float]:
@@ -87,10 +90,11 @@ def main() -> None:
     print(f"config: device={device} steps={args.steps} batch={args.batch_size} crop={args.crop} "
           f"train phantom={args.phantom_shape} (seed {args.seed}) probe phantom=(32, 128, 128) (seed 1234), "
           f"lr={args.lr}, probe: logistic regression on {args.probe_samples} voxels, last 30% of z held out")
-    print(f"{'encoder':<22}{'method':<9}{'ms/step':>9}{'loss':>9}{'probe AP':>10}{'IoU':>7}")
+    print(f"{'encoder':<22}{'method':<13}{'ms/step':>9}{'loss':>9}{'probe AP':>10}{'IoU':>7}")
     results: dict[tuple[str, str], float] = {}
-    for family, name, methods in (("vit", args.vit, ("mae", "simclr", "dino")),
-                                  ("unet", args.unet, ("spark", "simclr", "dino"))):
+    for family, name, methods in (("vit", args.vit, ("mae", "simclr", "dino", "mae_simclr")),
+                                  ("unet", args.unet, ("spark", "simclr", "dino", "spark_simclr"))):
+        torch.manual_seed(args.seed)  # the very init every method starts from
         random_enc = ssl_em.create_encoder(name, **({"img_size": args.crop} if family == "vit" else {}))
         rows = [("random", random_enc, float("nan"), float("nan"))]
         for method in methods:
@@ -100,9 +104,9 @@ def main() -> None:
             r = run_probe(enc.to(device), raw, mito, n_train=args.probe_samples, n_test=args.probe_samples,
                           tile=args.crop, device=device, seed=args.seed)
             results[(family, method)] = r.ap
-            print(f"{name:<22}{method:<9}{ms:>9.1f}{loss:>9.3f}{r.ap:>10.3f}{r.iou:>7.3f}", flush=True)
+            print(f"{name:<22}{method:<13}{ms:>9.1f}{loss:>9.3f}{r.ap:>10.3f}{r.iou:>7.3f}", flush=True)
         print(f"{'':<22}(chance AP {r.chance_ap:.3f})")
-    best = max(("simclr", "dino"), key=lambda m: results[("vit", m)])
+    best = max(("simclr", "dino", "mae_simclr"), key=lambda m: results[("vit", m)])
     ratio = results[("vit", best)] / max(results[("vit", "mae")], 1e-9)
     print(f"probe AP ratio {best}/mae on {args.vit} after {args.steps} steps: {ratio:.2f}")
 

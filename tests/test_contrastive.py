@@ -20,7 +20,8 @@ from ssl_em.pretrain.contrastive import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (REPO / "recipes" / "pretrain").glob("*.yaml") if p.name.startswith(("simclr", "dino")))
+TWO_VIEW_METHODS = ("simclr", "dino", "mae_simclr", "spark_simclr")
+RECIPES = sorted(p for p in (REPO / "recipes" / "pretrain").glob("*.yaml") if p.name.startswith(TWO_VIEW_METHODS))
 
 
 def _nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:

@@ -93,10 +93,11 @@ class CollapseMonitor(L.Callback):
             return
         self.last = {"collapse/std": normalized_std(z), "collapse/effective_rank": effective_rank(z)}
         pl_module.log_dict(self.last, on_step=True, on_epoch=False, batch_size=z.shape[0])
-        collapsed = self.last["collapse/std"] < self.warn_std or self.last["collapse/effective_rank"] < self.warn_rank
-        if collapsed and not self.warned and trainer.is_global_zero:
-            warnings.warn(f"representation collapse at step {step}: normalised std {self.last['collapse/std']:.3f} "
-                          f"(< {self.warn_std}?), effective rank {self.last['collapse/effective_rank']:.2f} "
-                          f"(< {self.warn_rank}?) over {z.shape[0]} embeddings; lower the learning rate, raise the "
+        std, rank = self.last["collapse/std"], self.last["collapse/effective_rank"]
+        crossed = [f"normalised std {std:.3f} < {self.warn_std}"] if std < self.warn_std else []
+        crossed += [f"effective rank {rank:.2f} < {self.warn_rank}"] if rank < self.warn_rank else []
+        if crossed and not self.warned and trainer.is_global_zero:
+            warnings.warn(f"representation collapse at step {step}: {', '.join(crossed)} over {z.shape[0]} embeddings; "
+                          "lower the learning rate, raise the "
                           "teacher temperature / centring (DINO) or the batch size (SimCLR)", stacklevel=2)
             self.warned = True

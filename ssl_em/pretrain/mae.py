@@ -209,7 +209,7 @@ class MaskedAutoencoder3D(nn.Module):
         Visible patches are pasted from the input; masked ones come from the prediction (for the
         ``"normalized"`` target re-scaled with each patch's true mean / std, as in MAE's demo).
         """
-        _, pred, mask = self(x)
+        _, pred, mask = MaskedAutoencoder3D.forward(self, x)  # not self(x): subclasses take two views
         pred = pred.float()
         patches = self.patchify(x.float())  # (B, N, P)
         if self.target == "normalized":

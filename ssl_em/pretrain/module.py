@@ -29,6 +29,8 @@ OBJECTIVES: dict[str, str] = {
     "denoise": "ssl_em.pretrain.spark:Denoising3D",
     "simclr": "ssl_em.pretrain.contrastive:SimCLR3D",
     "dino": "ssl_em.pretrain.contrastive:DINO3D",
+    "mae_simclr": "ssl_em.pretrain.combined:MAESimCLR3D",
+    "spark_simclr": "ssl_em.pretrain.combined:SparKSimCLR3D",
 }
 
 
@@ -52,7 +54,7 @@ class Pretraining(L.LightningModule):
         encoder_kwargs: overrides for the encoder's constructor (e.g. ``img_size``).
         init_from: an exported encoder (path or shipped name) to continue pretraining from.
         method: objective name (``mae`` for ViTs, ``spark`` for U-Nets, ``simclr`` / ``dino`` for either,
-            with ``data.init_args.two_views: true``).
+            ``mae_simclr`` / ``spark_simclr`` combined; two-view methods need ``data.init_args.two_views: true``).
         method_kwargs: the objective's arguments (``mask_ratio``, ``target``, ...).
         lr: peak learning rate after warm-up.
         weight_decay: AdamW weight decay (not applied to norms, biases, position embeddings).
@@ -122,6 +124,8 @@ class Pretraining(L.LightningModule):
             raise FloatingPointError(f"{stage} loss is {loss.item()} at step {self.global_step}")
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=stage == "val",
                  batch_size=size)
+        for name, value in getattr(self.objective, "last_terms", {}).items():  # parts of a combined loss
+            self.log(f"{stage}/{name}", value, on_step=stage == "train", on_epoch=stage == "val", batch_size=size)
         return loss
 
     def _objective_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -140,8 +144,8 @@ class Pretraining(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train", batch_idx)
         every = self.hparams.panel_every_n_steps
-        if every and not self.two_views and self.global_step % every == 0 and self.trainer.is_global_zero:
-            self.write_panel(batch["raw"][:1].detach())
+        if every and hasattr(self.objective, "reconstruct") and self.global_step % every == 0 and self.trainer.is_global_zero:
+            self.write_panel(batch["view1" if self.two_views else "raw"][:1].detach())
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

@@ -133,7 +133,10 @@ class SparKMasked3D(nn.Module):
 
     def forward_pred(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Sparse encoder on visible units, densify with mask tokens, dense decoder -> (B, C, D, H, W)."""
-        feats = self.encoder.forward_encoder(x, visible)
+        return self.decode(self.encoder.forward_encoder(x, visible), visible)
+
+    def decode(self, feats: Sequence[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
+        """Stage outputs of the sparse encoder -> densified with mask tokens -> dense decoder -> prediction."""
         dense = []
         for f, token in zip(feats, self.mask_tokens):
             m = resize_mask(visible, f.shape[-3:])
@@ -157,7 +160,7 @@ class SparKMasked3D(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Panels for a PNG: input, masked input, target, prediction, prediction pasted into the masked units."""
-        _, pred, mask = self(x)
+        _, pred, mask = SparKMasked3D.forward(self, x)  # not self(x): subclasses take two views
         target = self.make_target(x)
         return {"input": x, "masked input": x * (1 - mask), "target": target, "prediction": pred,
                 "visible + prediction": target * (1 - mask) + pred * mask}
