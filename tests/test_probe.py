@@ -77,7 +77,9 @@ def test_validate_cli_random_and_exported(tmp_path: Path, capsys: pytest.Capture
     assert main(["--encoder", "unet3d_test", *common, "--json", str(out), "--png", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
     record = json.loads(out.read_text())
-    assert record["weights"] == "random init" and 0 <= record["ap"] <= 1 and record["task"] == "mito"
+    assert record["weights"] == "random init, seed 0" and 0 <= record["ap"] <= 1 and record["task"] == "mito"
+    assert main(["--encoder", "unet3d_test", *common, "--json", str(out)]) == 0  # the baseline is reproducible
+    assert json.loads(out.read_text())["ap"] == record["ap"]
     from ssl_em.models.export import save_encoder
 
     save_encoder(ssl_em.create_encoder("unet3d_test"), tmp_path / "enc")

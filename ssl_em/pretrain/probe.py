@@ -339,8 +339,9 @@ def load_labelled(raw: str | None = None, labels: str | None = None, task: str =
     return np.asarray(vr[box]), np.asarray(vl[box])
 
 
-def load_any_encoder(path_or_name: str) -> tuple[nn.Module, str]:
-    """An exported encoder (folder, file or stored name), else a registered name built at random init."""
+def load_any_encoder(path_or_name: str, seed: int = 0) -> tuple[nn.Module, str]:
+    """An exported encoder (folder, file or stored name), else a registered name built at random init
+    from ``seed`` (so a baseline probe is reproducible)."""
     from ssl_em.errors import CheckpointError
     from ssl_em.models import create_encoder, list_encoders, load_encoder
 
@@ -348,7 +349,9 @@ def load_any_encoder(path_or_name: str) -> tuple[nn.Module, str]:
         return load_encoder(path_or_name), "pretrained"
     except CheckpointError:
         if path_or_name in list_encoders():
-            return create_encoder(path_or_name), "random init"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return create_encoder(path_or_name), f"random init, seed {seed}"
         raise
 
 
@@ -374,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("--png", help="write EM / labels / probe probability of a held-out section to this PNG")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    encoder, origin = load_any_encoder(args.encoder)
+    encoder, origin = load_any_encoder(args.encoder, args.seed)
     raw, labels = load_labelled(args.raw, args.labels, args.task, args.roi, args.phantom_shape)
     result = run_probe(encoder, raw, labels, feature=args.feature, test_fraction=args.test_fraction,
                        n_train=args.samples, n_test=args.samples, tile=args.tile, seed=args.seed, device=args.device,
