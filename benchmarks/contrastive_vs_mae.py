@@ -7,7 +7,9 @@ crops with the default EM augmentation; two views for SimCLR / DINO). Reported p
 time (forward + backward + optimiser, data excluded; contrastive methods encode 2 x batch crops) and the
 frozen-feature linear probe (mitochondria vs rest, :func:`ssl_em.pretrain.probe.run_probe`) on a
 *different* phantom, next to the random-init encoder. The last line is the headline ratio:
-best joint-embedding or combined probe AP / masked-modelling probe AP on the ViT.
+best joint-embedding or combined probe AP / masked-modelling probe AP on the first family (the ViT by default).
+Real EM instead of the phantom: ``--unlabeled`` volumes to pretrain on, ``--probe-raw/--probe-labels/--probe-roi``
+a labelled volume to probe on.
 
     python benchmarks/contrastive_vs_mae.py --quick       # < 1 min on a laptop CPU
     python benchmarks/contrastive_vs_mae.py --steps 300   # the full comparison
@@ -38,9 +40,9 @@ def pretrain(encoder_name: str, method: str, args: argparse.Namespace, device: t
     encoder = ssl_em.create_encoder(encoder_name, **({"img_size": args.crop} if "vit" in encoder_name else {}))
     objective = build_objective(method, encoder, **SMALL_HEADS.get(method, {})).to(device).train()
     two = bool(getattr(objective, "two_views", False))
-    data = EMDataModule(two_views=two, patch_shape=tuple(args.crop), batch_size=args.batch_size,
-                        phantom_shape=tuple(args.phantom_shape), samples_per_epoch=args.steps * args.batch_size,
-                        val_fraction=0, seed=args.seed)
+    data = EMDataModule(unlabeled=args.unlabeled, two_views=two, patch_shape=tuple(args.crop),
+                        batch_size=args.batch_size, phantom_shape=tuple(args.phantom_shape),
+                        samples_per_epoch=args.steps * args.batch_size, val_fraction=0, seed=args.seed)
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     times, loss = [], float("nan")
@@ -81,19 +83,29 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--probe-samples", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unlabeled", nargs="+", metavar="SPEC", help="pretrain on these EM volumes, not the phantom")
+    parser.add_argument("--probe-raw", metavar="SPEC", help="probe on this labelled volume, not a held-out phantom")
+    parser.add_argument("--probe-labels", metavar="SPEC", help="its labels (> 0 = the structure)")
+    parser.add_argument("--probe-roi", help="box 'z0:z1,y0:y1,x0:x1' of the probe volume")
+    parser.add_argument("--families", nargs="+", choices=["vit", "unet"], default=["vit", "unet"])
     args = parser.parse_args()
     if args.quick:
         args.unet, args.steps, args.batch_size, args.crop = "unet3d_test", 6, 2, [8, 32, 32]
         args.phantom_shape, args.probe_samples = [16, 64, 64], 2000
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    raw, mito = load_labelled(task="mito", phantom_shape=(32, 128, 128), seed=1234)  # held-out phantom
-    print(f"config: device={device} steps={args.steps} batch={args.batch_size} crop={args.crop} "
-          f"train phantom={args.phantom_shape} (seed {args.seed}) probe phantom=(32, 128, 128) (seed 1234), "
-          f"lr={args.lr}, probe: logistic regression on {args.probe_samples} voxels, last 30% of z held out")
+    raw, mito = load_labelled(args.probe_raw, args.probe_labels, task="mito", roi=args.probe_roi,
+                              phantom_shape=(32, 128, 128), seed=1234)  # default: a held-out phantom
+    train_on = " ".join(args.unlabeled) if args.unlabeled else f"phantom {args.phantom_shape} (seed {args.seed})"
+    probe_on = (f"{args.probe_raw} / {args.probe_labels} roi {args.probe_roi}" if args.probe_raw
+                else "phantom (32, 128, 128) (seed 1234)")
+    print(f"config: device={device} steps={args.steps} batch={args.batch_size} crop={args.crop} train on {train_on}; "
+          f"probe on {probe_on}, lr={args.lr}, probe: logistic regression on {args.probe_samples} voxels, "
+          "last 30% of z held out")
     print(f"{'encoder':<22}{'method':<13}{'ms/step':>9}{'loss':>9}{'probe AP':>10}{'IoU':>7}")
     results: dict[tuple[str, str], float] = {}
-    for family, name, methods in (("vit", args.vit, ("mae", "simclr", "dino", "mae_simclr")),
-                                  ("unet", args.unet, ("spark", "simclr", "dino", "spark_simclr"))):
+    families = {"vit": (args.vit, ("mae", "simclr", "dino", "mae_simclr")),
+                "unet": (args.unet, ("spark", "simclr", "dino", "spark_simclr"))}
+    for family, (name, methods) in ((f, families[f]) for f in args.families):
         torch.manual_seed(args.seed)  # the very init every method starts from
         random_enc = ssl_em.create_encoder(name, **({"img_size": args.crop} if family == "vit" else {}))
         rows = [("random", random_enc, float("nan"), float("nan"))]
@@ -106,9 +118,11 @@ def main() -> None:
             results[(family, method)] = r.ap
             print(f"{name:<22}{method:<13}{ms:>9.1f}{loss:>9.3f}{r.ap:>10.3f}{r.iou:>7.3f}", flush=True)
         print(f"{'':<22}(chance AP {r.chance_ap:.3f})")
-    best = max(("simclr", "dino", "mae_simclr"), key=lambda m: results[("vit", m)])
-    ratio = results[("vit", best)] / max(results[("vit", "mae")], 1e-9)
-    print(f"probe AP ratio {best}/mae on {args.vit} after {args.steps} steps: {ratio:.2f}")
+    family = args.families[0]
+    name, (masked, *others) = families[family]
+    best = max(others, key=lambda m: results[(family, m)])
+    ratio = results[(family, best)] / max(results[(family, masked)], 1e-9)
+    print(f"probe AP ratio {best}/{masked} on {name} after {args.steps} steps: {ratio:.2f}")
 
 
 if __name__ == "__main__":
