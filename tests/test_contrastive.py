@@ -157,6 +157,10 @@ def test_dino_teacher_is_frozen_and_follows_student() -> None:
     assert objective.update_teacher(1.0) == pytest.approx(1.0) and float(objective.progress) == 1.0
     head = DINOHead(8, out_dim=10, hidden_dim=8, bottleneck_dim=4)
     assert head(torch.randn(3, 8)).shape == (3, 10)
+    with pytest.raises(ConfigError, match="B>=2"):  # batch standardisation needs two or more rows
+        head(torch.randn(1, 8))
+    plain = DINOHead(8, out_dim=10, hidden_dim=8, bottleneck_dim=4, standardize_input=False)
+    assert plain(torch.randn(1, 8)).shape == (1, 10)
 
 
 def test_collapse_statistics_and_warning() -> None:

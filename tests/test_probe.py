@@ -107,7 +107,8 @@ def test_probe_and_collapse_callbacks_in_training(tmp_path: Path) -> None:
                         warmup_steps=1)
     data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 64, 64),
                         samples_per_epoch=4, val_fraction=0)
-    trainer = L.Trainer(max_steps=3, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="log"), enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=3, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="log"),
+                        enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[probe, collapse], default_root_dir=tmp_path)
     trainer.fit(model, data)
     assert [step for step, _ in probe.history] == [0, 2, 3]  # the untrained baseline, every 2 steps, the end

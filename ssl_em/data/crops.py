@@ -536,9 +536,11 @@ class TwoViewDataset(CropDataset):
         super().__init__(raw, patch_shape, **kw)
         p = np.array(self.patch_shape)
         lo = np.broadcast_to(np.asarray(min_shift, dtype=np.int64), (3,))
-        hi = np.maximum(p // 4, lo) if max_shift is None else np.broadcast_to(np.asarray(max_shift, dtype=np.int64), (3,))
+        hi = (np.maximum(p // 4, lo) if max_shift is None
+              else np.broadcast_to(np.asarray(max_shift, dtype=np.int64), (3,)))
         if np.any(lo < 0) or np.any(hi < lo):
-            raise ConfigError(f"two-view shifts need 0 <= min_shift <= max_shift per axis, got {_ints(lo)} and {_ints(hi)}")
+            raise ConfigError(f"two-view shifts need 0 <= min_shift <= max_shift per axis, "
+                              f"got {_ints(lo)} and {_ints(hi)}")
         for src in self.sources:
             room = np.array(src.raw.shape) - p
             if np.any(room < lo):
@@ -551,8 +553,10 @@ class TwoViewDataset(CropDataset):
         src = self._pick(rng)
         p, room = np.array(self.patch_shape), np.array(src.raw.shape) - np.array(self.patch_shape)
         hi = np.minimum(self.max_shift, room)
-        shift = np.array([int(rng.integers(-b, b + 1)) if a == 0  # a magnitude of at least a, either sign
-                          else int(rng.integers(a, b + 1)) * int(rng.choice((-1, 1))) for a, b in zip(self.min_shift, hi)])
+        # per axis: a magnitude from min_shift to hi, either sign (min 0 keeps the original draw)
+        shift = np.array([int(rng.integers(-b, b + 1)) if a == 0
+                          else int(rng.integers(a, b + 1)) * int(rng.choice((-1, 1)))
+                          for a, b in zip(self.min_shift, hi)])
         union = p + np.abs(shift)
         box = self.sampler(src.raw.shape, tuple(int(u) for u in union), rng, labels=None, mask=src.mask)
         both = src.norm(src.raw[box])  # read once, cut two views

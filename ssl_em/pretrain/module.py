@@ -144,7 +144,8 @@ class Pretraining(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train", batch_idx)
         every = self.hparams.panel_every_n_steps
-        if every and hasattr(self.objective, "reconstruct") and self.global_step % every == 0 and self.trainer.is_global_zero:
+        panel_due = every and self.global_step % every == 0 and self.trainer.is_global_zero
+        if panel_due and hasattr(self.objective, "reconstruct"):
             self.write_panel(batch["view1" if self.two_views else "raw"][:1].detach())
         return loss
 

@@ -286,7 +286,8 @@ class ProbeCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        rank_zero_info(f"probe at step {step}: AP {result.ap:.3f} (chance {result.chance_ap:.3f}), IoU {result.iou:.3f}")
+        rank_zero_info(f"probe at step {step}: AP {result.ap:.3f} (chance {result.chance_ap:.3f}), "
+                       f"IoU {result.iou:.3f}")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.global_step == 0:  # a resumed run already has its baseline
