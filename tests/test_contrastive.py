@@ -182,6 +182,18 @@ def test_collapse_statistics_and_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monitor.on_train_batch_end(trainer, module, None, {}, 0)  # warns once only
+    # features that start close together are not a collapse until they shrink to under half of that
+    close = torch.nn.functional.normalize(torch.randn(16), dim=0) + 0.01 * torch.randn(256, 16, generator=g)
+    monitor = CollapseMonitor(every_n_steps=10, window=256)
+    module.last_embeddings = close
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.on_train_batch_end(trainer, module, None, {}, 0)
+    assert monitor.last["collapse/std"] < 0.05 and monitor.last["collapse/effective_rank"] > 1.5
+    module.last_embeddings = close[:1] + 0.2 * (close - close[:1])  # the spread shrinks five-fold
+    monitor.buffer.clear()
+    with pytest.warns(UserWarning, match="half its first value"):
+        monitor.on_train_batch_end(trainer, module, None, {}, 0)
 
 
 def test_export_takes_the_student_encoder(tmp_path: Path) -> None:

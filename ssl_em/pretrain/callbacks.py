@@ -47,7 +47,9 @@ class CollapseMonitor(L.Callback):
     Args:
         every_n_steps: how often to compute and log.
         window: most recent embeddings kept (rows of the matrix).
-        warn_std: warn when ``collapse/std`` drops below this.
+        warn_std: warn when ``collapse/std`` drops below this *and* below half its first value in the run
+            (crop-averaged features of some encoders start close together, e.g. a masked U-Net bottleneck
+            over large crops at ~0.03: collapse is shrinking, not starting low).
         warn_rank: warn when ``collapse/effective_rank`` drops below this (1 = a single direction).
     """
 
@@ -59,6 +61,7 @@ class CollapseMonitor(L.Callback):
         self.window = int(window)
         self.warned = False
         self.last: dict[str, float] = {}
+        self.first_std: float | None = None
 
     def _embeddings(self, pl_module: L.LightningModule, batch: dict) -> torch.Tensor | None:
         emb = getattr(pl_module, "last_embeddings", None)
@@ -94,7 +97,9 @@ class CollapseMonitor(L.Callback):
         self.last = {"collapse/std": normalized_std(z), "collapse/effective_rank": effective_rank(z)}
         pl_module.log_dict(self.last, on_step=True, on_epoch=False, batch_size=z.shape[0])
         std, rank = self.last["collapse/std"], self.last["collapse/effective_rank"]
-        crossed = [f"normalised std {std:.3f} < {self.warn_std}"] if std < self.warn_std else []
+        self.first_std = std if self.first_std is None else self.first_std
+        shrunk = std < self.warn_std and std < 0.5 * self.first_std
+        crossed = [f"normalised std {std:.3f} < {self.warn_std} and < half its first value"] if shrunk else []
         crossed += [f"effective rank {rank:.2f} < {self.warn_rank}"] if rank < self.warn_rank else []
         if crossed and not self.warned and trainer.is_global_zero:
             warnings.warn(f"representation collapse at step {step}: {', '.join(crossed)} over {z.shape[0]} embeddings; "
