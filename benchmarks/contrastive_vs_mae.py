@@ -28,10 +28,9 @@ from ssl_em.data.datamodule import EMDataModule
 from ssl_em.pretrain.module import build_objective
 from ssl_em.pretrain.probe import load_labelled, run_probe
 
-SMALL_HEADS = {"simclr": dict(hidden_dim=256, out_dim=128, temperature=0.1),
-               "dino": dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, momentum=0.99, momentum_end=1.0),
-               "mae_simclr": dict(hidden_dim=256, out_dim=128, temperature=0.1),
-               "spark_simclr": dict(hidden_dim=256, out_dim=128, temperature=0.1)}
+SIMCLR_HEAD = dict(hidden_dim=256, out_dim=128, temperature=0.1)
+SMALL_HEADS = {"simclr": SIMCLR_HEAD, "mae_simclr": SIMCLR_HEAD, "spark_simclr": SIMCLR_HEAD,
+               "dino": dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, momentum=0.99, momentum_end=1.0)}
 
 
 def pretrain(encoder_name: str, method: str, args: argparse.Namespace, device: torch.device) -> tuple[Any, float, float]:

@@ -546,7 +546,7 @@ class TwoViewDataset(CropDataset):
             if np.any(room < lo):
                 raise ConfigError(f"{src.raw.spec} region {_ints(src.raw.shape)} leaves room for view shifts of "
                                   f"{_ints(room)} voxels around a {_ints(p)} patch, less than min_shift {_ints(lo)}")
-        self.min_shift, self.max_shift = tuple(int(v) for v in lo), tuple(int(v) for v in hi)
+        self.min_shift, self.max_shift = _ints(lo), _ints(hi)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self._rng(index)

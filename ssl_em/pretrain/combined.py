@@ -37,7 +37,7 @@ from ssl_em.errors import ConfigError
 from ssl_em.models.unet3d import resize_mask
 from ssl_em.pretrain.contrastive import ProjectionHead, nt_xent_loss
 from ssl_em.pretrain.mae import MaskedAutoencoder3D
-from ssl_em.pretrain.spark import SparKMasked3D, masked_mse
+from ssl_em.pretrain.spark import SparKMasked3D
 
 __all__ = ["MAESimCLR3D", "SparKSimCLR3D"]
 
@@ -88,9 +88,7 @@ class MAESimCLR3D(MaskedAutoencoder3D):
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, overlap1: torch.Tensor | None = None,
                 overlap2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views (B, C, D, H, W) -> (loss, h1 (B, embed_dim), h2): mean visible token of each view."""
-        x = torch.cat([view1, view2])
-        latent, mask, ids_restore, grid = self.forward_encoder(x)  # latent: visible tokens only
-        reconstruction = self.forward_loss(x, self.forward_decoder(latent, ids_restore, grid), mask)
+        reconstruction, _, _, latent = self.forward_with_latent(torch.cat([view1, view2]))  # visible tokens only
         return _combine(self, reconstruction, latent.mean(dim=1))
 
 
@@ -116,9 +114,7 @@ class SparKSimCLR3D(SparKMasked3D):
         """Views (B, C, D, H, W) -> (loss, h1 (B, embed_dim), h2): visible bottleneck mean of each view."""
         x = torch.cat([view1, view2])
         visible = self.random_visible(x)
-        feats = self.encoder.forward_encoder(x, visible)
-        pred = self.decode(feats, visible)
-        reconstruction = masked_mse(pred, self.make_target(x), 1.0 - resize_mask(visible, x.shape[-3:]))
+        reconstruction, _, _, feats = self.forward_with_features(x, visible)
         cells = resize_mask(visible, feats[-1].shape[-3:])  # (2B, 1, d, h, w), 1 = visible
         h = (feats[-1] * cells).sum(dim=(2, 3, 4)) / cells.sum(dim=(2, 3, 4)).clamp_min(1.0)
         return _combine(self, reconstruction, h)

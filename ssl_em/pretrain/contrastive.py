@@ -153,7 +153,8 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 or (isinstance(self.standardize, nn.BatchNorm1d) and x.shape[0] < 2):
-            raise ConfigError(f"DINO head needs (B>=2, C) features to standardise over the batch, got {tuple(x.shape)}")
+            raise ConfigError(f"DINO head needs (B, C) features, B>=2 when standardising over the batch; "
+                              f"got {tuple(x.shape)}")
         return self.last_layer(F.normalize(self.mlp(self.standardize(x)), dim=-1))
 
 

@@ -198,9 +198,14 @@ class MaskedAutoencoder3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x (B, C, D, H, W) -> (loss, pred (B, N, pz*py*px*C), mask (B, N), 1 = masked)``."""
+        return self.forward_with_latent(x)[:3]
+
+    def forward_with_latent(self, x: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`forward`, plus the encoder output ``latent (B, L, C_enc)`` of the visible tokens."""
         latent, mask, ids_restore, grid = self.forward_encoder(x)
         pred = self.forward_decoder(latent, ids_restore, grid)
-        return self.forward_loss(x, pred, mask), pred, mask
+        return self.forward_loss(x, pred, mask), pred, mask, latent
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +214,7 @@ class MaskedAutoencoder3D(nn.Module):
         Visible patches are pasted from the input; masked ones come from the prediction (for the
         ``"normalized"`` target re-scaled with each patch's true mean / std, as in MAE's demo).
         """
-        _, pred, mask = MaskedAutoencoder3D.forward(self, x)  # not self(x): subclasses take two views
+        _, pred, mask, _ = self.forward_with_latent(x)  # not self(x): subclasses take two views
         pred = pred.float()
         patches = self.patchify(x.float())  # (B, N, P)
         if self.target == "normalized":

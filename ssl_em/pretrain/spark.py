@@ -152,15 +152,21 @@ class SparKMasked3D(nn.Module):
         """
         if visible is None:
             visible = self.random_visible(x)
-        pred = self.forward_pred(x, visible)
+        return self.forward_with_features(x, visible)[:3]
+
+    def forward_with_features(self, x: torch.Tensor, visible: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """As :meth:`forward` with a given ``visible``, plus the sparse encoder's stage outputs."""
+        feats = self.encoder.forward_encoder(x, visible)
+        pred = self.decode(feats, visible)
         mask = 1.0 - resize_mask(visible.to(x.dtype), x.shape[-3:])
-        loss = masked_mse(pred, self.make_target(x), mask)
-        return loss, pred, mask
+        return masked_mse(pred, self.make_target(x), mask), pred, mask, feats
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Panels for a PNG: input, masked input, target, prediction, prediction pasted into the masked units."""
-        _, pred, mask = SparKMasked3D.forward(self, x)  # not self(x): subclasses take two views
+        # not self(x): subclasses take two views
+        _, pred, mask, _ = self.forward_with_features(x, self.random_visible(x))
         target = self.make_target(x)
         return {"input": x, "masked input": x * (1 - mask), "target": target, "prediction": pred,
                 "visible + prediction": target * (1 - mask) + pred * mask}
