@@ -118,6 +118,8 @@ class FineTuning(L.LightningModule):
     def training_step(self, batch, batch_idx):
         target, mask = self._targets(batch)
         loss = self.task.loss(self(batch["raw"]).float(), target, mask)
+        if not torch.isfinite(loss):  # Lightning would train on with NaN weights and exit normally
+            raise FloatingPointError(f"train loss is {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["raw"].shape[0])
         return loss
 

@@ -115,6 +115,27 @@ def build_cli(argv: list[str], run: bool = True) -> SslEmCLI:
     )
 
 
+def training_failure(trainer: Any) -> str | None:
+    """Why a ``trainer.fit`` that returned did not train, or None (Lightning returns normally when the
+    training data gave no batch)."""
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    if trainer.state.status != TrainerStatus.FINISHED:
+        return f"training ended as {trainer.state.status.value}, not finished"
+    if trainer.global_step == 0 and trainer.max_steps != 0:
+        return "no optimizer step was taken: the training data gave no batch (check --data and samples_per_epoch)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    build_cli(list(sys.argv[1:] if argv is None else argv))
+    """Run the CLI; 1, with one line on stderr, when a ``fit`` run diverged or did not train, else 0."""
+    try:
+        cli = build_cli(list(sys.argv[1:] if argv is None else argv))
+    except FloatingPointError as err:  # the training steps raise it on a non-finite loss
+        print(f"ssl-em fit: error: {err}: lower the learning rate, or train with --precision 32", file=sys.stderr)
+        return 1
+    problem = training_failure(cli.trainer) if cli.subcommand == "fit" else None
+    if problem:
+        print(f"ssl-em fit: error: {problem}", file=sys.stderr)
+        return 1
     return 0

@@ -181,11 +181,13 @@ def test_bad_adapter_arguments():
         add_adapter(add_adapter(_model(), "lora"), "lora")
 
 
-def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    return float((pred & gt).sum() / max((pred | gt).sum(), 1))
+def test_lora_on_two_labelled_slices_of_real_em_raises_mito_ap(vnc_crop):
+    """30 LoRA steps on two labelled sections lift the held-out average precision of the logits well
+    above the untrained model and chance. Measured over init seeds 0-5 (fp32): AP 0.024-0.043 untrained
+    (chance 0.037) -> 0.076-0.191 trained, at least 2.1x the larger of the two. IoU at logit 0 was
+    asserted before and failed at other seeds (0.045 vs 0.037): 30 steps leave the logits uncalibrated."""
+    from ssl_em.pretrain.probe import average_precision
 
-
-def test_lora_on_two_labelled_slices_of_real_em_raises_mito_iou(vnc_crop):
     raw, mito = vnc_crop["raw"], vnc_crop["mito"]  # (8, 128, 128); mitochondria in sections 0-2
     x = torch.from_numpy(((raw - raw.mean()) / raw.std()).astype(np.float32))[None, None]
     task = get_task("mito", voxel_size=(50, 4.6, 4.6))
@@ -193,14 +195,15 @@ def test_lora_on_two_labelled_slices_of_real_em_raises_mito_iou(vnc_crop):
     mask[1:3] = 1  # two labelled sections; the other six are held out
     target, tmask = (torch.from_numpy(a)[None] for a in task.make_targets(mito, mask))
     held_out = [0, 3, 4, 5, 6, 7]
+    truth = mito[held_out] > 0
     model = add_adapter(_model(0, head="unetr"), "lora", r=4)
 
-    def iou() -> float:
+    def ap() -> float:
         with torch.no_grad():
-            fg = (model(x)[0, 0] > 0).numpy()
-        return _iou(fg[held_out], mito[held_out] > 0)
+            logits = model(x)[0, 0].numpy()[held_out]
+        return average_precision(logits.ravel(), truth.ravel())
 
-    untrained = iou()
+    untrained = ap()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
@@ -210,9 +213,8 @@ def test_lora_on_two_labelled_slices_of_real_em_raises_mito_iou(vnc_crop):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    trained = iou()
-    print(f"held-out mito IoU: untrained {untrained:.3f} -> LoRA {trained:.3f}")
-    assert trained > untrained + 0.03, (untrained, trained)
+    trained = ap()
+    assert trained > 1.5 * max(untrained, truth.mean()), (untrained, trained, truth.mean())
 
 
 def test_load_segmentation_model_rebuilds_everything_from_the_sidecars(tmp_path):

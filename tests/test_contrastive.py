@@ -238,13 +238,16 @@ def test_recipe_fast_dev_run(recipe: Path, tmp_path: Path, monkeypatch: pytest.M
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
-def test_simclr_pretraining_beats_random_init_in_the_probe() -> None:
-    """100 SimCLR steps on one phantom; a mitochondria probe on frozen bottleneck features of another
-    phantom scores higher than the same encoder at random init (measured: AP 0.185 vs 0.102, seed 0;
-    0.100 vs 0.068 with seed 1; chance 0.037)."""
+def test_simclr_trains_every_encoder_weight_and_its_loss_falls_on_fresh_crops() -> None:
+    """100 SimCLR steps through the data module, every batch new crops of a phantom: every encoder and
+    head weight gets a gradient, and NT-Xent falls well below log(2B - 1), where features that do not
+    tell crops apart leave it. Measured over seeds 0-5 on two sets of CPU kernels (AVX2, and
+    ``ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41``): first 10 steps 2.52-3.23, last 10
+    1.60-2.07, a fall of at least 0.81. Whether 100 steps also lift a frozen-feature probe above
+    random init is the benchmark's question (``benchmarks/contrastive_vs_mae.py``): AP over the same
+    12 runs ranged 0.08-0.32 against 0.07-0.11, with 2 of 12 runs below their random init."""
     from ssl_em.data.datamodule import EMDataModule
     from ssl_em.pretrain.module import build_objective
-    from ssl_em.pretrain.probe import load_labelled, run_probe
 
     torch.manual_seed(0)
     encoder = ssl_em.create_encoder("unet3d_tiny")
@@ -252,33 +255,34 @@ def test_simclr_pretraining_beats_random_init_in_the_probe() -> None:
     data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
                         samples_per_epoch=100 * 8, val_fraction=0, seed=0)
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-3, weight_decay=0.05)
-    for batch in data.train_dataloader():
+    losses = []
+    for step, batch in enumerate(data.train_dataloader()):
         loss = objective(batch["view1"], batch["view2"], batch["overlap1"], batch["overlap2"])[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if step == 0:
+            # SimCLR pools the bottleneck: the down path and the head learn, the up path (ups, decoder) not
+            up_path = ("encoder.ups.", "encoder.decoder.")
+            silent = [n for n, p in objective.named_parameters()
+                      if not n.startswith(up_path) and not (p.grad is not None and p.grad.abs().sum() > 0)]
+            assert not silent, silent
         torch.nn.utils.clip_grad_norm_(objective.parameters(), 3.0)
         opt.step()
-    torch.manual_seed(100)
-    random_init = ssl_em.create_encoder("unet3d_tiny")
-    raw, mito = load_labelled(task="mito", phantom_shape=(32, 96, 96), seed=1234)  # a phantom never trained on
-    kw = dict(feature="bottleneck", n_train=3000, n_test=3000, tile=(8, 32, 32), seed=0, max_iter=100)
-    trained, baseline = run_probe(encoder, raw, mito, **kw), run_probe(random_init, raw, mito, **kw)
-    assert trained.ap > 1.3 * baseline.ap and trained.ap > 3 * trained.chance_ap, (trained, baseline)
+        losses.append(float(loss))
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < math.log(2 * 8 - 1) - 0.4 and last < first - 0.4, (first, last)
 
 
-def test_dino_leaves_the_uniform_teacher_and_beats_random_init_in_the_probe() -> None:
-    """100 DINO steps of a test ViT on one phantom: the loss falls below log K (without the head's batch
-    standardisation it rises to log K and stays there: the teacher is uniform) and a mitochondria probe on
-    the frozen tokens of another phantom beats the same encoder before training (measured: AP 0.694 vs
-    0.565 with seed 0, 0.506 vs 0.391 with seed 1; chance 0.046)."""
-    import copy
-
+def test_dino_leaves_the_uniform_teacher() -> None:
+    """100 DINO steps of a test ViT on one phantom: the loss falls below log K. Without the head's batch
+    standardisation the teacher is uniform and the loss sits at log K to three decimals. Measured over
+    seeds 0-9 (fp32, the same on AVX2 and SSE4.1 kernels): 0.16-1.47 below log K. A frozen-feature probe
+    after these 100 steps beat the same init in 8 of 10 seeds (AP ratio 0.92-1.41): the benchmark's
+    question (``benchmarks/contrastive_vs_mae.py``), not a verdict a test can give on every CPU."""
     from ssl_em.data.datamodule import EMDataModule
-    from ssl_em.pretrain.probe import load_labelled, run_probe
 
     torch.manual_seed(0)
     encoder = ssl_em.create_encoder("vit3d_test_patch4", img_size=(8, 32, 32))
-    random_init = copy.deepcopy(encoder)
     k = 1024
     objective = DINO3D(encoder, out_dim=k, hidden_dim=256, bottleneck_dim=64, momentum=0.99).train()
     data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
@@ -294,8 +298,4 @@ def test_dino_leaves_the_uniform_teacher_and_beats_random_init_in_the_probe() ->
         opt.step()
         objective.update_teacher(step / 99)
         losses.append(float(loss))
-    assert sum(losses[-20:]) / 20 < math.log(k) - 0.2, losses[-20:]
-    raw, mito = load_labelled(task="mito", phantom_shape=(32, 128, 128), seed=1234)  # the benchmark's probe phantom
-    kw = dict(n_train=20000, n_test=20000, tile=(8, 32, 32), seed=0, max_iter=100)
-    trained, baseline = run_probe(encoder.eval(), raw, mito, **kw), run_probe(random_init.eval(), raw, mito, **kw)
-    assert trained.ap > 1.1 * baseline.ap and trained.ap > 3 * trained.chance_ap, (trained, baseline)
+    assert sum(losses[-20:]) / 20 < math.log(k) - 0.05, losses[-20:]

@@ -118,8 +118,9 @@ def test_loss_falls_on_real_em(vnc_crop, one_torch_thread):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    # z-scored input: predicting the mean scores ~1; the model must get below both that and its start
-    assert np.mean(losses[-5:]) < min(0.95, 0.8 * np.mean(losses[:3])), losses
+    # z-scored input: predicting the mean scores ~1; the model must get below both that and its start.
+    # Measured over init seeds 0-5 (fp32): last 0.906-0.925, last/first 0.757-0.804 (a 0.8 bound failed at seed 1)
+    assert np.mean(losses[-5:]) < 0.95 and np.mean(losses[-5:]) < 0.88 * np.mean(losses[:3]), losses
 
 
 def test_bad_configs():

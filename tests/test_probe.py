@@ -77,7 +77,9 @@ def test_validate_cli_random_and_exported(tmp_path: Path, capsys: pytest.Capture
     assert main(["--encoder", "unet3d_test", *common, "--json", str(out), "--png", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
     record = json.loads(out.read_text())
-    assert record["weights"] == "random init, seed 0" and 0 <= record["ap"] <= 1 and record["task"] == "mito"
+    assert record["weights"] == "random init, seed 0" and record["task"] == "mito"
+    # random features still carry intensity: AP 1.3-2.0x chance over init seeds 0-3 (0.186 vs 0.128 at 0)
+    assert 0 < record["chance_ap"] < record["ap"] <= 1 and record["n_train"] == 2000
     assert main(["--encoder", "unet3d_test", *common, "--json", str(out)]) == 0  # the baseline is reproducible
     assert json.loads(out.read_text())["ap"] == record["ap"]
     from ssl_em.models.export import save_encoder

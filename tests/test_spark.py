@@ -118,14 +118,16 @@ def test_reconstruct_panels(tmp_path):
 
 
 def test_loss_falls_on_real_em(vnc_crop):
-    """A few dozen steps on a real ssTEM crop: the masked loss leaves the predict-the-mean level."""
+    """40 steps on a real ssTEM crop: the masked loss leaves the predict-the-mean level. Measured over
+    init seeds 0-5 (fp32): last/first 0.48-0.74, last 0.54-0.73 of the mean's loss (20 steps left
+    0.64-0.85 and 0.72-0.87, too close to the bounds for every seed and CPU)."""
     torch.manual_seed(0)
     raw = vnc_crop["raw"][:4, :64, :64].astype(np.float32)
     x = torch.from_numpy((raw - raw.mean()) / raw.std())[None, None]
     s = SparKMasked3D(_unet(), mask_unit=(2, 8, 8), target="raw")  # 3 k parameters
     opt = torch.optim.AdamW(s.parameters(), lr=3e-3)
     ratios = []
-    for _ in range(20):
+    for _ in range(40):
         loss, _, mask = s(x)
         baseline = masked_mse(torch.zeros_like(x) + (x * mask).sum() / mask.sum(), x, mask)  # predict the mean
         opt.zero_grad()

@@ -55,19 +55,45 @@ class StopAt(Callback):
             trainer.should_stop = True
 
 
+class PoisonWeights(Callback):
+    """Makes every weight NaN after the first step, as a diverging run would."""
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("recipe", ["recipes/pretrain/spark_unet3d_tiny.yaml", "recipes/finetune/mito_lora.yaml"])
+def test_fit_returns_nonzero_when_training_fails(recipe, tmp_path, monkeypatch, capsys):
+    """A run whose loss went NaN and one that got no batch exit 1 with one line (Lightning itself
+    returns normally from both), so scripts and the recipe test above see them."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(REPO / recipe), "--precision", "32", "--trainer.default_root_dir", str(tmp_path),
+            *_tiny_model(recipe), *TINY_DATA]
+    poisoned = json.dumps([{"class_path": "test_training.PoisonWeights"}])
+    assert cli_main([*args, "--trainer.fast_dev_run", "2", "--trainer.callbacks", poisoned]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ssl-em fit: error: train loss is nan at step 1"), err
+    assert cli_main([*args, "--trainer.max_steps", "2", "--trainer.limit_train_batches", "0"]) == 1
+    assert "no optimizer step was taken" in capsys.readouterr().err
+    assert cli_main([*args, "--trainer.fast_dev_run", "2"]) == 0  # the same run, untouched, passes
+
+
 def _pretrain(tmp_path: Path, max_steps: int, extra: list[str] = (), stop_at: int | None = None) -> Path:
     root = tmp_path / "run"
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "every_n_train_steps": 4}}]
     if stop_at is not None:
         callbacks.append({"class_path": "test_training.StopAt", "init_args": {"step": stop_at}})
-    cli_main(["fit", "--config", str(REPO / "recipes/pretrain/spark_unet3d_tiny.yaml"),
+    rc = cli_main(["fit", "--config", str(REPO / "recipes/pretrain/spark_unet3d_tiny.yaml"),
               "--trainer.max_steps", str(max_steps), "--trainer.default_root_dir", str(root),
               "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
               "--trainer.callbacks", json.dumps(callbacks),
               "--model.init_args.panel_every_n_steps", "4",
               "--data.init_args.samples_per_epoch", "16", "--precision", "32",
               *_tiny_model("unet"), *TINY_DATA, *extra])
+    assert rc == 0
     return root
 
 
