@@ -159,12 +159,13 @@ class FineTuning(L.LightningModule):
 
     def check_labels(self, labels: Any, ignore_value: int | None = None, slab: int = 16) -> None:
         """Raise LabelError (one line) when ``labels`` (a volume spec or array) hold values outside
-        the task's set or no object at all; read ``slab`` z-sections at a time (bounded memory)."""
+        the task's set; read ``slab`` z-sections at a time (bounded memory). Labels with no foreground
+        where training draws crops are CropDataset's LabelError."""
         from ssl_em.data.crops import as_volume, volume_name
         from ssl_em.errors import LabelError
 
         vol = as_volume(labels)
-        name, found = volume_name(vol), False
+        name = volume_name(vol)
         for z in range(0, int(vol.shape[-3]), slab):
             part = np.asarray(vol[..., z : z + slab, :, :])
             if ignore_value is not None:
@@ -173,9 +174,7 @@ class FineTuning(L.LightningModule):
                 self.task._check_labels(None, part.reshape(part.shape[-3:]) if part.ndim > 3 else part, None)
             except LabelError as err:
                 raise LabelError(f"{name}: {err}") from None
-            found = found or bool(part.any())
-        if not found:
-            raise LabelError(f"{name}: {self.task.name} labels are empty (every voxel is 0): nothing to learn")
+        # labels with no foreground where training draws crops: CropDataset says so, per region
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

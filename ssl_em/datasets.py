@@ -249,7 +249,8 @@ def download(name: str, dest: str | Path, *, url: str | None = None, convert: bo
 
         out = folder / f"{array_name}.ome.zarr"
         try:
-            to_ome_zarr(src, out, voxel_size=ds.voxel_size, labels=spec.labels, progress=progress, name=array_name)
+            to_ome_zarr(src, out, voxel_size=ds.voxel_size, labels=spec.labels, progress=progress, name=array_name,
+                        overwrite=True)  # its own earlier conversion, in the folder it downloads to
         except VolumeError as err:
             raise DownloadError(f"{ds.name}: array {array_name!r} ({spec.path}) could not be converted: {err}") \
                 from None

@@ -61,6 +61,8 @@ def build_parser(prog: str = "ssl-em demo") -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="label draws / initialisations per method and fraction")
     p.add_argument("--patch", default="8,64,64", help="crop (z,y,x) voxels")
     p.add_argument("--voxel-size", help="z,y,x nm (overrides the files)")
+    p.add_argument("--fill-missing", action="store_true",
+                   help="read zarr chunks absent from --data/--labels stores as the fill value (default: an error)")
     p.add_argument("--out", default="ssl_em_out/demo")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 is faster on a "
                    "machine whose cores are busy with other jobs")
@@ -93,7 +95,7 @@ def main(argv: list[str]) -> int:
         fractions=(0.25,) if tiny else _floats(args.fractions), seeds=args.seeds,
         pretrain_seconds=PRETRAIN_SHARE * total, patch_shape=patch,  # type: ignore[arg-type]
         voxel_size=_floats(args.voxel_size) if args.voxel_size else None,  # type: ignore[arg-type]
-        device=args.device, sweep_every_fraction=False, max_eval_voxels=1_500_000, max_val_voxels=400_000, lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if tiny else None,
+        device=args.device, fill_missing=args.fill_missing, sweep_every_fraction=False, max_eval_voxels=1_500_000, max_val_voxels=400_000, lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if tiny else None,
     )
     cfg.seconds = TRAIN_SHARE * (1 - PRETRAIN_SHARE) * total / budget_units(cfg)
     if args.labels:

@@ -47,6 +47,39 @@ def _device_type(accelerator: Any) -> str:
     return name
 
 
+def _find_last_checkpoint(config: Any) -> str | None:
+    """``--ckpt_path last``: the newest ``last*.ckpt`` of this output folder (``trainer.default_root_dir``,
+    else the working directory) or of a ModelCheckpoint ``dirpath``. Lightning looks only in the new
+    run's own logger version folder, so after a kill it found nothing and started over. None (a new
+    run, as Lightning does) when there is none yet."""
+    roots = [Path(config.trainer.get("default_root_dir") or ".")]
+    for callback in config.trainer.get("callbacks") or []:
+        dirpath = (callback.get("init_args") or {}).get("dirpath") if hasattr(callback, "get") else None
+        if dirpath:
+            roots.append(Path(dirpath))
+    found = [p for root in roots for p in _checkpoints_below(root)]
+    if not found:
+        print(f"ssl-em fit: no last.ckpt under {', '.join(map(str, roots))}: starting a new run", file=sys.stderr)
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+    print(f"ssl-em fit: resuming from {newest}", file=sys.stderr)
+    return str(newest)
+
+
+def _checkpoints_below(root: Path, depth: int = 4) -> list[Path]:
+    """``last*.ckpt`` files at most ``depth`` folders below ``root`` (Lightning's layout is
+    root/lightning_logs/version_N/checkpoints), not walking into volumes (.zarr, .n5) or hidden folders."""
+    import os
+
+    found = []
+    for folder, dirs, files in os.walk(root):
+        level = len(Path(folder).relative_to(root).parts)
+        skip = level >= depth
+        dirs[:] = [d for d in dirs if not skip and not d.startswith(".") and not d.endswith((".zarr", ".n5"))]
+        found += [Path(folder) / f for f in files if f.startswith("last") and f.endswith(".ckpt")]
+    return found
+
+
 class SslEmCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -63,6 +96,8 @@ class SslEmCLI(LightningCLI):
         these checkpoints are safetensors)."""
         if not self.config.get("subcommand"):
             return
+        if self.config[self.config.subcommand].get("ckpt_path") == "last":
+            self.config[self.config.subcommand].ckpt_path = _find_last_checkpoint(self.config[self.config.subcommand])
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return

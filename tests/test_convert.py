@@ -99,7 +99,7 @@ def test_interrupted_conversion_leaves_no_dst(vnc_npz, tmp_path, monkeypatch):
     calls["n"] = 0
     monkeypatch.setattr(convert_mod, "_pool", failing_pool)
     with pytest.raises(KeyboardInterrupt):
-        convert(f"{vnc_npz}:raw", dst, chunks=(4, 32, 32), levels=3, progress=False)
+        convert(f"{vnc_npz}:raw", dst, chunks=(4, 32, 32), levels=3, progress=False, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out.ome.zarr"]
     assert open_volume(str(dst)).chunks == (4, 64, 64)
 

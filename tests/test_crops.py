@@ -240,10 +240,11 @@ def test_same_crops_for_any_num_workers_and_new_crops_per_epoch(small):
 
 
 def test_volumes_weighted_by_size_and_voxel_size_kept():
-    a = Counting(np.zeros((4, 16, 16), np.uint8), voxel_size=(50, 4, 4))
-    b = np.ones((4, 16, 48), np.uint8)  # three times as many voxels
+    rng = np.random.default_rng(0)  # dark volume a, bright volume b (constant volumes are refused)
+    a = Counting(rng.integers(0, 10, (4, 16, 16), dtype=np.uint8), voxel_size=(50, 4, 4))
+    b = rng.integers(200, 255, (4, 16, 48), dtype=np.uint8)  # three times as many voxels
     ds = CropDataset([a, b], (2, 8, 8), samples_per_epoch=400, normalization=Normalization("range"))
-    frac_b = np.mean([ds[i]["raw"].mean().item() > 0 for i in range(400)])
+    frac_b = np.mean([ds[i]["raw"].mean().item() > 0.5 for i in range(400)])
     assert 0.65 < frac_b < 0.85
     assert ds.voxel_sizes == [(50.0, 4.0, 4.0), None]
 

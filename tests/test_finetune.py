@@ -185,7 +185,7 @@ def bad_inputs(tmp_path_factory):
 
 @pytest.mark.parametrize("raw, labels, message", [
     ("raw.npy", "labels_small.npy", "does not match raw"),
-    ("raw.npy", "labels_empty.npy", "labels are empty"),
+    ("raw.npy", "labels_empty.npy", "no labelled foreground"),
     ("raw.npy", "labels_negative.npy", "negative value -3"),
     ("raw_nan.npy", "labels.npy", "NaN"),
 ])

@@ -118,7 +118,7 @@ def test_small_objects_removed_by_global_size(tmp_path):
     p[3:5, 8:11, 14:19] = 1  # 30 voxels straddling a block face
     vs = (40.0, 8.0, 8.0)  # 2560 nm^3 per voxel, read from the source's attributes
     zarr.create_array(str(tmp_path / "p.zarr"), data=(p * 255).astype(np.uint8)[None], chunks=(1, 3, 6, 6),
-                      attributes={"resolution": list(vs)})
+                      attributes={"resolution": list(vs)}, config={"write_empty_chunks": True})  # a complete store
     out = blockwise_instances(str(tmp_path / "p.zarr"), tmp_path / "s.zarr", block_shape=(6, 6, 6),
                               min_volume_nm3=50 * 2560.0, progress=False)
     got = np.asarray(out[:])

@@ -16,7 +16,7 @@ from ssl_em.utils.checkpoint import load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = [
     "--data.init_args.num_workers", "0",
-    "--data.init_args.phantom_shape", "[16, 64, 64]",
+    "--data.init_args.phantom_shape", "[16, 96, 96]",  # 16x64x64 holds no mitochondria in its training part
     "--data.init_args.batch_size", "2",
     "--data.init_args.val_samples", "2",
 ]
@@ -110,6 +110,78 @@ def test_pretraining_resume_matches_uninterrupted_run(tmp_path):
     assert a["ssl_em"]["data"]["normalization"]["mode"] == "percentile"
     panels = list((full).rglob("panels/*.png"))
     assert panels, "no reconstruction panel written"
+
+
+class PauseAt(Callback):
+    """Hangs after ``step`` optimizer steps, so a test can SIGKILL the run there (mid-epoch)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            import time
+
+            time.sleep(600)
+
+
+def _fit_command(root: Path, extra: list[str] = ()) -> list[str]:
+    """`ssl-em fit` of the SparK recipe, 12 steps (epochs of 8), a CSV loss per step, `last.ckpt` every 4
+    steps in Lightning's default place (root/lightning_logs/version_N/checkpoints)."""
+    import sys
+
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}}
+    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": 4}}
+    callbacks = [ckpt, *extra]
+    recipe = str(REPO / "recipes/pretrain/spark_unet3d_tiny.yaml")
+    return [sys.executable, "-m", "ssl_em.cli", "fit", "--config", recipe,
+            "--trainer.max_steps", "12", "--trainer.default_root_dir", str(root), "--trainer.log_every_n_steps", "1",
+            "--trainer.limit_val_batches", "0", "--trainer.logger", json.dumps(logger),
+            "--trainer.callbacks", json.dumps(callbacks), "--trainer.enable_progress_bar", "false",
+            "--model.init_args.panel_every_n_steps", "0", "--data.init_args.samples_per_epoch", "16",
+            "--precision", "32", *_tiny_model("unet"), *TINY_DATA]
+
+
+def _loss_curve(metrics: Path) -> dict[int, float]:
+    import csv
+
+    rows = csv.DictReader(metrics.open())
+    return {int(row["step"]): float(row["train/loss"]) for row in rows if row.get("train/loss")}
+
+
+def test_fit_resumes_after_sigkill_with_the_same_loss_curve(tmp_path):
+    """SIGKILL mid-epoch after the step-4 checkpoint, then `--ckpt_path last` from the same output folder:
+    the resumed run finds the killed run's last.ckpt (in version_0; the new run logs to version_1, where
+    Lightning alone looked and found nothing) and its losses equal an uninterrupted run's."""
+    import os
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    full = tmp_path / "full"
+    subprocess.run(_fit_command(full), cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    pause = {"class_path": "test_training.PauseAt", "init_args": {"step": 6}}
+    proc = subprocess.Popen(_fit_command(killed, [pause]), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (last.exists() and load_checkpoint(last)["global_step"] == 4):
+        time.sleep(0.2)
+    time.sleep(2)  # let it reach the pause at step 6: the kill lands mid-epoch, two steps after the checkpoint
+    proc.kill()
+    proc.wait()
+    assert load_checkpoint(last)["global_step"] == 4
+    done = subprocess.run(_fit_command(killed) + ["--ckpt_path", "last"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {last}" in done.stderr
+    a = _loss_curve(full / "lightning_logs" / "version_0" / "metrics.csv")
+    b = _loss_curve(killed / "lightning_logs" / "version_1" / "metrics.csv")  # the resumed run's own log
+    assert sorted(a) == list(range(12)) and sorted(b) == list(range(4, 12)), (sorted(a), sorted(b))
+    for step in b:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
 
 
 def test_exported_encoder_loads_with_the_pretrained_weights(tmp_path):

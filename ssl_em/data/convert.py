@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ssl_em.data.volume import _parse_voxel, open_volume
+from ssl_em.data.volume import _parse_voxel, open_volume, spec_path
 from ssl_em.errors import VolumeError
-from ssl_em.utils.io import atomic_path
+from ssl_em.utils.io import atomic_path, check_output, writer_attrs
 
 DEFAULT_CHUNKS = (32, 128, 128)
 _BLOCK_BYTES = 64 * 2**20  # target size of one in-memory block of work
@@ -93,7 +93,8 @@ def _blocks(shape: Sequence[int], chunks: Sequence[int], itemsize: int, factor: 
 
 def convert(src_spec: Any, dst: str | Path, voxel_size: Any = None, chunks: Sequence[int] = DEFAULT_CHUNKS,
             levels: int | None = None, dtype: Any = None, labels: bool = False, progress: bool = True,
-            name: str | None = None, compression: str = "zstd") -> Path:
+            name: str | None = None, compression: str = "zstd", overwrite: bool = False,
+            fill_missing: bool = False) -> Path:
     """Write ``src_spec`` (any :func:`open_volume` spec) to ``dst`` as an OME-Zarr multiscale image.
 
     Args:
@@ -105,13 +106,17 @@ def convert(src_spec: Any, dst: str | Path, voxel_size: Any = None, chunks: Sequ
         labels: mode pooling instead of mean pooling (for integer label volumes).
         compression: Blosc "zstd" (default), "lz4" (faster decode) or "none" (raw EM intensities compress
             to only ~0.97x; uncompressed chunks decode fastest for random-crop training).
+        overwrite: replace an existing ``dst`` that ssl-em wrote; a folder ssl-em did not write, or one
+            that is, holds or sits inside the source, is never replaced (one-line ConfigError).
+        fill_missing: read chunks absent from a zarr source as its fill value (else VolumeError).
     Returns the path of the finished store. Only (z, y, x) sources are accepted.
     """
     import numcodecs
     import zarr
     from tqdm.auto import tqdm
 
-    vol = open_volume(src_spec, voxel_size)
+    check_output(dst, [p for p in [spec_path(src_spec)] if p is not None], overwrite=overwrite)
+    vol = open_volume(src_spec, voxel_size, fill_missing=fill_missing)
     if vol.axes != "zyx":
         raise VolumeError(f"{vol.spec}: convert handles (z, y, x) volumes; this one has axes {vol.axes!r}")
     out_dtype = np.dtype(dtype) if dtype is not None else vol.dtype
@@ -135,7 +140,8 @@ def convert(src_spec: Any, dst: str | Path, voxel_size: Any = None, chunks: Sequ
         arrays = []
         for level, (shp, _, f) in enumerate(plan):
             arr = root.create_array(str(level), shape=shp, chunks=chunks, dtype=out_dtype, compressors=compressor,
-                                    fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})
+                                    fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"},
+                                    config={"write_empty_chunks": True})  # complete: an absent chunk is an error
             src = vol if level == 0 else arrays[-1]
             for box in _blocks(shp, chunks, out_dtype.itemsize, f):
                 if level == 0:
@@ -146,6 +152,7 @@ def convert(src_spec: Any, dst: str | Path, voxel_size: Any = None, chunks: Sequ
                 arr[box] = data
                 bar.update()
             arrays.append(arr)
+        root.attrs.update(writer_attrs("ssl_em.data.convert"))
         root.attrs.update(ngff_attrs(plan, name or dst.name.removesuffix(".zarr").removesuffix(".ome"),
                                      labels, vol.spec, vol.voxel_size_known))
     return dst
@@ -183,7 +190,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="ssl-em convert", description="Convert a volume spec to OME-Zarr "
                                 "(NGFF 0.4, zarr v2) with an anisotropy-aware pyramid.")
     p.add_argument("src", help="any volume spec: f.h5:/raw, stack.tif, slices/, f.npz:raw, a.zarr/arr, ...")
-    p.add_argument("dst", help="output folder, e.g. out.ome.zarr (replaced atomically if it exists)")
+    p.add_argument("dst", help="output folder, e.g. out.ome.zarr (written atomically: complete or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if an earlier ssl-em convert wrote it")
     p.add_argument("--voxel-size", default=None, help="nm as Z,Y,X (overrides file metadata)")
     p.add_argument("--chunks", default=",".join(map(str, DEFAULT_CHUNKS)), help="chunk shape Z,Y,X")
     p.add_argument("--levels", type=int, default=None, help="pyramid levels incl. full res (default: auto)")
@@ -191,11 +199,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--labels", action="store_true", help="label volume: mode pooling instead of mean")
     p.add_argument("--compression", default="zstd", choices=["zstd", "lz4", "none"],
                    help="chunk compression (Blosc); 'none' reads fastest, raw EM compresses little")
+    p.add_argument("--fill-missing", action="store_true",
+                   help="read chunks absent from a zarr SRC as its fill value (default: an error)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     vs = _parse_voxel(a.voxel_size, "--voxel-size") if a.voxel_size else None
     out = convert(a.src, a.dst, voxel_size=vs, chunks=_parse_chunks(a.chunks), levels=a.levels, dtype=a.dtype,
-                  labels=a.labels, progress=not a.no_progress, compression=a.compression)
+                  labels=a.labels, progress=not a.no_progress, compression=a.compression,
+                  overwrite=a.overwrite, fill_missing=a.fill_missing)
     for level in range(_count_levels(out)):
         v = open_volume(f"{out}@{level}")
         print(f"{out}@{level}: shape {v.shape}, voxel {tuple(round(x, 3) for x in v.voxel_size)} nm")

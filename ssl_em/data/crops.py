@@ -31,12 +31,12 @@ NormMode = Literal["percentile", "range", "fixed"]
 # --------------------------------------------------------------------------- volumes
 
 
-def as_volume(spec: Any, voxel_size: Sequence[float] | None = None) -> Any:
+def as_volume(spec: Any, voxel_size: Sequence[float] | None = None, fill_missing: bool = False) -> Any:
     """A volume-like from a spec: strings/paths go through ``open_volume``; arrays pass through."""
     if isinstance(spec, (str, os.PathLike)):
         from ssl_em.data.volume import open_volume  # lazy: only file specs need the readers
 
-        return open_volume(spec, voxel_size=voxel_size)
+        return open_volume(spec, voxel_size=voxel_size, fill_missing=fill_missing)
     if not (hasattr(spec, "shape") and hasattr(spec, "__getitem__")):
         raise VolumeError(f"{type(spec).__name__} is not a volume: need a path/spec or an array with .shape")
     return spec
@@ -74,6 +74,33 @@ class Region:
     def __getitem__(self, box: Box) -> np.ndarray:
         moved = tuple(slice(o + s.start, o + s.stop) for s, o in zip(box, self.offset))
         return np.asarray(self.vol[self.lead + moved])
+
+
+def _check_not_constant(region: Region, name: str) -> None:
+    """A blank or constant volume teaches nothing; say so before any training step."""
+    sample = sample_blocks(region, 1 << 18)
+    if sample.size and sample.min() == sample.max():
+        raise VolumeError(f"{name}: every sampled voxel of its training region is {sample.flat[0]}: a blank "
+                          "or constant volume (wrong array, or a region outside the data?)")
+
+
+def check_same_grid(x: Any, vol: Any, override: Sequence[float] | None, what: str) -> None:
+    """Labels (or a mask) must lie on the raw's voxel grid; equal shapes alone do not show it."""
+    theirs = getattr(x, "voxel_size", None) if getattr(x, "voxel_size_known", False) else None
+    ours = voxel_size_of(vol, override)
+    if theirs is not None and ours is not None and not np.allclose(theirs, ours, rtol=1e-3):
+        raise LabelError(f"{volume_name(x)}: {what} voxel size {tuple(theirs)} nm differs from the raw's "
+                         f"{tuple(ours)} nm: resample one onto the other's grid first")
+
+
+def _check_has_labels(labels: Region, ignore_value: int | None, name: str) -> None:
+    """Labels with no labelled foreground in the training region would train a model to say background."""
+    for z in range(labels.shape[0]):  # section by section, stopping at the first labelled foreground
+        section = labels[(slice(z, z + 1), slice(0, labels.shape[1]), slice(0, labels.shape[2]))]
+        if np.any((section != 0) & (section != ignore_value) if ignore_value is not None else section != 0):
+            return
+    raise LabelError(f"{name}: no labelled foreground in the training region ({labels.shape} voxels are all 0"
+                     f"{' or the ignore value' if ignore_value is not None else ''}): wrong labels array or key?")
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -393,6 +420,8 @@ class CropDataset(Dataset):
     (percentile) fitted per volume on its region, or a list with one per volume.
     ``ignore_value``: label value meaning 'unlabelled' (mask 0 there, and the label set to 0 so
     a loss never sees it as a class).
+    ``require_labels``: labels with no foreground (nonzero, not ``ignore_value``) in a region are a
+    LabelError (a training set that can only teach "background"); False for validation sets.
 
     Item: ``{"raw": float32 (1, D, H, W)}`` plus, with labels, ``"label"`` (C or 1, D, H, W;
     int64, float32 for float labels) and ``"mask"`` float32 (1, D, H, W), 1 = supervise.
@@ -413,6 +442,7 @@ class CropDataset(Dataset):
         seed: int = 0,
         ignore_value: int | float | None = None,
         voxel_size: Sequence[float] | None = None,
+        require_labels: bool = True,
     ) -> None:
         raws = raw if isinstance(raw, (list, tuple)) else [raw]
         n = len(raws)
@@ -421,6 +451,7 @@ class CropDataset(Dataset):
         self.patch_shape = tuple(int(p) for p in patch_shape)
         self.sampler = sampler if sampler is not None else UniformSampler()
         self.augment, self.seed, self.ignore_value = augment, int(seed), ignore_value
+        self.require_labels = require_labels
         self.samples_per_epoch, self.epoch = int(samples_per_epoch), 0
         parts = zip(
             raws, *(_listify(x, n, what) for x, what in ((labels, "labels"), (masks, "masks"), (regions, "regions"))),
@@ -437,6 +468,7 @@ class CropDataset(Dataset):
             raise VolumeError(f"{name}: raw must be 3-D (z, y, x), got shape {tuple(vol.shape)}")
         region = Region(vol, box)
         _check_fits(region.shape, self.patch_shape, name)
+        _check_not_constant(region, name)
         regions: list[Region | None] = []
         for what, x in (("labels", labels), ("mask", mask)):
             if x is None:
@@ -448,7 +480,10 @@ class CropDataset(Dataset):
                     f"{volume_name(x)}: {what} shape {tuple(x.shape)} does not match raw {name} "
                     f"shape {tuple(vol.shape)}"
                 )
+            check_same_grid(x, vol, voxel_size, what)
             regions.append(Region(x, box))
+        if regions[0] is not None and self.require_labels:
+            _check_has_labels(regions[0], self.ignore_value, regions[0].spec)
         norm = norm if norm is not None else Normalization()
         if not norm.fitted:
             norm = norm.fit(region, seed=self.seed)

@@ -56,6 +56,22 @@ class _AllOf:
         return out
 
 
+def _unannotated_sections(labels: Any, mask: Any, ignore_value: int | None) -> list[int]:
+    """z-sections with no annotated voxel: mask 0 everywhere, or only ``ignore_value`` (dense labels
+    without either are annotated everywhere, background included)."""
+    if mask is None and ignore_value is None:
+        return []
+    empty = []
+    for z in range(labels.shape[-3]):
+        if mask is not None:
+            annotated = np.any(np.asarray(mask[z]) > 0)
+        else:
+            annotated = np.any(np.asarray(labels[..., z, :, :]) != ignore_value)
+        if not annotated:
+            empty.append(z)
+    return empty
+
+
 class EMDataModule(L.LightningDataModule):
     """Crops of EM volumes for pretraining (``two_views`` for contrastive) or fine-tuning.
 
@@ -77,7 +93,9 @@ class EMDataModule(L.LightningDataModule):
         sampler: "uniform", "foreground" or "labelled"; None picks labelled for sparse labels,
             foreground for dense labels, uniform without labels.
         ignore_value: label value meaning unlabelled (e.g. -1 or 255).
-        label_slices: keep labels on only this many training z-sections (few-label regime).
+        label_slices: keep labels on only this many training z-sections (few-label regime), chosen
+            among the sections that hold annotation (mask > 0, or a value other than ``ignore_value``).
+        fill_missing: read zarr chunks absent from the stores as the fill value (default: an error).
     """
 
     def __init__(
@@ -106,6 +124,7 @@ class EMDataModule(L.LightningDataModule):
         label_slices: int | None = None,
         phantom_shape: tuple[int, int, int] = (48, 192, 192),
         seed: int = 0,
+        fill_missing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -130,10 +149,12 @@ class EMDataModule(L.LightningDataModule):
     def _load(self) -> tuple[list[Any], Any, Any]:
         """(raw volumes, labels or None, mask or None), opened lazily from the specs or the phantom."""
         hp, vs = self.hparams, self.hparams.voxel_size
+        fill = hp.get("fill_missing", False)
         if hp.labels is not None:
-            return [as_volume(hp.raw, vs)], as_volume(hp.labels), None if hp.mask is None else as_volume(hp.mask)
+            mask = None if hp.mask is None else as_volume(hp.mask, fill_missing=fill)
+            return [as_volume(hp.raw, vs, fill)], as_volume(hp.labels, fill_missing=fill), mask
         if hp.unlabeled or hp.raw is not None:
-            return [as_volume(s, vs) for s in (hp.unlabeled or [hp.raw])], None, None
+            return [as_volume(s, vs, fill) for s in (hp.unlabeled or [hp.raw])], None, None
         from ssl_em.data.phantom import make_phantom  # lazy: only the demo path needs it
 
         ph = make_phantom(tuple(hp.phantom_shape), seed=hp.seed)
@@ -180,7 +201,10 @@ class EMDataModule(L.LightningDataModule):
         self.normalization = self.normalizations[0]
         train_mask = mask
         if labels is not None and hp.label_slices is not None:  # few-label regime: a few training sections
-            chosen = sparse_slices(raws[0].shape[0], hp.label_slices, seed=hp.seed, exclude=val_boxes[0])
+            unannotated = _unannotated_sections(labels, mask, hp.ignore_value)
+            val_z = range(val_boxes[0][0].start, val_boxes[0][0].stop) if val_boxes[0] else range(0)
+            exclude = sorted(set(unannotated) | set(val_z))  # never the validation sections, never blank ones
+            chosen = sparse_slices(raws[0].shape[0], hp.label_slices, seed=hp.seed, exclude=exclude)
             keep = SliceMask(raws[0].shape, chosen)
             train_mask = keep if mask is None else _AllOf(mask, keep)
         sparse = train_mask is not None or hp.ignore_value is not None
@@ -196,7 +220,8 @@ class EMDataModule(L.LightningDataModule):
             return CropDataset(
                 raws, self.patch_shape, labels=None if labels is None else [labels],
                 masks=None if m is None else [m], augment=augment if train else None,
-                sampler=self._sampler(labels is not None, sparse) if train else UniformSampler(), **kw,
+                sampler=self._sampler(labels is not None, sparse) if train else UniformSampler(),
+                require_labels=train, **kw,
             )
 
         self.train_set = build(train_boxes, hp.samples_per_epoch, hp.seed, train=True)

@@ -18,6 +18,10 @@ sees 3-D; the file itself is untouched. Voxel size comes from: the ``voxel_size`
 z, y, x order; N5: x, y, z order by N5 convention, reversed here) > an npz member ``resolution_nm`` >
 (1, 1, 1) with ``voxel_size_known = False``.
 
+A zarr chunk that is absent from the store is an error by default (``fill_missing=True`` reads it as the
+fill value, as zarr does): a copy cut short or a lost file would otherwise train and predict on zeros.
+Stores ssl-em wrote sparsely on purpose (predictions: masked-out blocks) say so and read as filled.
+
 Slicing (``vol[z0:z1, y0:y1, x0:x1]``, ints, steps, ``...``) reads only the bounding box of the request.
 A Volume pickles to ``(spec, voxel_size)`` and reopens its file on first access in the receiving
 process (and after a fork), so it can go to DataLoader workers of either start method.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import re
@@ -68,8 +73,10 @@ class Volume:
     or "default"), ``axes`` ("zyx" or "czyx"), ``chunks`` (storage chunk shape or None).
     """
 
-    def __init__(self, spec: str | os.PathLike | np.ndarray, voxel_size: Any = None) -> None:
+    def __init__(self, spec: str | os.PathLike | np.ndarray, voxel_size: Any = None,
+                 fill_missing: bool = False) -> None:
         self._array = np.asarray(spec) if isinstance(spec, np.ndarray) else None
+        self.fill_missing = bool(fill_missing)
         self.spec = f"<array {self._array.shape} {self._array.dtype}>" if self._array is not None else str(spec)
         self._voxel_arg = _parse_voxel(voxel_size, self.spec) if voxel_size is not None else None
         self._backend_obj: _Backend | None = None
@@ -80,7 +87,8 @@ class Volume:
     def _backend(self) -> _Backend:
         # h5py / file handles must not cross a fork: reopen in a new process
         if self._backend_obj is None or self._pid != os.getpid():
-            self._backend_obj = _array_backend(self._array) if self._array is not None else _open_backend(self.spec)
+            self._backend_obj = (_array_backend(self._array) if self._array is not None
+                                 else _open_backend(self.spec, self.fill_missing))
             self._pid = os.getpid()
         return self._backend_obj
 
@@ -90,10 +98,17 @@ class Volume:
         self._expand = raw_ndim == 2  # 2-D image -> (1, y, x)
         if raw_ndim == 2:
             shape, axes, chunks = (1, *b.shape), "zyx", (1, *b.chunks) if b.chunks else None
+        elif raw_ndim == 3 and b.shape[-1] in (3, 4) and min(b.shape[:2]) > 4 * b.shape[-1]:
+            raise VolumeError(f"{self.spec}: array of shape {tuple(b.shape)} looks like one RGB(A) image (y, x, c), "
+                              f"not (z, y, x): pick one channel, e.g. array[..., 0], or save it as greyscale")
         elif raw_ndim == 3:
             shape, axes, chunks = b.shape, "zyx", b.chunks
         elif raw_ndim == 4 and (b.axes == "czyx" or (b.axes is None and b.shape[0] <= 4)):
             shape, axes, chunks = b.shape, "czyx", b.chunks
+        elif raw_ndim == 4 and b.axes is None and b.shape[-1] <= 4:
+            raise VolumeError(f"{self.spec}: 4-D array of shape {tuple(b.shape)} looks channels-last (z, y, x, c): "
+                              f"pick one channel, e.g. np.save('ch0.npy', array[..., 0]) and use ch0.npy, or pass "
+                              f"array[..., 0] (or np.moveaxis(array, -1, 0) for (c, z, y, x)) from Python")
         elif raw_ndim == 4:
             why = f"axes {b.axes!r}" if b.axes else f"first axis {b.shape[0]} > 4 is not a channel axis"
             raise VolumeError(f"{self.spec}: 4-D array of shape {tuple(b.shape)} is not a (c, z, y, x) volume ({why})")
@@ -114,7 +129,7 @@ class Volume:
 
     # -- pickling: a small handle that reopens lazily --------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        state = {"spec": self.spec, "voxel_size": self._voxel_arg}
+        state = {"spec": self.spec, "voxel_size": self._voxel_arg, "fill_missing": self.fill_missing}
         if self._array is not None:  # nothing to reopen: the data travels
             state["array"] = self._array
         return state
@@ -123,6 +138,7 @@ class Volume:
         self._array = state.get("array")
         self.spec = state["spec"]
         self._voxel_arg = state["voxel_size"]
+        self.fill_missing = state.get("fill_missing", False)
         self._backend_obj, self._pid = None, -1
         self._described = False
 
@@ -160,12 +176,16 @@ class Volume:
                 f"voxel_size={vs}, chunks={self.chunks})")
 
 
-def open_volume(spec: str | os.PathLike | np.ndarray | Volume, voxel_size: Any = None) -> Volume:
-    """Open ``spec`` lazily; ``voxel_size`` (z, y, x nm, or one number) overrides file metadata."""
+def open_volume(spec: str | os.PathLike | np.ndarray | Volume, voxel_size: Any = None,
+                fill_missing: bool = False) -> Volume:
+    """Open ``spec`` lazily; ``voxel_size`` (z, y, x nm, or one number) overrides file metadata;
+    ``fill_missing`` reads absent zarr chunks as the fill value instead of raising VolumeError."""
     if isinstance(spec, Volume):
-        return spec if voxel_size is None else Volume(spec._array if spec._array is not None else spec.spec,
-                                                      voxel_size)
-    return Volume(spec, voxel_size)
+        if voxel_size is None and fill_missing == spec.fill_missing:
+            return spec
+        return Volume(spec._array if spec._array is not None else spec.spec,
+                      voxel_size if voxel_size is not None else spec._voxel_arg, fill_missing)
+    return Volume(spec, voxel_size, fill_missing)
 
 
 # -- index handling --------------------------------------------------------------------------------
@@ -259,21 +279,41 @@ def _array_backend(arr: Any, voxel_size: Any = None, source: str | None = None) 
                     extra={"voxel_size_source": source} if voxel_size is not None else {})
 
 
-def _open_backend(spec: str) -> _Backend:
+_STORE_SPEC = r"^(.*\.(?:zarr|n5))(?:/(.*?))?/?(?:@(\d+))?$"  # root.zarr[/key][@level]
+_H5_SPEC = r"^(.*\.(?:h5|hdf5|hdf))(?::(.*))?$"  # file.h5[:key]
+_NPZ_SPEC = r"^(.*\.npz)(?::(.*))?$"  # file.npz[:key]
+
+
+def spec_path(spec: Any) -> Path | None:
+    """The file or store folder a volume spec reads (None for in-memory arrays): what an output may
+    not be, contain or sit inside."""
+    if isinstance(spec, Volume):
+        spec = None if spec._array is not None else spec.spec
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    text = os.fspath(spec)
+    for pattern, flags in ((_STORE_SPEC, 0), (_H5_SPEC, re.IGNORECASE), (_NPZ_SPEC, re.IGNORECASE)):
+        m = re.match(pattern, text, flags=flags)
+        if m:
+            return Path(m.group(1))
+    return Path(text)
+
+
+def _open_backend(spec: str, fill_missing: bool = False) -> _Backend:
     """Dispatch on the spec's form; every user mistake becomes a one-line VolumeError."""
     level = None
-    m = re.match(r"^(.*\.(?:zarr|n5))(?:/(.*?))?/?(?:@(\d+))?$", spec)
+    m = re.match(_STORE_SPEC, spec)
     if m:
         root, key, level = m.group(1), m.group(2) or "", m.group(3)
         if not Path(root).exists():
             raise VolumeError(f"{root}: no such file or directory")
         if root.endswith(".n5"):
             return _open_n5(root, key)
-        return _open_zarr(root, key, int(level) if level is not None else None)
-    m = re.match(r"^(.*\.(?:h5|hdf5|hdf))(?::(.*))?$", spec, flags=re.IGNORECASE)
+        return _open_zarr(root, key, int(level) if level is not None else None, fill_missing)
+    m = re.match(_H5_SPEC, spec, flags=re.IGNORECASE)
     if m:
         return _open_h5(m.group(1), m.group(2))
-    m = re.match(r"^(.*\.npz)(?::(.*))?$", spec, flags=re.IGNORECASE)
+    m = re.match(_NPZ_SPEC, spec, flags=re.IGNORECASE)
     if m:
         return _open_npz(m.group(1), m.group(2))
     path = Path(spec)
@@ -282,7 +322,7 @@ def _open_backend(spec: str) -> _Backend:
     suffix = path.suffix.lower()
     if path.is_dir():  # a zarr / N5 store without the usual suffix, else a folder of slices
         if any((path / m).exists() for m in (".zarray", ".zgroup", "zarr.json")):
-            return _open_zarr(spec, "", None)
+            return _open_zarr(spec, "", None, fill_missing)
         if (path / "attributes.json").exists():
             return _open_n5(spec, "")
         return _open_slices(path)
@@ -328,7 +368,7 @@ def _ome_level(ms: dict, level: int, where: str) -> tuple[str, tuple[float, floa
     return datasets[level]["path"], vs, axes
 
 
-def _open_zarr(root: str, key: str, level: int | None) -> _Backend:
+def _open_zarr(root: str, key: str, level: int | None, fill_missing: bool = False) -> _Backend:
     import zarr
 
     where = f"{root}/{key}" if key else root
@@ -371,9 +411,39 @@ def _open_zarr(root: str, key: str, level: int | None) -> _Backend:
         source = "attributes" if vs is not None else None
     arr = node
     chunks = tuple(arr.chunks)
-    return _Backend(tuple(arr.shape), np.dtype(arr.dtype), _wrap_read(lambda box: arr[box], where, chunks), chunks,
+    read = (lambda box: arr[box]) if fill_missing or _sparse_by_design(arr) else _read_present(arr, root, where)
+    return _Backend(tuple(arr.shape), np.dtype(arr.dtype), _wrap_read(read, where, chunks), chunks,
                     vs, axes,
                     extra={"voxel_size_source": source, "levels": n_levels})
+
+
+def _sparse_by_design(arr: Any) -> bool:
+    """ssl-em's own sparse outputs (predictions skip masked-out blocks) mark absent chunks as fill."""
+    from ssl_em.utils.io import WRITER_KEY
+
+    return (dict(arr.attrs).get(WRITER_KEY) or {}).get("absent_chunks") == "fill"
+
+
+def _read_present(arr: Any, root: str, where: str) -> Callable[[Box], np.ndarray]:
+    """``arr[box]`` after checking that every stored chunk (shard) the box touches exists on disk."""
+    grid = tuple(arr.shards or arr.chunks)
+    folder = Path(root, arr.path)
+    present: set[tuple[int, ...]] = set()  # positive answers only: a chunk may appear later, not vanish
+
+    def read(box: Box) -> np.ndarray:
+        ranges = [range(s.start // g, (s.stop - 1) // g + 1) for s, g in zip(box, grid)]
+        for index in itertools.product(*ranges):
+            if index in present:
+                continue
+            key = arr.metadata.encode_chunk_key(index)
+            if not (folder / key).exists():
+                raise VolumeError(f"{where}: chunk {key} (box {tuple(i * g for i, g in zip(index, grid))}) is missing "
+                                  "from the store; if absent chunks mean the fill value (zarr's write_empty_chunks="
+                                  "False), pass --fill-missing (fill_missing=True)")
+            present.add(index)
+        return arr[box]
+
+    return read
 
 
 # -- HDF5 ----------------------------------------------------------------------------------------------

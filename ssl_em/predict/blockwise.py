@@ -33,7 +33,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ssl_em.data.volume import spec_path
 from ssl_em.errors import ConfigError, VolumeError
+from ssl_em.utils.io import check_output, writer_attrs
 from ssl_em.utils.precision import resolve_device
 
 Triple = tuple[int, int, int]
@@ -142,12 +144,12 @@ def _resolve_normalization(normalization: Any, source: Any) -> Callable[[np.ndar
     return normalization
 
 
-def open_source(spec: Any, what: str = "input") -> Any:
+def open_source(spec: Any, what: str = "input", fill_missing: bool = False) -> Any:
     """An array-like with ``shape``, ``dtype`` and box slicing; strings go through ``open_volume``."""
     if isinstance(spec, (str, os.PathLike)):
         from ssl_em.data.volume import open_volume  # type: ignore[import-not-found]
 
-        return open_volume(spec)
+        return open_volume(spec, fill_missing=fill_missing)
     if all(hasattr(spec, a) for a in ("shape", "dtype", "__getitem__")):
         return spec
     raise VolumeError(f"{what} {spec!r} is neither a volume spec nor an array with shape/dtype/slicing")
@@ -345,9 +347,12 @@ def _create_output(dst: Path, shape: tuple[int, ...], chunks: tuple[int, ...], d
 
 
 def _prepare_output(dst: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, params: dict,
-                    voxel_size: Any, resume: bool, overwrite: bool) -> tuple[Path, set[BlockId]]:
-    """Create or reopen the output; return its array folder and the blocks already done."""
+                    voxel_size: Any, resume: bool, overwrite: bool, inputs: list[Path]) -> tuple[Path, set[BlockId]]:
+    """Create or reopen the output; return its array folder and the blocks already done. An output that
+    is, holds or sits in an input, or that ssl-em did not write, is refused whatever the flags."""
     import zarr
+
+    check_output(dst, inputs, overwrite=True)  # an ssl-em output: resumed, or replaced with overwrite below
 
     digest = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=16).hexdigest()
     arr_dir = dst / "0" if dst.name.endswith(".ome.zarr") else dst
@@ -363,8 +368,8 @@ def _prepare_output(dst: Path, shape: tuple[int, ...], chunks: tuple[int, ...], 
     if dst.exists() and (overwrite or not resume):  # start over: no stale chunks survive
         shutil.rmtree(dst)
     if not dst.exists():
-        arr_dir = _create_output(dst, shape, chunks, dtype, {ATTR_KEY: {"hash": digest, "params": params}},
-                                 voxel_size)
+        attrs = {ATTR_KEY: {"hash": digest, "params": params}, **writer_attrs("ssl_em.predict", sparse=True)}
+        arr_dir = _create_output(dst, shape, chunks, dtype, attrs, voxel_size)
     done_dir = arr_dir / DONE_DIR
     done_dir.mkdir(exist_ok=True)
     done = {tuple(int(v) for v in p.name.split(".")) for p in done_dir.iterdir() if p.name.count(".") == 2}
@@ -400,6 +405,7 @@ def predict_volume(
     scheduler: Any = None,
     resume: bool = True,
     overwrite: bool = False,
+    fill_missing: bool = False,
     progress: bool = True,
 ) -> Any:
     """Predict ``model`` densely over ``src`` block by block into a chunk-aligned zarr array.
@@ -426,7 +432,9 @@ def predict_volume(
         backend: ``"local"`` (this process, I/O overlapped with compute) or ``"dask"``
             (``scheduler``: None -> LocalCluster(2 processes), an address or a ``Client``).
         resume: skip blocks a previous run with identical settings finished (False: start over).
-        overwrite: replace an existing ``dst`` made with other settings (else ConfigError).
+        overwrite: replace an existing ``dst`` made with other settings (else ConfigError). An output that
+            is, holds or sits inside the input or mask, or a folder ssl-em did not write, is never replaced.
+        fill_missing: read zarr chunks absent from a ``src``/``mask`` spec as the fill value (else VolumeError).
 
     Returns:
         The output zarr array, shape (C_out, z, y, x), chunks (C_out, *block_shape).
@@ -443,7 +451,7 @@ def predict_volume(
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     if activation not in (None, "sigmoid", "softmax"):
         raise ConfigError(f"activation={activation!r} is not one of None, 'sigmoid', 'softmax'")
-    source = open_source(src)
+    source = open_source(src, fill_missing=fill_missing)
     if len(source.shape) not in (3, 4):
         raise VolumeError(f"input {_describe(src)} has shape {tuple(source.shape)}; expected (z, y, x) or (c, z, y, x)")
     shape = tuple(int(s) for s in source.shape[-3:])
@@ -456,7 +464,7 @@ def predict_volume(
     # no halo is needed there and a second, mostly redundant window is saved
     block = tuple(s if s <= r else b for s, r, b in zip(shape, region, block))
     plan = BlockPlan(shape, block, ov, window)  # type: ignore[arg-type]
-    mask_arr = open_source(mask, "mask") if mask is not None else None
+    mask_arr = open_source(mask, "mask", fill_missing) if mask is not None else None
     if mask_arr is not None and any(s % m for s, m in zip(shape, mask_arr.shape[-3:])):
         raise VolumeError(f"mask shape {tuple(mask_arr.shape)} does not divide the input's {shape}")
 
@@ -476,7 +484,8 @@ def predict_volume(
         "normalization": _describe(normalization), "precision": precision,
     }
     arr_dir, done = _prepare_output(Path(dst), (out_channels, *shape), (out_channels, *block), out_dtype, params,
-                                    _voxel_size(source), resume, overwrite)
+                                    _voxel_size(source), resume, overwrite,
+                                    [p for p in (spec_path(src), spec_path(mask)) if p is not None])
     job.out_path = str(arr_dir)
     todo = [idx for idx in plan.blocks() if idx not in done]
     # one window per block: batch whole blocks together; else batching happens inside a block

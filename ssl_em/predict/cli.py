@@ -205,13 +205,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--scheduler", default=None, help="dask scheduler address (default: a local cluster)")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
     p.add_argument("--no-resume", action="store_true", help="recompute blocks a previous run finished")
+    p.add_argument("--fill-missing", action="store_true",
+                   help="read chunks absent from a zarr input or mask as the fill value (default: an error)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--png", action="store_true",
                    help="write DST.png: middle section of input and output (fine-tuned: mask / instance overlay)")
     args = p.parse_args(argv)
 
+    from ssl_em.data.volume import spec_path
     from ssl_em.predict.blockwise import open_source, predict_volume
+    from ssl_em.utils.io import check_output
 
+    inputs = [p for p in (spec_path(args.input), spec_path(args.mask) if args.mask else None) if p is not None]
+    check_output(args.output, inputs, overwrite=True)  # before any work; --overwrite is predict_volume's
     finetuned = _load_finetuned(args.model)
     if args.instances and finetuned is None:
         raise ConfigError(f"--instances needs a fine-tuned model folder (with its task); {args.model} is not one")
@@ -219,7 +225,7 @@ def main(argv: list[str]) -> int:
     activation = args.activation
     if activation == "auto":
         activation = "sigmoid" if finetuned is not None else "none"
-    src = open_source(args.input)
+    src = open_source(args.input, fill_missing=args.fill_missing)
     if args.roi:
         src = CroppedSource(src, parse_roi(args.roi, tuple(src.shape)))
     normalization = finetuned.normalization if finetuned is not None else None
@@ -231,7 +237,7 @@ def main(argv: list[str]) -> int:
     if mask is not None and args.roi:
         from ssl_em.data.volume import open_volume
 
-        mask_vol = open_volume(mask)
+        mask_vol = open_volume(mask, fill_missing=args.fill_missing)
         if tuple(mask_vol.shape) != tuple(src.src.shape[-3:]):
             raise ConfigError(f"--mask with --roi needs the mask at the input's shape {tuple(src.src.shape[-3:])}")
         mask = CroppedSource(mask_vol, src.box)
@@ -240,7 +246,7 @@ def main(argv: list[str]) -> int:
         blend=args.blend, batch_size=args.batch_size, precision=args.precision, device=args.device,
         mask=mask, out_dtype=args.out_dtype, normalization=normalization,
         activation=None if activation == "none" else activation, backend=args.backend,
-        scheduler=args.scheduler, resume=not args.no_resume, overwrite=args.overwrite,
+        scheduler=args.scheduler, resume=not args.no_resume, overwrite=args.overwrite, fill_missing=args.fill_missing,
         progress=not args.no_progress,
     )
     print(f"wrote {args.output}: shape {tuple(out.shape)} (c, z, y, x), chunks {tuple(out.chunks)}, {out.dtype}")

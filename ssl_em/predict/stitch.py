@@ -49,10 +49,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ssl_em.data.volume import spec_path
 from ssl_em.errors import ConfigError, VolumeError
 from ssl_em.predict import instances as inst
 from ssl_em.predict.blockwise import (BlockId, BlockPlan, Triple, _describe, _triple, default_normalization,
                                      open_source)
+from ssl_em.utils.io import check_output, writer_attrs
 
 Method = Literal["components", "watershed", "mito", "affinities"]
 METHODS = ("components", "watershed", "mito", "affinities")
@@ -265,7 +267,7 @@ def _create_labels(folder: Path, name: str, shape: tuple, chunks: tuple, dtype: 
     import zarr
 
     kw = dict(shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=["z", "y", "x"],
-              attributes={"resolution": list(voxel_size)})
+              attributes={"resolution": list(voxel_size), **writer_attrs("ssl_em.predict.stitch", sparse=True)})
     if not name.endswith(".ome.zarr"):
         zarr.create_array(str(folder), overwrite=True, **kw)
         return folder
@@ -326,6 +328,7 @@ def blockwise_instances(
     backend: Literal["local", "dask"] = "local",
     scheduler: Any = None,
     overwrite: bool = False,
+    fill_missing: bool = False,
     progress: bool = True,
     **method_kwargs: Any,
 ) -> Any:
@@ -354,7 +357,9 @@ def blockwise_instances(
         min_volume_nm3: objects smaller than this (summed over all blocks) become 0.
         backend: ``"local"`` or ``"dask"`` (``scheduler``: None -> LocalCluster of 2 processes,
             an address or a ``distributed.Client``).
-        overwrite: replace an existing ``dst`` (else ConfigError).
+        overwrite: replace an existing ``dst`` that ssl-em wrote (else ConfigError); an output that is,
+            holds or sits inside ``src``, or a folder ssl-em did not write, is never replaced.
+        fill_missing: read zarr chunks absent from a ``src`` that ssl-em did not write as the fill value.
 
     Returns:
         The output zarr array (opened read-only); ``attrs["num_instances"]`` = the number of ids.
@@ -369,7 +374,7 @@ def blockwise_instances(
         raise ConfigError(f"backend={backend!r} is not one of 'local', 'dask'")
     if method == "affinities" and "offsets" not in method_kwargs:
         raise ConfigError("method='affinities' needs offsets=[(dz, dy, dx), ...] (one per channel)")
-    source = open_source(src)
+    source = open_source(src, fill_missing=fill_missing)
     if len(source.shape) not in (3, 4):
         raise VolumeError(f"input {_describe(src)} has shape {tuple(source.shape)}; "
                           "expected (z, y, x) or (c, z, y, x)")
@@ -384,8 +389,7 @@ def blockwise_instances(
     region = tuple(b + 2 * v for b, v in zip(block, h))
     plan = BlockPlan(shape, block, tuple(2 * v for v in h), region)  # type: ignore[arg-type]
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise ConfigError(f"output {dst} exists; pass overwrite=True (--overwrite) to replace it")
+    check_output(dst, [p for p in [spec_path(src)] if p is not None], overwrite=overwrite)
 
     min_voxels = min_volume_nm3 / float(np.prod(vs))
     params = {"src": _describe(src), "shape": shape, "plan": [block, h], "method": method, "threshold": threshold,

@@ -61,6 +61,7 @@ class StudyConfig:
     voxel_size: tuple[float, float, float] | None = None
     precision: str = "auto"
     device: str = "auto"  # "auto": CUDA when a GPU is visible; budgets stay wall clock on either
+    fill_missing: bool = False  # zarr chunks absent from an input read as the fill value (else an error)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -37,15 +37,21 @@ class Study:
 
     def __init__(self, raw: Any, labels: Any, unlabeled: Sequence[Any] | None, cfg: StudyConfig,
                  out: str | Path, log: Callable[[str], None] = print) -> None:
-        from ssl_em.data.crops import Normalization, Region, as_volume, voxel_size_of
+        from ssl_em.data.crops import Normalization, Region, as_volume, check_same_grid, voxel_size_of
+        from ssl_em.data.volume import spec_path
+        from ssl_em.utils.io import claim_output_folder
 
         # the labelled volume is read into memory once (it is the small annotated part); the
         # unlabelled volumes stay lazy
         self.cfg, self.out, self.log = cfg, Path(out), log
-        self.raw_vol, lab_vol = as_volume(raw, cfg.voxel_size), as_volume(labels)
+        self.raw_vol = as_volume(raw, cfg.voxel_size, cfg.fill_missing)
+        lab_vol = as_volume(labels, fill_missing=cfg.fill_missing)
         if tuple(self.raw_vol.shape) != tuple(lab_vol.shape) or len(self.raw_vol.shape) != 3:
             raise LabelError(f"labels shape {tuple(lab_vol.shape)} does not match raw shape "
                              f"{tuple(self.raw_vol.shape)} (both must be (z, y, x))")
+        check_same_grid(lab_vol, self.raw_vol, cfg.voxel_size, "labels")
+        inputs = [spec_path(v) for v in (raw, labels, *(unlabeled or ()))]
+        claim_output_folder(self.out, [p for p in inputs if p is not None])
         cfg.voxel_size = voxel_size_of(self.raw_vol, cfg.voxel_size)
         self.regions = plan_regions(self.raw_vol.shape, cfg.patch_shape, cfg.eval_fraction, cfg.val_fraction)
         full = tuple(slice(0, n) for n in self.raw_vol.shape)
@@ -65,7 +71,7 @@ class Study:
         region: the evaluation region is never seen, not even without labels."""
         from ssl_em.data.crops import as_volume, volume_name
 
-        vols = [as_volume(v, self.cfg.voxel_size) for v in self.unlabeled]
+        vols = [as_volume(v, self.cfg.voxel_size, self.cfg.fill_missing) for v in self.unlabeled]
         self.unlabeled = vols
         me = volume_name(self.raw_vol)
         return [self.regions.train if (v is self.raw_vol or volume_name(v) == me) else None for v in vols]

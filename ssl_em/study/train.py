@@ -284,7 +284,7 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
 
     fam = FAMILIES[cfg.family]
     device = cfg.device  # resolved when the config was built
-    volumes = [as_volume(v, cfg.voxel_size) for v in volumes]
+    volumes = [as_volume(v, cfg.voxel_size, cfg.fill_missing) for v in volumes]
     kwargs = dict(cfg.encoder_kwargs)
     if cfg.family == "vit" and "img_size" not in kwargs and not cfg.encoder:
         kwargs["img_size"] = list(cfg.patch_shape)

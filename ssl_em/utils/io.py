@@ -1,13 +1,15 @@
-"""Atomic file and directory writes: readers never see a half-written result."""
+"""Atomic writes (readers never see a half-written result) and output checks (no output destroys an input
+or a folder ssl-em did not write)."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -20,7 +22,8 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _remove_stale_temporaries(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()
@@ -43,6 +46,30 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
         raise
 
 
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete what an earlier, killed write to ``target`` left: ``.{name}.{pid}.*.tmp`` siblings whose
+    process is gone (a live pid is another writer at work and is left alone)."""
+    prefix = f".{target.name}."
+    for tmp in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)
@@ -60,3 +87,84 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# -- outputs that may not destroy anything -----------------------------------------------------------
+WRITER_KEY = "ssl_em"  # attribute every ssl-em store carries: {"writer": module, "version": ...}
+_LEGACY_KEYS = ("ssl_em_predict",)  # predictions written before WRITER_KEY
+
+
+def writer_attrs(writer: str, sparse: bool = False) -> dict:
+    """The attribute that marks a store as ssl-em's own (so ``--overwrite`` may replace it); ``sparse``
+    stores leave chunks out on purpose (read as the fill value, not as a missing-chunk error)."""
+    from ssl_em import __version__
+
+    return {WRITER_KEY: {"writer": writer, "version": __version__, **({"absent_chunks": "fill"} if sparse else {})}}
+
+
+def _zarr_attrs(folder: Path) -> dict:
+    import json
+
+    for name, pick in ((".zattrs", lambda d: d), ("zarr.json", lambda d: d.get("attributes", {}))):
+        try:
+            return pick(json.loads((folder / name).read_text()))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return {}
+
+
+def written_by_ssl_em(path: str | os.PathLike) -> bool:
+    """True for a zarr store (or OME-Zarr image with array ``0``) whose attributes mark it as ssl-em's."""
+    path = Path(path)
+    for folder in (path, path / "0"):
+        attrs = _zarr_attrs(folder)
+        ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales") or [{}]
+        legacy_convert = str(((ms[0] or {}).get("metadata") or {}).get("writer", "")).startswith("ssl_em")
+        if WRITER_KEY in attrs or any(k in attrs for k in _LEGACY_KEYS) or legacy_convert:
+            return True
+    return False
+
+
+OUTPUT_MARKER = ".ssl_em_output"  # in every results folder ssl-em made (the study, the demo)
+
+
+def claim_output_folder(folder: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Make ``folder`` a results folder ssl-em may write into: new, empty, or claimed before (its marker
+    file); a folder with other content, or one that is, holds or sits inside an input, is a ConfigError."""
+    from ssl_em.errors import ConfigError
+
+    out = Path(folder)
+    marker = out / OUTPUT_MARKER
+    for given in inputs:
+        inp, here = Path(given).resolve(), out.resolve()
+        if here == inp or inp in here.parents or here in inp.parents:
+            raise ConfigError(f"output folder {folder} overlaps the input {given}: choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {folder} is a file: choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not marker.exists():
+        raise ConfigError(f"output folder {folder} already holds files ssl-em did not write: choose a new or "
+                          "empty folder (ssl-em writes results.md, results.json and PNGs there)")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return out
+
+
+def check_output(dst: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, overwrite: bool) -> None:
+    """Refuse (one-line ConfigError) an output that is, contains or sits inside an input; one that exists
+    and ssl-em did not write (never replaced, not even with ``overwrite``); and one that ssl-em wrote
+    when ``overwrite`` is False. Callers that resume their own output check it themselves first."""
+    from ssl_em.errors import ConfigError
+
+    out = Path(dst).resolve()
+    for given in inputs:
+        inp = Path(given).resolve()
+        if out == inp or inp in out.parents or out in inp.parents:
+            how = "is" if out == inp else "sits inside" if inp in out.parents else "contains"
+            raise ConfigError(f"output {dst} {how} the input {given}: choose an output outside every input")
+    if not out.exists():
+        return
+    if not written_by_ssl_em(out):
+        raise ConfigError(f"output {dst} exists and was not written by ssl-em, so it is never replaced "
+                          "(not even with --overwrite): remove it yourself or choose another output")
+    if not overwrite:
+        raise ConfigError(f"output {dst} exists; pass --overwrite (overwrite=True) to replace it")
