@@ -36,6 +36,21 @@ STUDY_METHODS: dict[str, tuple[str, bool]] = {
 }
 
 
+def plain_unet(out_channels: int, anisotropic: bool = True) -> torch.nn.Module:
+    """The U-Net a user would train from scratch instead (the study's ``unet`` baseline): MONAI's
+    residual 3-D U-Net, in-plane pooling first for anisotropic voxels (as nnU-Net does for ssTEM)."""
+    try:
+        from monai.networks.nets import UNet
+    except ImportError as err:  # pragma: no cover - monai is a dependency
+        raise ConfigError(f"network 'monai_unet' needs MONAI (pip install monai): {err}") from None
+    strides = ((1, 2, 2), (1, 2, 2), (2, 2, 2)) if anisotropic else (2, 2, 2)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=out_channels, channels=(16, 32, 64, 128),
+                strides=strides, num_res_units=1, norm="instance")
+
+
+NETWORKS = {"monai_unet": plain_unet}  # whole networks trained in full, instead of encoder + head + adapter
+
+
 def default_grad_checkpointing(adapter: str) -> bool:
     """Gradient checkpointing by default for the peft adapters (memory is why one picks them), not
     for ``full`` (speed) or ``frozen`` (the encoder keeps no activations for backward anyway)."""
@@ -64,6 +79,9 @@ class FineTuning(L.LightningModule):
         export_on_fit_end: when ``fit`` ends, write a deployable folder (:meth:`export`) that
             ``ssl-em predict --model FOLDER`` runs.
         export_dir: that folder; None = ``<trainer.log_dir>/model``.
+        network, network_kwargs: a whole network from :data:`NETWORKS` (``monai_unet``: the plain
+            U-Net baseline, ``{"anisotropic": bool}``) instead of encoder + head + adapter; trained in
+            full from random init, not exportable for ``ssl-em predict``.
     """
 
     def __init__(
@@ -83,6 +101,8 @@ class FineTuning(L.LightningModule):
         grad_checkpointing: bool | None = None,
         export_on_fit_end: bool = True,
         export_dir: str | None = None,
+        network: str | None = None,
+        network_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -91,6 +111,13 @@ class FineTuning(L.LightningModule):
 
         self.task = get_task(task, **(task_kwargs or {}))
         self.encoder_voxel_size: list[float] | None = None  # what the pretrained encoder saw (z, y, x) nm
+        self.data_description: dict[str, Any] = {}
+        if network is not None:
+            if network not in NETWORKS:
+                raise ConfigError(f"network {network!r} is not one of {', '.join(NETWORKS)}")
+            self.encoder_config: dict[str, Any] = {}
+            self.model = NETWORKS[network](self.task.num_outputs, **(network_kwargs or {}))
+            return
         if pretrained:
             net = load_encoder(pretrained).train()  # load_encoder returns eval mode (drop-path, norms)
             self.encoder_voxel_size = (net.pretrained_metadata.get("metadata") or {}).get("voxel_size")
@@ -102,7 +129,6 @@ class FineTuning(L.LightningModule):
         base = build_segmentation_model(net, head, out_channels=self.task.num_outputs)
         # base weights are final here (loaded above), so adapter injection comes after them
         self.model = add_adapter(base, method=adapter, **(adapter_kwargs or {}))
-        self.data_description: dict[str, Any] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw (B, 1, D, H, W) normalised to 0..1 -> logits (B, K, D, H, W)."""
@@ -115,9 +141,13 @@ class FineTuning(L.LightningModule):
         device = batch["raw"].device
         return torch.from_numpy(target).to(device), torch.from_numpy(mask).to(device)
 
-    def training_step(self, batch, batch_idx):
+    def probe_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of ``batch`` without logging (precision measurement, ``ssl_em.fit``)."""
         target, mask = self._targets(batch)
-        loss = self.task.loss(self(batch["raw"]).float(), target, mask)
+        return self.task.loss(self(batch["raw"]).float(), target, mask)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.probe_loss(batch)
         if not torch.isfinite(loss):  # Lightning would train on with NaN weights and exit normally
             raise FloatingPointError(f"train loss is {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["raw"].shape[0])
@@ -153,9 +183,10 @@ class FineTuning(L.LightningModule):
             from ssl_em.models.pretrained import check_voxel_size
 
             check_voxel_size(getattr(datamodule, "voxel_size", None), self.encoder_voxel_size,
-                             what=f"fine-tuning data {hp.get('raw') or 'volume'}")
-        if stage == "fit" and hp.get("labels") is not None:
-            self.check_labels(hp["labels"], hp.get("ignore_value"))
+                             what=f"fine-tuning data {hp['raw'] if isinstance(hp.get('raw'), str) else 'volume'}")
+        labels = datamodule.given("labels") if hasattr(datamodule, "given") else hp.get("labels")
+        if stage == "fit" and labels is not None:
+            self.check_labels(labels, hp.get("ignore_value"))
 
     def check_labels(self, labels: Any, ignore_value: int | None = None, slab: int = 16) -> None:
         """Raise LabelError (one line) when ``labels`` (a volume spec or array) hold values outside
@@ -182,7 +213,7 @@ class FineTuning(L.LightningModule):
             self.data_description = datamodule.describe()
 
     def on_fit_end(self) -> None:
-        if not self.hparams.export_on_fit_end:
+        if not self.hparams.export_on_fit_end or self.hparams.get("network"):
             return
         # trainer.log_dir broadcasts rank 0's value under DDP (a collective): every rank reads it
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
@@ -214,4 +245,6 @@ class FineTuning(L.LightningModule):
         plus the base encoder itself for random-init runs (see :mod:`ssl_em.adapters.export`)."""
         from ssl_em.adapters.export import export_finetuned
 
+        if self.hparams.get("network"):
+            raise ConfigError(f"network {self.hparams.network!r} is a baseline without an encoder: not exportable")
         return export_finetuned(self, out_dir)

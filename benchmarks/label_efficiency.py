@@ -1,17 +1,19 @@
-"""Label efficiency: pretrained encoder + LoRA vs the controls, under the same labels and wall clock.
+"""Label efficiency: pretrained encoder + LoRA vs the controls, under the same labels and step budget.
 
 The peers are what users otherwise do: train the same network from scratch (``scratch``), or a
 standard MONAI 3-D U-Net from scratch (``unet``); ``lora_random`` (LoRA + head on a random encoder)
 controls for optimisation speed: if it matches ``lora``, pretraining is not what helps. Every
-method gets its own learning rate from a short sweep on a validation slab of the training region;
-scores come from a spatially disjoint evaluation region (see ``ssl_em.study``). The last line is
+method gets its own learning rate from a short sweep on a validation slab of the training region,
+and each run keeps its best-validation weights; scores come from a spatially disjoint evaluation
+region (see ``ssl_em.study``). Budgets are optimiser steps; a rerun of the same command skips the
+runs ``results.jsonl`` already holds. The last line is
 the headline: ``lora`` minus the best of ``scratch``/``lora_random`` at the fraction nearest 5 %.
 
     .venv/bin/python benchmarks/label_efficiency.py --quick
     .venv/bin/python benchmarks/label_efficiency.py \\
         --unlabeled ../shared/data/vnc_gerhard2013_stack2.npz:raw ../shared/data/vnc_gerhard2013.npz:raw \\
         --raw ../shared/data/vnc_gerhard2013.npz:raw --labels ../shared/data/vnc_gerhard2013.npz:mito \\
-        --task mito --fractions 0.05,0.2,1.0 --seeds 3 --minutes 1 --pretrain-minutes 10 --out bench_out/le
+        --task mito --fractions 0.05,0.2,1.0 --seeds 3 --steps 400 --pretrain-steps 3000 --out bench_out/le
 """
 
 from __future__ import annotations
@@ -39,12 +41,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoder", metavar="NAME_OR_PATH", default="auto",
                    help="encoder to start from: 'auto' = the one ssl-em ships for the family, 'none' = random "
                    "init (then pretrained on --unlabeled or --raw), or a path or name")
-    p.add_argument("--minutes", type=float, default=1.0, help="fine-tuning budget per run")
+    p.add_argument("--steps", type=int, default=400, help="optimiser steps per fine-tuning run (default 400)")
+    p.add_argument("--val-every", type=int, default=50, help="validate and keep the best weights every N steps")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock guard for the whole study: start no "
+                   "run after this (a rerun continues)")
     p.add_argument("--adapter-kwargs", type=json.loads, default=None, metavar="JSON",
                    help='add_adapter options for lora and lora_random (default: the family\'s; cnn: '
                         '\'{"train_decoder": true}\'), e.g. \'{"r": 16, "train_decoder": false}\'')
-    p.add_argument("--pretrain-minutes", type=float, default=None,
-                   help="pretraining budget (default: 5 from random init; from a given encoder 5 with "
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="pretraining steps (default: 2000 from random init; from a given encoder 2000 with "
                    "--unlabeled, which continues pretraining on them, else 0: the encoder as it is)")
     p.add_argument("--family", default="cnn", choices=("cnn", "vit", "both"))
     p.add_argument("--patch", default="8,64,64", help="crop z,y,x")
@@ -89,15 +95,16 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
     quick = args.quick
     arch = ("unet3d_test" if family == "cnn" else "vit3d_test_patch2x16") if quick else None
     encoder = resolve_encoder(args.encoder, family, arch)
-    minutes = args.pretrain_minutes
-    if minutes is None:
-        minutes = 5.0 if encoder is None or args.unlabeled else 0.0
+    pretrain_steps = args.pretrain_steps
+    if pretrain_steps is None:
+        pretrain_steps = 2000 if encoder is None or args.unlabeled else 0
     cfg = StudyConfig(
         task=args.task, family=family, encoder=encoder, adapter_kwargs=args.adapter_kwargs,
         architecture=arch,
         methods=("lora", "scratch") if quick else tuple(args.methods.split(",")),
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
-        seconds=2.0 if quick else 60 * args.minutes, pretrain_seconds=2.0 if quick else 60 * minutes,
+        steps=12 if quick else args.steps, pretrain_steps=6 if quick else pretrain_steps,
+        val_every=4 if quick else args.val_every, batch_size=args.batch_size, max_minutes=args.minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int), voxel_size=vs,
         device=args.device,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else None,

@@ -4,8 +4,11 @@ With no arguments: start from the encoder ssl-em ships (``unet3d_tiny.spark_vnc`
 ssTEM; ``--encoder none`` starts from random weights, ``--family vit`` uses a ViT with MAE),
 continue its pretraining on an unlabelled phantom volume (seed 1), fine-tune with LoRA on a few labelled sections
 of a second phantom volume (seed 2), compare against the baselines under the same labels and
-wall-clock budget, and score everything on a spatially disjoint evaluation region (see
-:mod:`ssl_em.study`). ``--minutes`` is the total budget (default 8: under 10 minutes on 2 cores).
+step budget, and score everything on a spatially disjoint evaluation region (see
+:mod:`ssl_em.study`). Budgets are optimiser steps (``--steps`` per fine-tuning run,
+``--pretrain-steps``), so a run gives the same numbers whatever else the machine does;
+``--minutes`` only guards the wall clock (runs not started by then are left for a rerun, which
+continues where it stopped).
 
 Your data: ``--data UNLABELED_OR_RAW [...] --labels LABELS --task mito``. The labelled raw is the
 ``--data`` spec from the same file as ``--labels`` (else the first); all ``--data`` specs are
@@ -20,8 +23,6 @@ from pathlib import Path
 
 from ssl_em.errors import ConfigError
 
-PRETRAIN_SHARE = 0.25  # of the total budget
-TRAIN_SHARE = 0.6  # of the rest: the remainder covers model building, sweeps' scoring and evaluation
 
 
 def _file_of(spec: str) -> str:
@@ -52,7 +53,12 @@ def build_parser(prog: str = "ssl-em demo") -> argparse.ArgumentParser:
     p.add_argument("--encoder", metavar="NAME_OR_PATH", default="auto",
                    help="encoder to start from (pretraining continues on --data): 'auto' = the one ssl-em ships "
                    "for the family (ssl-em models --pretrained), 'none' = random init, or a path or name")
-    p.add_argument("--minutes", type=float, default=8.0, help="total wall-clock budget (default 8)")
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps per fine-tuning run (default 200)")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="pretraining steps (default 300; 0 with "
+                   "--encoder: fine-tune it as is)")
+    p.add_argument("--val-every", type=int, default=25, help="validate (and keep the best weights) every N steps")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock guard: start no run after this "
+                   "(a rerun continues); budgets are --steps")
     p.add_argument("--fractions", default="0.1,1.0", help="label fractions of the z-sections (default 0.1,1.0)")
     # frozen and full are available too; the default keeps the runs that carry the claim (pretraining
     # vs the lora_random control, scratch and a standard U-Net) long enough to learn in the budget
@@ -78,8 +84,7 @@ def main(argv: list[str]) -> int:
 
     if args.labels and not args.data:
         raise ConfigError(f"--labels {args.labels} needs --data with the matching raw volume")
-    total = args.minutes * 60.0
-    if total <= 0:
+    if args.minutes is not None and args.minutes <= 0:
         raise ConfigError(f"--minutes {args.minutes} must be positive")
     tiny = args.tiny
     if args.threads:
@@ -93,11 +98,11 @@ def main(argv: list[str]) -> int:
         encoder=resolve_encoder(args.encoder, args.family, arch), architecture=arch,
         methods=("lora", "scratch") if tiny else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         fractions=(0.25,) if tiny else _floats(args.fractions), seeds=args.seeds,
-        pretrain_seconds=PRETRAIN_SHARE * total, patch_shape=patch,  # type: ignore[arg-type]
-        voxel_size=_floats(args.voxel_size) if args.voxel_size else None,  # type: ignore[arg-type]
-        device=args.device, fill_missing=args.fill_missing, sweep_every_fraction=False, max_eval_voxels=1_500_000, max_val_voxels=400_000, lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if tiny else None,
+        steps=args.steps, pretrain_steps=args.pretrain_steps, val_every=args.val_every, max_minutes=args.minutes,
+        patch_shape=patch, voxel_size=_floats(args.voxel_size) if args.voxel_size else None,  # type: ignore[arg-type]
+        device=args.device, fill_missing=args.fill_missing, sweep_every_fraction=False, max_eval_voxels=1_500_000,
+        max_val_voxels=400_000, lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if tiny else None,
     )
-    cfg.seconds = TRAIN_SHARE * (1 - PRETRAIN_SHARE) * total / budget_units(cfg)
     if args.labels:
         raw = pick_labelled(args.data, args.labels)
         labels, unlabeled = args.labels, list(args.data)
@@ -114,9 +119,9 @@ def main(argv: list[str]) -> int:
         cfg.voxel_size = cfg.voxel_size or tuple(float(v) for v in target.voxel_size)  # type: ignore[assignment]
         print(f"phantom: labelled volume {shapes[0]} (seed 2), unlabelled volume {shapes[1]} (seed 1), "
               f"voxel size {cfg.voxel_size} nm")
-    print(f"encoder: {cfg.encoder or 'random init ' + cfg.arch}; budget {args.minutes:g} min: pretraining "
-          f"{cfg.pretrain_seconds:.0f} s, {cfg.seconds:.1f} s per "
-          f"fine-tuning run, methods {', '.join(cfg.methods)}, label fractions {cfg.fractions}")
+    print(f"encoder: {cfg.encoder or 'random init ' + cfg.arch}; pretraining {cfg.pretrain_steps} steps, "
+          f"{cfg.steps} steps per fine-tuning run ({budget_units(cfg):g} runs' worth with the rate sweeps), "
+          f"methods {', '.join(cfg.methods)}, label fractions {cfg.fractions}")
     t0 = time.perf_counter()
     out = Path(args.out)
     records = Study(raw, labels, unlabeled, cfg, out).run()

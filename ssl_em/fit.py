@@ -3,7 +3,8 @@
 A thin LightningCLI: the typed constructors of the LightningModule and the data module are the
 config, recipes are YAML with ``class_path``/``init_args``. What this adds to LightningCLI:
 
-* ``precision: auto`` (the default) -> bf16-mixed only where the hardware does bf16 natively;
+* ``precision: auto`` (the default) -> a few steps of this model on this device timed in fp32 and bf16,
+  the faster that stays finite (cached per machine, model and crop; ``ssl_em.utils.precision``);
 * checkpoints are safetensors (:class:`SafetensorsCheckpointIO`), with a
   ``last.ckpt`` so ``--ckpt_path last`` resumes an interrupted run;
 * ``--data`` accepts volume specs directly: ``ssl-em fit --config r.yaml --data a.zarr b.h5:/raw``.
@@ -15,27 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from ssl_em.utils.checkpoint import load_checkpoint, save_checkpoint
+from ssl_em.utils.checkpoint import SafetensorsCheckpointIO, load_checkpoint
 from ssl_em.utils.precision import lightning_precision
-
-
-class SafetensorsCheckpointIO(CheckpointIO):
-    """Lightning CheckpointIO writing :func:`save_checkpoint` files (``.ckpt`` name, safetensors inside)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        if storage_options is not None:
-            raise TypeError("SafetensorsCheckpointIO takes no storage_options")
-        save_checkpoint(checkpoint, path)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        return load_checkpoint(path)
-
-    def remove_checkpoint(self, path) -> None:
-        Path(path).unlink(missing_ok=True)
 
 
 def _device_type(accelerator: Any) -> str:
@@ -81,6 +66,12 @@ def _checkpoints_below(root: Path, depth: int = 4) -> list[Path]:
 
 
 class SslEmCLI(LightningCLI):
+    def _measured_precision(self) -> str | None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand != "fit" or str(config.get("precision", "auto")).lower() != "auto":
+            return None
+        return _measured_precision_of(self.model, self.datamodule, _device_type(config.trainer.accelerator))
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--precision", default="auto",
@@ -109,12 +100,30 @@ class SslEmCLI(LightningCLI):
         self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any):
+        measured = self._measured_precision()
+        if measured is not None:
+            kwargs["precision"] = measured
         trainer_config = self._get(self.config_init, "trainer", default={})
         plugins = trainer_config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins.append(SafetensorsCheckpointIO())
         return super().instantiate_trainer(plugins=plugins, **kwargs)
+
+
+def _measured_precision_of(model: Any, datamodule: Any, device_type: str) -> str | None:
+    """Lightning precision for ``precision: auto``, timed on one batch (None: nothing to time)."""
+    from ssl_em.utils.precision import lightning_precision, measure_module_precision
+
+    if not hasattr(model, "probe_loss") or datamodule is None or not hasattr(datamodule, "train_dataloader"):
+        return None
+    batch = next(iter(datamodule.train_dataloader()))
+    record = measure_module_precision(model, batch, device_type)
+    ms = record["ms_per_step"]
+    print(f"ssl-em fit: precision auto -> {record['precision']} (fp32 {ms.get('32')} ms, bf16 {ms.get('bf16')} ms per "
+          f"step{', bf16 not finite' if not record['finite'].get('bf16') else ''}"
+          f"{', cached' if record['cached'] else ''})", file=sys.stderr)
+    return lightning_precision(record["precision"], device_type)
 
 
 def _expand_data_shortcut(argv: list[str]) -> list[str]:

@@ -61,3 +61,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_precision_cache(tmp_path_factory):
+    """Precision measurements (``precision: auto``) cache to a per-session folder, never ~/.cache."""
+    old = os.environ.get("SSL_EM_CACHE")
+    os.environ["SSL_EM_CACHE"] = str(tmp_path_factory.mktemp("ssl_em_cache"))
+    yield
+    if old is None:
+        os.environ.pop("SSL_EM_CACHE", None)
+    else:
+        os.environ["SSL_EM_CACHE"] = old

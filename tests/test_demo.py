@@ -1,4 +1,4 @@
-"""``ssl-em demo`` through the real CLI (hidden tiny mode: toy network, small phantoms, seconds of budget)."""
+"""``ssl-em demo`` through the real CLI (hidden tiny mode: toy network, small phantoms, a few steps)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ssl_em.demo import pick_labelled
 
 def test_demo_runs_through_the_cli_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli_main(["demo", "--tiny", "--minutes", "0.15", "--out", str(out)]) == 0
+    assert cli_main(["demo", "--tiny", "--steps", "12", "--pretrain-steps", "6", "--val-every", "4", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| lora |" in printed and printed.strip().splitlines()[-1].startswith("lora vs best of scratch")
     doc = json.loads((out / "results.json").read_text())

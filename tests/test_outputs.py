@@ -144,7 +144,7 @@ def test_study_and_demo_results_go_only_to_folders_ssl_em_made(thesis: Path, tmp
     Study(raw, labels, None, cfg, tmp_path / "results")
     assert (tmp_path / "results" / OUTPUT_MARKER).exists()
     Study(raw, labels, None, cfg, tmp_path / "results")  # its own folder again: a rerun writes there
-    assert cli_main(["demo", "--tiny", "--out", str(thesis), "--minutes", "0.1"]) == 2
+    assert cli_main(["demo", "--tiny", "--out", str(thesis), "--steps", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds files ssl-em did not write" in err[0]
     assert _snapshot(thesis) == before

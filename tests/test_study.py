@@ -9,7 +9,6 @@ import pytest
 
 from ssl_em.data.crops import check_disjoint
 from ssl_em.errors import ConfigError
-from ssl_em.study.train import _schedule
 from ssl_em.study import (
     METRICS,
     Study,
@@ -56,11 +55,6 @@ def test_label_fractions_keep_at_least_one_section_reproducibly():
     assert len(draws) > 1  # seeds draw different sections
 
 
-def test_schedule_warms_up_then_anneals():
-    assert _schedule(0.0) < _schedule(0.05) == pytest.approx(1.0)
-    assert _schedule(0.5) < 1.0 and _schedule(1.0) == pytest.approx(0.05)
-
-
 def test_config_rejects_unknown_methods_and_fractions():
     with pytest.raises(ConfigError, match="unknown methods"):
         StudyConfig(methods=("lora", "magic"))
@@ -68,6 +62,8 @@ def test_config_rejects_unknown_methods_and_fractions():
         StudyConfig(fractions=(0.0,))
     cfg = StudyConfig(methods=("lora", "scratch"), fractions=(0.1, 1.0), seeds=2, lrs={"lora": (1e-3,)})
     assert budget_units(cfg) == pytest.approx(2 * 2 * 2 + 2 * 3 * cfg.sweep_share)  # scratch sweeps 3 rates twice
+    with pytest.raises(ConfigError, match="steps 0"):
+        StudyConfig(steps=0)
 
 
 def test_tables_and_headline_from_records():
@@ -98,12 +94,22 @@ def test_tiny_study_end_to_end(tmp_path):
     np.savez(tmp_path / "pool.npz", raw=pool.raw)
     raw, labels = f"{tmp_path / 'target.npz'}:raw", f"{tmp_path / 'target.npz'}:mito"
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("lora", "scratch"), fractions=(0.25,),
-                      seconds=0.5, pretrain_seconds=0.5, patch_shape=(8, 32, 32), voxel_size=target.voxel_size,
-                      lrs={"lora": (3e-3, 1e-2), "scratch": (1e-3,)}, sweep_share=0.5)
+                      steps=12, pretrain_steps=6, val_every=4, patch_shape=(8, 32, 32), voxel_size=target.voxel_size,
+                      lrs={"lora": (3e-3, 1e-2), "scratch": (1e-3,)}, sweep_share=0.5, precision="32")
     study = Study(raw, labels, [f"{tmp_path / 'pool.npz'}:raw", raw], cfg, tmp_path / "out")
     # the labelled raw is pretraining data only through its training region
     assert study._pretraining_regions() == [None, study.regions.train]
-    records = study.run()
+    from ssl_em.adapters.finetune import FineTuning
+
+    steps_taken = []  # every fine-tuning step of the study is a FineTuning training step under a Trainer
+    original = FineTuning.training_step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FineTuning, "training_step", lambda self, b, i: steps_taken.append(i) or original(self, b, i))
+        records = study.run()
+    assert len(steps_taken) == 2 * 6 + 2 * 12  # the lora sweep (2 rates x 6 steps), then a 12-step run per method
+    import ssl_em.study.train as study_train
+
+    assert not {"train_for", "finetune", "predict"} & set(vars(study_train))  # no second loop left
     tmp_path = tmp_path / "out"
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["records"] == records
@@ -112,7 +118,10 @@ def test_tiny_study_end_to_end(tmp_path):
     assert all(set(r) == {"method", "fraction", "seed", "metric", "value"} for r in records)
     _assert_dice_matches_iou(records)
     assert [run["label_sections"] for run in doc["runs"]] == [label_sections(8, 0.25, 0).tolist()] * 2
-    assert doc["runs"][0]["lr"] in (3e-3, 1e-2) and doc["pretraining"]["steps"] >= 2
+    assert doc["runs"][0]["lr"] in (3e-3, 1e-2) and doc["pretraining"]["steps"] == 6
+    assert all(run["steps"] == 12 and run["status"] == "ok" for run in doc["runs"])
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [line["key"][0] for line in lines] == ["pretraining", "sweep", "run", "run"]
     assert len(doc["pretraining"]["data"]) == 2
     assert "| lora |" in (tmp_path / "results.md").read_text()
     for png in ("label_efficiency.png", "overlays.png", "pretrain/loss.png", "pretrain/reconstruction.png"):
@@ -120,19 +129,22 @@ def test_tiny_study_end_to_end(tmp_path):
     assert (tmp_path / "pretrain" / "encoder" / "encoder.safetensors").exists()
 
 
-def test_foreground_sampler_finds_rare_labelled_foreground():
-    from ssl_em.data.crops import SliceMask
-    from ssl_em.study.train import LabelledForegroundSampler
+def test_labelled_sampler_moves_crops_onto_rare_labelled_foreground():
+    from ssl_em.data.crops import LabelledSliceSampler, SliceMask
 
     labels = np.zeros((8, 128, 128), np.uint8)
     labels[:, 100:110, 20:30] = 1  # one small object; sections 2 and 5 are labelled
     mask = SliceMask(labels.shape, [2, 5])
     rng = np.random.default_rng(0)
-    sampler = LabelledForegroundSampler(p_foreground=1.0, max_tries=50)
+    sampler = LabelledSliceSampler(p_foreground=1.0, max_tries=50)
     for _ in range(10):
         box = sampler(labels.shape, (4, 32, 32), rng, labels=labels, mask=mask)
         m = mask[box]
         assert m.any() and labels[box][m].any()  # a labelled section, with foreground on it
+    plain = LabelledSliceSampler(max_tries=50)  # without: most crops hold background only
+    hits = [labels[b][mask[b]].any() for b in (plain(labels.shape, (4, 32, 32), rng, labels=labels, mask=mask)
+                                                 for _ in range(20))]
+    assert sum(hits) < 10
 
 
 def test_sweep_keeps_the_grid_centre_when_validation_sections_hold_no_foreground(tmp_path):
@@ -142,7 +154,7 @@ def test_sweep_keeps_the_grid_centre_when_validation_sections_hold_no_foreground
     labels = np.zeros(raw.shape, np.uint8)  # empty validation part: nothing for a metric to rank
     labels[:, :40, :20] = 1  # foreground only far from the validation slab
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch",), fractions=(0.25,),
-                      seconds=0.5, pretrain_seconds=0.5, patch_shape=(8, 32, 32), voxel_size=(40.0, 8.0, 8.0),
+                      steps=4, pretrain_steps=2, patch_shape=(8, 32, 32), voxel_size=(40.0, 8.0, 8.0),
                       lrs={"scratch": (1e-3, 3e-3, 1e-2)})
     study = Study(raw, labels, [raw], cfg, tmp_path / "out")
     assert not labels[study.regions.val].any()
@@ -158,9 +170,9 @@ def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_pat
     target = make_phantom((8, 160, 64), seed=2)
     enc = ssl_em.save_encoder(ssl_em.create_encoder("unet3d_test"), tmp_path / "enc",
                               {"voxel_size": [50.0, 4.0, 4.0], "method": "spark"})
-    cfg = StudyConfig(task="membrane", architecture="unet3d_test", encoder=str(enc), pretrain_seconds=0,
+    cfg = StudyConfig(task="membrane", architecture="unet3d_test", encoder=str(enc), pretrain_steps=0,
                       adapter_kwargs={"train_decoder": True}, methods=("lora", "scratch"), fractions=(0.25,),
-                      seconds=0.5, patch_shape=(8, 32, 32),
+                      steps=8, val_every=4, patch_shape=(8, 32, 32), precision="32",
                       voxel_size=target.voxel_size, lrs={"lora": (1e-2,), "scratch": (3e-3,)})
     lines: list[str] = []
     records = Study(target.raw, target.membrane, None, cfg, tmp_path / "out", log=lines.append).run()
@@ -168,10 +180,10 @@ def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_pat
     _assert_dice_matches_iou(records)
     warning = next(line for line in lines if "VoxelSize" in line or "voxel size" in line)
     assert "(40, 8, 8) nm differs" in warning and "(50, 4, 4)" in warning
-    from ssl_em.study.train import build_learner
+    from ssl_em.study.train import build_module
 
-    learner = build_learner("lora", cfg, str(enc), seed=0)  # adapter_kwargs reach add_adapter
-    assert "encoder.decoder" in " ".join(learner.net.spec["modules_to_save"])
+    module = build_module("lora", cfg, str(enc), seed=0, lr=1e-2, steps=8)  # adapter_kwargs reach add_adapter
+    assert "encoder.decoder" in " ".join(module.model.spec["modules_to_save"])
 
 
 def test_device_choice_and_clear_errors():
@@ -187,3 +199,64 @@ def test_device_choice_and_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
             resolve_device("cuda:0")
+
+
+def _small_study(tmp_path, methods=("lora", "scratch"), lrs=None, **kw):
+    from ssl_em.data.phantom import make_phantom
+
+    target = make_phantom((8, 160, 64), seed=2)
+    cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=methods, fractions=(0.25,), steps=8,
+                      pretrain_steps=4, val_every=4, patch_shape=(8, 32, 32), voxel_size=target.voxel_size,
+                      lrs=lrs or {"lora": (6e-3,), "scratch": (1.5e-3,)}, precision="32", **kw)
+    return lambda out, log=print: Study(target.raw, target.mito, None, cfg, tmp_path / out, log=log)
+
+
+def _lines(path):
+    """results.jsonl without what differs between identical runs (wall clock)."""
+    from ssl_em.study.runner import TIMING
+
+    lines = [json.loads(line) for line in (path / "results.jsonl").read_text().splitlines()]
+    for line in lines:
+        for key in TIMING:
+            line.pop(key, None)
+        line.get("pretraining", {}).pop("seconds", None)
+        line["pretraining"] = {k: v for k, v in line.get("pretraining", {}).items() if k != "encoder"}
+    return lines
+
+
+def test_same_seed_same_records_and_a_killed_study_continues_where_it_stopped(tmp_path):
+    """Budgets are steps: two runs of the same study give identical records. A study killed after its
+    first run, rerun, skips what it finished and ends with the lines of one never killed."""
+    from ssl_em.study import runner
+
+    study = _small_study(tmp_path)
+    records = study("a").run()
+    assert study("b").run() == records
+    calls = []
+    original = runner.Study._train
+
+    def killed_after_one(self, *args, **kwargs):
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the second run is killed
+        calls.append(args)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner.Study, "_train", killed_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            study("c").run()
+    assert [line["key"][0] for line in _lines(tmp_path / "c")] == ["pretraining", "run"]
+    logged: list[str] = []
+    assert study("c", logged.append).run() == records
+    assert any("2 finished step(s) found" in line for line in logged)
+    assert _lines(tmp_path / "c") == _lines(tmp_path / "a")
+
+
+def test_a_diverging_run_is_retried_then_recorded_and_the_study_goes_on(tmp_path):
+    logged: list[str] = []
+    records = _small_study(tmp_path, lrs={"lora": (6e-3,), "scratch": (1e30,)})("out", logged.append).run()
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    scratch = next(run for run in doc["runs"] if run["method"] == "scratch")
+    assert scratch["status"] == "diverged" and scratch["diverged_at"] == [1e30, 1e30 / 3]
+    assert sum("diverged at lr" in line for line in logged) == 2
+    assert {r["method"] for r in records} == {"lora"}  # the study went on; lora was scored

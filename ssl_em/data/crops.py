@@ -263,12 +263,17 @@ class LabelledSliceSampler:
 
     Labelled = ``mask > 0`` where a mask is given, else ``labels != ignore_value`` (with neither,
     crops are uniform). A labelled slice along ``axis`` is drawn first, then a box containing it;
-    sparse labels within a slice (scribbles) get up to ``max_tries`` in-plane redraws.
+    sparse labels within a slice (scribbles) get up to ``max_tries`` in-plane redraws. A
+    ``p_foreground`` share of the boxes is then moved in-plane (at most ``max_tries`` times) until its
+    labelled voxels include foreground: a few sections of a rare structure (mitochondria ~5 %,
+    synapses ~0.6 % of voxels) otherwise give batches of background only, and a short run learns to
+    predict nothing (nnU-Net oversamples foreground likewise).
     """
 
     ignore_value: int | None = None
     axis: int = 0
     max_tries: int = 10
+    p_foreground: float = 0.0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict:  # the cache is keyed by object id: valid in one process only
@@ -307,7 +312,20 @@ class LabelledSliceSampler:
             box[a] = slice(start, start + p)
             if self._is_labelled(np.asarray(src[tuple(box)]), from_mask).any():
                 break
+        if labels is not None and self.p_foreground > 0 and rng.random() < self.p_foreground:
+            for _ in range(self.max_tries):
+                if self._labelled_foreground(labels, src, tuple(box), from_mask):
+                    break
+                moved = list(uniform_box(shape, patch_shape, rng))
+                moved[a] = box[a]
+                box = moved
         return tuple(box)
+
+    def _labelled_foreground(self, labels: Any, src: Any, box: Box, from_mask: bool) -> bool:
+        labelled = self._is_labelled(np.asarray(src[box]), from_mask)
+        lab = np.asarray(labels[box])
+        fg = (lab > 0) if self.ignore_value is None else (lab > 0) & (lab != self.ignore_value)
+        return bool((fg.reshape(-1, *labelled.shape).any(axis=0) & labelled).any())
 
 
 # --------------------------------------------------------------------------- sparse labels, splits

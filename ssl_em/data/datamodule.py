@@ -12,6 +12,8 @@ checkpoints) records normalisation and voxel size so prediction can reproduce th
 
 from __future__ import annotations
 
+import os
+
 import warnings
 from typing import Any, Literal
 
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ssl_em.data.augment import default_em_augment
 from ssl_em.data.crops import (
+    Box,
     CropDataset,
     EpochSampler,
     ForegroundSampler,
@@ -32,6 +35,7 @@ from ssl_em.data.crops import (
     TwoViewDataset,
     UniformSampler,
     as_volume,
+    check_disjoint,
     sparse_slices,
     split_regions,
     volume_name,
@@ -96,6 +100,10 @@ class EMDataModule(L.LightningDataModule):
         label_slices: keep labels on only this many training z-sections (few-label regime), chosen
             among the sections that hold annotation (mask > 0, or a value other than ``ignore_value``).
         fill_missing: read zarr chunks absent from the stores as the fill value (default: an error).
+        train_region, val_region: explicit boxes ``[[z0, z1], [y0, y1], [x0, x1]]`` of one labelled
+            volume instead of the ``val_fraction`` split (the label-efficiency study's in-plane slabs).
+        label_sections: the z-sections that keep labels (training and validation alike: the only
+            labels a user has), instead of ``label_slices`` drawn at random.
     """
 
     def __init__(
@@ -125,9 +133,18 @@ class EMDataModule(L.LightningDataModule):
         phantom_shape: tuple[int, int, int] = (48, 192, 192),
         seed: int = 0,
         fill_missing: bool = False,
+        train_region: list[list[int]] | None = None,
+        val_region: list[list[int]] | None = None,
+        label_sections: list[int] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # arrays given in memory (the study's normalised volume) stay out of the hyper-parameters that
+        # every checkpoint stores: a description stands in for them there
+        self._in_memory = {k: v for k, v in (("raw", raw), ("labels", labels), ("mask", mask))
+                           if v is not None and not isinstance(v, (str, os.PathLike))}
+        self.save_hyperparameters(ignore=list(self._in_memory))
+        for name, value in self._in_memory.items():
+            self.hparams[name] = f"<array {tuple(getattr(value, 'shape', ()))} {getattr(value, 'dtype', '')}>"
         if labels is not None and raw is None:
             raise ConfigError(f"labels {labels!r} given without raw: set raw to the matching EM volume")
         if not 0 <= val_fraction < 1:
@@ -150,11 +167,12 @@ class EMDataModule(L.LightningDataModule):
         """(raw volumes, labels or None, mask or None), opened lazily from the specs or the phantom."""
         hp, vs = self.hparams, self.hparams.voxel_size
         fill = hp.get("fill_missing", False)
-        if hp.labels is not None:
-            mask = None if hp.mask is None else as_volume(hp.mask, fill_missing=fill)
-            return [as_volume(hp.raw, vs, fill)], as_volume(hp.labels, fill_missing=fill), mask
-        if hp.unlabeled or hp.raw is not None:
-            return [as_volume(s, vs, fill) for s in (hp.unlabeled or [hp.raw])], None, None
+        raw, labels, mask = self.given("raw"), self.given("labels"), self.given("mask")
+        if labels is not None:
+            mask = None if mask is None else as_volume(mask, fill_missing=fill)
+            return [as_volume(raw, vs, fill)], as_volume(labels, fill_missing=fill), mask
+        if hp.unlabeled or raw is not None:
+            return [as_volume(s, vs, fill) for s in (hp.unlabeled or [raw])], None, None
         from ssl_em.data.phantom import make_phantom  # lazy: only the demo path needs it
 
         ph = make_phantom(tuple(hp.phantom_shape), seed=hp.seed)
@@ -166,12 +184,16 @@ class EMDataModule(L.LightningDataModule):
             raise ConfigError(f"task {hp.task!r} has no phantom labels: use one of {', '.join(PHANTOM_LABELS)}")
         return [ph.raw], getattr(ph, field), None
 
+    def given(self, name: str) -> Any:
+        """The ``raw`` / ``labels`` / ``mask`` passed in: a spec, or the array itself."""
+        return self._in_memory.get(name, self.hparams.get(name))
+
     def _sampler(self, labelled: bool, sparse: bool) -> Any:
         kind = self.hparams.sampler or ("labelled" if sparse else "foreground" if labelled else "uniform")
         if kind == "foreground":
             return ForegroundSampler(ignore_value=self.hparams.ignore_value)
-        if kind == "labelled":
-            return LabelledSliceSampler(ignore_value=self.hparams.ignore_value)
+        if kind == "labelled":  # half the crops moved onto labelled foreground (rare structures)
+            return LabelledSliceSampler(ignore_value=self.hparams.ignore_value, p_foreground=0.5)
         if kind == "uniform":
             return UniformSampler()
         raise ConfigError(f"sampler {kind!r} is not one of uniform, foreground, labelled")
@@ -186,8 +208,11 @@ class EMDataModule(L.LightningDataModule):
         self.voxel_size = voxel_size_of(raws[0], override)
         # validation: the last sections of every volume (split_regions guarantees disjoint boxes)
         pz, frac = self.patch_shape[0] + (hp.min_view_shift[0] if hp.two_views else 0), hp.val_fraction  # z it needs
-        splits = [split_regions(r.shape, frac, min_size=pz) if frac > 0 else (None, None) for r in raws]
-        train_boxes, val_boxes = [s[0] for s in splits], [s[1] for s in splits]
+        if hp.get("train_region") is not None:
+            train_boxes, val_boxes = self._given_regions(raws)
+        else:
+            splits = [split_regions(r.shape, frac, min_size=pz) if frac > 0 else (None, None) for r in raws]
+            train_boxes, val_boxes = [s[0] for s in splits], [s[1] for s in splits]
         # one fit per volume, on its training part, shared by its validation crops; a resumed run
         # keeps the checkpoint's values (load_state_dict) instead of refitting
         restored, t = self._restored, self.norm_template
@@ -200,7 +225,10 @@ class EMDataModule(L.LightningDataModule):
             self.normalizations = [fit(r, b) for r, b in zip(raws, train_boxes)]
         self.normalization = self.normalizations[0]
         train_mask = mask
-        if labels is not None and hp.label_slices is not None:  # few-label regime: a few training sections
+        if labels is not None and hp.get("label_sections") is not None:  # the sections a user labelled
+            keep = SliceMask(raws[0].shape, [int(z) for z in hp.label_sections])
+            mask = train_mask = keep if mask is None else _AllOf(mask, keep)
+        elif labels is not None and hp.label_slices is not None:  # few-label regime: a few training sections
             unannotated = _unannotated_sections(labels, mask, hp.ignore_value)
             val_z = range(val_boxes[0][0].start, val_boxes[0][0].stop) if val_boxes[0] else range(0)
             exclude = sorted(set(unannotated) | set(val_z))  # never the validation sections, never blank ones
@@ -225,7 +253,27 @@ class EMDataModule(L.LightningDataModule):
             )
 
         self.train_set = build(train_boxes, hp.samples_per_epoch, hp.seed, train=True)
-        self.val_set = build(val_boxes, hp.val_samples, hp.seed + 1, train=False) if frac > 0 else None
+        has_val = any(b is not None for b in val_boxes)
+        self.val_set = build(val_boxes, hp.val_samples, hp.seed + 1, train=False) if has_val else None
+
+    def _given_regions(self, raws: list[Any]) -> tuple[list[Box], list[Box | None]]:
+        """``train_region`` / ``val_region`` as boxes of the one labelled volume, checked disjoint."""
+        hp = self.hparams
+        if len(raws) != 1:
+            raise ConfigError(f"train_region needs one volume, got {len(raws)}")
+
+        def box(given: Any, what: str) -> Box:
+            b = tuple(slice(int(lo), int(hi)) for lo, hi in given)
+            if len(b) != 3 or any(not 0 <= s.start < s.stop <= n for s, n in zip(b, raws[0].shape)):
+                raise ConfigError(f"{what} {given} is not a box [[z0, z1], [y0, y1], [x0, x1]] inside "
+                                  f"the volume's shape {tuple(raws[0].shape)}")
+            return b
+
+        train = box(hp.train_region, "train_region")
+        val = box(hp.val_region, "val_region") if hp.get("val_region") is not None else None
+        if val is not None:
+            check_disjoint(train, val, ("train_region", "val_region"))
+        return [train], [val]
 
     def _augment_kwargs(self) -> dict[str, Any]:
         vs = self.voxel_size

@@ -128,6 +128,10 @@ class Pretraining(L.LightningModule):
             self.log(f"{stage}/{name}", value, on_step=stage == "train", on_epoch=stage == "val", batch_size=size)
         return loss
 
+    def probe_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of ``batch`` without logging (precision measurement, ``ssl_em.fit``)."""
+        return self._objective_loss(batch)[0]
+
     def _objective_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         if self.two_views:
             if "view1" not in batch:

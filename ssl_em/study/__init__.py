@@ -4,25 +4,29 @@ One engine for ``ssl-em demo`` and ``benchmarks/label_efficiency.py``:
 
 1. **Regions.** The labelled volume is split in-plane (along y) into a training region and a
    disjoint evaluation region with a gap of at least half a patch (checked by ``check_disjoint``).
-   The last y-slab of the training region is the validation part used only to pick learning rates.
+   The last y-slab of the training region is held back for validation: it ranks learning rates and
+   picks each run's best weights; runs train on the rest (``fit``).
 2. **Labels.** A label fraction keeps labels on that fraction of the z-sections (at least one,
-   reproducible per seed, ``sparse_slices``); every other voxel is unlabelled (mask 0).
-3. **Pretraining** (once per study, wall-clock budget) of the family's encoder on the unlabelled
-   volumes (never on the evaluation region), exported with ``save_encoder``.
-4. **Methods** (``METHODS``), each with the same labels, the same wall-clock budget and its own
-   learning rate from a short sweep scored on the validation part:
+   reproducible per seed, ``sparse_slices``); every other voxel is unlabelled (mask 0), in training
+   and validation alike.
+3. **Pretraining** (once per study, ``pretrain_steps``) of the family's encoder on the unlabelled
+   volumes (never on the evaluation region) with the ``Pretraining`` module, exported with ``save_encoder``.
+4. **Methods** (``METHODS``), each with the same labels, the same step budget and its own learning
+   rate from a short sweep scored on the validation slab:
    ``lora`` / ``frozen`` / ``full`` start from the pretrained encoder; ``scratch`` is the same
    network from random init, all trained; ``lora_random`` is LoRA + head on a random encoder (the
    control: if it matches ``lora``, the pretrained features are not what helps); ``unet`` is a
-   standard MONAI 3-D U-Net trained from scratch as users otherwise would (a different network
-   from the ``scratch`` U-Net of the cnn family).
-5. **Evaluation** on the evaluation region: sliding-window probabilities -> the task's
-   post-processing -> metrics (IoU for mito/synapse, VOI and adapted Rand error for neurons).
+   standard MONAI 3-D U-Net trained from scratch as users otherwise would.
+5. **One pipeline.** Every run is an ``ssl-em fit`` fine-tuning run: ``FineTuning`` + ``EMDataModule`` +
+   a Lightning ``Trainer`` with ``max_steps``, validation every ``val_every`` steps and the best
+   checkpoint (``ModelCheckpoint``); evaluation goes through ``predict_volume`` (``ssl-em predict``),
+   then the task's post-processing and metrics (IoU for mito/synapse, VOI and adapted Rand error for
+   neurons). Budgets are steps, so the same seed gives the same records whatever else the machine does.
+6. **Runs that survive.** Each finished step is appended to ``results.jsonl``; a rerun skips them.
+   A diverging run is retried at a third of its rate, then recorded as ``diverged``.
 
-Training is a plain loop rather than a Lightning ``Trainer``: each run is seconds to minutes and a
-study holds dozens of them, and the learning rate follows a warm-up-cosine schedule over the run's
-*wall-clock* budget (not a step count), so every method gets the same time and ends annealed.
-Outputs in ``out``: ``results.json`` (records ``{method, fraction, seed, metric, value}``),
+Outputs in ``out``: ``results.jsonl`` (one line per finished step), ``results.json`` (records
+``{method, fraction, seed, metric, value}``, runs, precision),
 ``results.md``, ``label_efficiency.png``, ``overlays.png``, ``pretrain/`` (encoder, loss curve,
 reconstruction panel).
 """
@@ -43,10 +47,10 @@ from ssl_em.study.report import headline as headline, markdown_table as markdown
 from ssl_em.study.runner import Study as Study
 from ssl_em.study.train import (
     Labelled as Labelled,
-    build_learner as build_learner,
-    finetune as finetune,
-    predict as predict,
+    build_data as build_data,
+    build_module as build_module,
+    evaluate as evaluate,
+    fit as fit,
     pretrain as pretrain,
     score as score,
-    train_for as train_for,
 )

@@ -32,8 +32,11 @@ _NAMES = {"iou": "IoU", "dice": "Dice", "ap50": "AP50", "voi": "VOI", "arand": "
 class StudyConfig:
     """Everything a study depends on; written into ``results.json``.
 
-    Budgets are wall-clock seconds per fine-tuning run (``seconds``; each sweep rate gets
-    ``sweep_share`` of it) and for pretraining (``pretrain_seconds``; 0 with ``encoder`` skips it).
+    Budgets are optimiser steps: ``steps`` per fine-tuning run (each sweep rate gets ``sweep_share``
+    of them), ``pretrain_steps`` for pretraining (0 with ``encoder`` skips it); the same seed gives the
+    same records on any machine. ``val_every`` steps the run is scored on the validation slab and the
+    best-scoring weights are evaluated. ``max_minutes`` only guards the whole study's wall clock:
+    runs not started by then are left for a rerun, which skips finished runs (``results.jsonl``).
     Rates are swept per (method, fraction) on seed 0's labels unless ``sweep_every_fraction`` is
     False (then only at the smallest fraction). ``patch_shape`` is (z, y, x) voxels; ``eval_fraction`` / ``val_fraction`` are fractions of y.
     """
@@ -47,8 +50,11 @@ class StudyConfig:
     methods: tuple[str, ...] = METHODS
     fractions: tuple[float, ...] = (0.05, 1.0)
     seeds: int = 1
-    seconds: float = 30.0
-    pretrain_seconds: float = 120.0
+    steps: int = 300
+    pretrain_steps: int = 600
+    val_every: int = 50
+    val_samples: int = 16  # validation crops (fixed) from the labelled sections of the validation slab
+    max_minutes: float | None = None
     sweep_share: float = 0.25
     sweep_every_fraction: bool = True  # False: sweep at the smallest fraction, reuse the rate above it
     lrs: dict[str, tuple[float, ...]] | None = None
@@ -60,7 +66,7 @@ class StudyConfig:
     max_val_voxels: int = 1_000_000  # likewise the validation part scored in the rate sweep
     voxel_size: tuple[float, float, float] | None = None
     precision: str = "auto"
-    device: str = "auto"  # "auto": CUDA when a GPU is visible; budgets stay wall clock on either
+    device: str = "auto"  # "auto": CUDA when a GPU is visible
     fill_missing: bool = False  # zarr chunks absent from an input read as the fill value (else an error)
 
     def __post_init__(self) -> None:
@@ -75,6 +81,9 @@ class StudyConfig:
         if bad:
             raise ConfigError(f"label fractions {bad} must be in (0, 1]")
         self.fractions = tuple(sorted(float(f) for f in self.fractions))
+        if int(self.steps) < 1 or int(self.pretrain_steps) < 0 or int(self.val_every) < 1:
+            raise ConfigError(f"steps {self.steps} and val_every {self.val_every} must be >= 1, "
+                              f"pretrain_steps {self.pretrain_steps} >= 0")
         self.patch_shape = tuple(int(p) for p in self.patch_shape)  # type: ignore[assignment]
         from ssl_em.utils.precision import resolve_device
 
@@ -107,7 +116,7 @@ def _lrs(cfg: StudyConfig, method: str) -> tuple[float, ...]:
 
 
 def budget_units(cfg: StudyConfig) -> float:
-    """Total fine-tuning wall clock of a study in units of ``cfg.seconds`` (sweeps included)."""
+    """Total fine-tuning steps of a study in units of ``cfg.steps`` (sweeps included)."""
     total = 0.0
     for m in cfg.methods:
         k = len(_lrs(cfg, m))

@@ -1,9 +1,17 @@
-"""``Study``: pretrain once, sweep rates, fine-tune every method x fraction x seed, score, report."""
+"""``Study``: pretrain once, sweep rates, fine-tune every method x fraction x seed, score, report.
+
+Every finished step of the study (pretraining, a rate sweep, a run) is appended to ``results.jsonl`` at
+once; rerunning the same command skips what is there, so a killed study continues where it stopped.
+A run whose loss goes non-finite is retried once at a third of its rate, then recorded as diverged.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -14,10 +22,13 @@ import numpy as np
 
 from ssl_em.data.crops import Box
 from ssl_em.errors import ConfigError, LabelError
-from ssl_em.study.config import StudyConfig, _lrs, budget_units
+from ssl_em.study.config import StudyConfig, _lrs
 from ssl_em.study.regions import Regions, _trim, label_sections, plan_regions
 from ssl_em.study.report import write_reports
-from ssl_em.study.train import Labelled, build_learner, finetune, predict, pretrain, score, val_score
+from ssl_em.study.train import Labelled, build_data, build_module, evaluate, fit, monitor_of, pretrain, score
+
+RESULTS = "results.jsonl"
+TIMING = ("seconds", "precision_record")  # fields that differ between identical runs
 
 
 def _fmt_time(seconds: float) -> str:
@@ -64,8 +75,38 @@ class Study:
         self.runs: list[dict[str, Any]] = []
         self.sections_shown: dict[tuple[str, float], np.ndarray] = {}  # mid eval section of seed 0
         self.pretraining: dict[str, Any] = {}
+        self.precisions: dict[str, dict[str, Any]] = {}
+        self.done: dict[tuple, dict[str, Any]] = {}
+        self.deadline = math.inf
 
-    # -- pieces
+    # -- the log of finished work ---------------------------------------------------------------
+    def digest(self) -> str:
+        """What a finished line must match to be reused: the configuration (minus the wall-clock guard)."""
+        cfg = {k: v for k, v in asdict(self.cfg).items() if k != "max_minutes"}
+        return hashlib.blake2b(json.dumps(cfg, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+    def _finished(self) -> dict[tuple, dict[str, Any]]:
+        path, done = self.out / RESULTS, {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    continue
+                if entry.get("digest") == self.digest():
+                    done[tuple(entry["key"])] = entry
+        return done
+
+    def _append(self, key: tuple, entry: dict[str, Any]) -> dict[str, Any]:
+        entry = {"key": list(key), "digest": self.digest(), **entry}
+        with open(self.out / RESULTS, "a") as f:
+            f.write(json.dumps(entry, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[key] = entry
+        return entry
+
+    # -- pieces ---------------------------------------------------------------------------------
     def _pretraining_regions(self) -> list[Box | None]:
         """The labelled raw, where it is among the unlabelled volumes, only contributes its training
         region: the evaluation region is never seen, not even without labels."""
@@ -77,7 +118,7 @@ class Study:
         return [self.regions.train if (v is self.raw_vol or volume_name(v) == me) else None for v in vols]
 
     def encoder(self) -> str:
-        """The encoder to fine-tune: pretrained now (``cfg.pretrain_seconds``) or ``cfg.encoder`` as is."""
+        """The encoder to fine-tune: pretrained now (``cfg.pretrain_steps``) or ``cfg.encoder`` as is."""
         cfg = self.cfg
         if cfg.encoder:
             import warnings
@@ -91,12 +132,17 @@ class Study:
                                  what="the labelled volume's")
             for w in caught:
                 self.log(f"warning: {w.message}")
-        if cfg.encoder and cfg.pretrain_seconds <= 0:
-            self.pretraining = {"encoder": cfg.encoder, "seconds": 0}
+        if cfg.encoder and cfg.pretrain_steps <= 0:
+            self.pretraining = {"encoder": cfg.encoder, "steps": 0}
             return cfg.encoder
-        if cfg.pretrain_seconds <= 0:
-            raise ConfigError("pretraining budget is 0 and no --encoder given: nothing to fine-tune from")
-        start = time.perf_counter()
+        if cfg.pretrain_steps <= 0:
+            raise ConfigError("pretraining budget is 0 steps and no --encoder given: nothing to fine-tune from")
+        key = ("pretraining",)
+        if key in self.done and (self.out / "pretrain" / "encoder" / "encoder.json").exists():
+            self.pretraining = self.done[key]["pretraining"]
+            self.log(f"pretraining: done before ({self.pretraining['steps']} steps), reusing "
+                     f"{self.pretraining['encoder']}")
+            return self.pretraining["encoder"]
         regions = self._pretraining_regions()  # opens self.unlabeled
         enc = pretrain(self.unlabeled, regions, cfg, self.out / "pretrain", log=self.log)
         from ssl_em.models.export import read_sidecar
@@ -104,40 +150,93 @@ class Study:
         sidecar = read_sidecar(enc)
         meta = sidecar["metadata"]
         self.pretraining = {"encoder": str(enc), "architecture": sidecar["architecture"], "method": meta["method"],
-                            "steps": meta["steps"], "seconds": round(time.perf_counter() - start, 1),
-                            "budget_seconds": cfg.pretrain_seconds, "data": meta["data"]}
+                            "steps": meta["steps"], "seconds": meta["seconds"], "data": meta["data"]}
+        self._append(key, {"pretraining": self.pretraining})
         return str(enc)
+
+    def _validation(self, sections: np.ndarray) -> Box | None:
+        """The validation slab when its labelled sections can rank weights (foreground there, or the
+        neuron task whose loss ranks), else None: the run keeps its last weights."""
+        val = _trim(self.regions.val, self.cfg.max_val_voxels)
+        if self.cfg.task != "neuron" and not (self.data.labels[val][sections] > 0).any():
+            return None
+        return val
+
+    def _precision(self, method: str, module: Any, dm: Any) -> tuple[str, dict[str, Any] | None]:
+        """``cfg.precision``, or for ``"auto"`` this model's step timed in fp32 and bf16 (cached)."""
+        if self.cfg.precision != "auto":
+            from ssl_em.utils.precision import resolve_precision
+
+            return resolve_precision(self.cfg.precision, self.cfg.device.split(":")[0]), None
+        if method not in self.precisions:
+            from ssl_em.utils.precision import measure_module_precision
+
+            dm.setup("fit")
+            batch = next(iter(dm.train_dataloader()))
+            record = measure_module_precision(module, batch, self.cfg.device.split(":")[0])
+            self.log(f"    precision auto for {method}: {record['precision']} ({record['ms_per_step']} ms per step"
+                     f"{', cached' if record['cached'] else ''})")
+            self.precisions[method] = record
+        return self.precisions[method]["precision"], self.precisions[method]
+
+    def _train(self, method: str, seed: int, lr: float, steps: int, enc: str, train: Box, sections: np.ndarray,
+               name: str) -> tuple[Any, dict[str, Any]]:
+        """Fine-tune ``method``; a non-finite loss is retried once at a third of the rate. Returns the
+        module (best validation weights) and the run's record, ``status`` "ok" or "diverged"."""
+        val = self._validation(sections)
+        info: dict[str, Any] = {"lr": lr, "status": "diverged", "validated": val is not None}
+        for attempt_lr in (lr, lr / 3):
+            module = build_module(method, self.cfg, enc, seed, attempt_lr, steps)
+            dm = build_data(self.data, train, val, sections, self.cfg, seed, steps)
+            precision, record = self._precision(method, module, dm)
+            work = self.out / "work" / name.replace(" ", "_")
+            guard = None if self.cfg.max_minutes is None else max(1.0, self.deadline - time.perf_counter())
+            try:
+                result = fit(module, dm, self.cfg, steps, work, name, precision, validate=val is not None,
+                             max_seconds=guard)
+            except FloatingPointError as err:
+                self.log(f"    {name}: diverged at lr {attempt_lr:.1e} ({err})")
+                info.setdefault("diverged_at", []).append(attempt_lr)
+                continue
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            info.update(status="ok", lr=attempt_lr, steps=result.steps, seconds=result.seconds,
+                        best_step=result.best_step, val_score=result.val_score, precision=precision,
+                        precision_record=record)
+            return module, info
+        return None, info
 
     def _lrs(self, method: str) -> tuple[float, ...]:
         return _lrs(self.cfg, method)
 
     def sweep(self, method: str, fraction: float, encoder: str) -> float:
-        """The rate of ``LR_GRID[method]`` scoring best on the validation part (ties: the middle one)."""
-        cfg, regions = self.cfg, self.regions
+        """The rate of the method's grid whose run (``sweep_share`` of the steps, on the fit part) scores
+        best on the validation slab (ties and no usable validation: the grid's centre)."""
+        cfg = self.cfg
         grid = self._lrs(method)
+        mid = len(grid) // 2
         if len(grid) == 1:
             return grid[0]
+        key = ("sweep", method, fraction if cfg.sweep_every_fraction else None)
+        if key in self.done:
+            return self.done[key]["lr"]
         sections = label_sections(self.data.raw.shape[0], fraction, 0)
-        val = _trim(regions.val, cfg.max_val_voxels)
-        val_raw, val_gt = self.data.raw[val], self.data.labels[val]
-        mid = len(grid) // 2
-        if self.cfg.task != "neuron" and not (val_gt[sections] > 0).any():
-            # no foreground on the labelled validation sections: only the loss could rank the rates,
-            # and it rewards whichever rate collapses to background fastest (measured: that choice
-            # left every method at IoU ~0 with 2 labelled sections), so keep the grid's centre
+        if self._validation(sections) is None:
+            # no foreground on the labelled validation sections: nothing can rank the rates, and the
+            # loss alone would reward the rate that collapses to background fastest
             self.log(f"    sweep {method}: no foreground on the labelled validation sections, lr {grid[mid]:.1e}")
-            return grid[mid]
-        best, best_score = grid[mid], -math.inf
+            return self._append(key, {"lr": grid[mid], "scores": {}})["lr"]
+        steps = max(1, round(cfg.steps * cfg.sweep_share))
+        sign = -1 if monitor_of(cfg.task)[1] == "min" else 1
+        scores: dict[str, float] = {}
         for lr in [grid[mid], *grid[:mid], *grid[mid + 1:]]:
-            learner = build_learner(method, cfg, encoder, seed=0)
-            finetune(learner, self.data, regions.fit, sections, cfg, lr, cfg.seconds * cfg.sweep_share, seed=0)
-            s = val_score(predict(learner.net, val_raw, cfg.patch_shape, cfg.precision), val_gt, sections,
-                          learner.task, cfg.voxel_size)
-            s = -math.inf if not math.isfinite(s) else s
-            self.log(f"    sweep {method} lr {lr:.1e}: validation score {s:.3f}")
-            if s > best_score:
-                best, best_score = lr, s
-        return best
+            _, info = self._train(method, 0, lr, steps, encoder, self.regions.fit, sections,
+                                  f"sweep {method} lr {lr:.1e}")
+            value = info.get("val_score")
+            scores[f"{lr:g}"] = -math.inf if info["status"] != "ok" or value is None else sign * value
+            self.log(f"    sweep {method} lr {lr:.1e}: validation {scores[f'{lr:g}']:.3f}")
+        best = max(grid, key=lambda lr: (scores[f"{lr:g}"], lr == grid[mid]))
+        return self._append(key, {"lr": best, "scores": scores})["lr"]
 
     def _save(self) -> None:
         from ssl_em.utils.io import atomic_write_text
@@ -145,33 +244,38 @@ class Study:
         doc = {"config": asdict(self.cfg), "pretraining": self.pretraining,
                "regions": {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()},
                "evaluation_box": [[b.start, b.stop] for b in self.eval_box],
-               "normalization": self.data.normalization, "runs": self.runs, "records": self.records}
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "results.json", json.dumps(doc, indent=1) + "\n")
+               "normalization": self.data.normalization, "precision": self.precisions, "runs": self.runs,
+               "records": self.records}
+        atomic_write_text(self.out / "results.json", json.dumps(doc, indent=1, default=float) + "\n")
 
-    # -- the whole study
+    # -- the whole study ------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         cfg, data = self.cfg, self.data
-        self.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
+        self.deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes is not None else math.inf
+        self.done = self._finished()
+        if self.done:
+            self.log(f"{len(self.done)} finished step(s) found in {self.out / RESULTS}: skipping them")
         enc = self.encoder()
         ev_raw, ev_gt = data.raw[self.eval_box], data.labels[self.eval_box]
-        planned = cfg.seconds * budget_units(cfg)
-        n_pairs, done = len(cfg.fractions) * len(cfg.methods), 0
+        n_pairs, pair = len(cfg.fractions) * len(cfg.methods), 0
         chosen: dict[str, float] = {}
-        t_runs = time.perf_counter()
+        stopped = False
         for fraction in cfg.fractions:
             for method in cfg.methods:
-                elapsed = time.perf_counter() - t_runs
-                remaining = (elapsed / done * (n_pairs - done)) if done else planned
-                self.log(f"[{done + 1}/{n_pairs}] {method} at {fraction:.0%} labels | elapsed "
-                         f"{_fmt_time(time.perf_counter() - t0)}, ~{_fmt_time(remaining)} left")
+                pair += 1
+                if time.perf_counter() > self.deadline:
+                    stopped = True
+                    break
+                self.log(f"[{pair}/{n_pairs}] {method} at {fraction:.0%} labels | elapsed "
+                         f"{_fmt_time(time.perf_counter() - t0)}")
                 if cfg.sweep_every_fraction or method not in chosen:
                     chosen[method] = self.sweep(method, fraction, enc)
-                lr = chosen[method]
                 for seed in range(cfg.seeds):
-                    self._one(method, fraction, seed, lr, enc, ev_raw, ev_gt)
-                done += 1
+                    self._one(method, fraction, seed, chosen[method], enc, ev_raw, ev_gt)
+        shutil.rmtree(self.out / "work", ignore_errors=True)
+        if stopped:
+            self.log(f"stopped at the {cfg.max_minutes} min guard: rerun the same command to continue")
         self._save()
         write_reports(self.out, self.records, cfg, self.pretraining, self.sections_shown, ev_raw, ev_gt)
         self.log(f"study done in {_fmt_time(time.perf_counter() - t0)}; results in {self.out}")
@@ -180,24 +284,34 @@ class Study:
     def _one(self, method: str, fraction: float, seed: int, lr: float, enc: str, ev_raw: np.ndarray,
              ev_gt: np.ndarray) -> None:
         cfg = self.cfg
-        sections = label_sections(self.data.raw.shape[0], fraction, seed)
-        learner = build_learner(method, cfg, enc, seed=seed)
-        t = time.perf_counter()
-        steps = finetune(learner, self.data, self.regions.train, sections, cfg, lr, cfg.seconds, seed)
-        seconds = time.perf_counter() - t
-        probs = predict(learner.net, ev_raw, cfg.patch_shape, cfg.precision)
-        metrics = score(probs, ev_gt, learner.task, cfg.voxel_size)
-        for metric, value in metrics.items():
+        key = ("run", method, fraction, seed)
+        shown = self.out / "sections" / f"{method}_{fraction:g}.npy"
+        if key not in self.done:
+            sections = label_sections(self.data.raw.shape[0], fraction, seed)
+            name = f"{method} {fraction:.0%} seed {seed}"
+            module, info = self._train(method, seed, lr, cfg.steps, enc, self.regions.fit, sections, name)
+            metrics: dict[str, float] = {}
+            if module is not None:
+                probs = evaluate(module, ev_raw, cfg, self.out / "work" / name.replace(" ", "_"), info["precision"])
+                metrics = score(probs, ev_gt, module.task, cfg.voxel_size)
+                info["trainable_params"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+                if seed == 0:
+                    seg = module.task.postprocess(probs, cfg.voxel_size or (1, 1, 1))[ev_raw.shape[0] // 2]
+                    shown.parent.mkdir(exist_ok=True)
+                    np.save(shown, seg)
+            entry = {"method": method, "fraction": fraction, "seed": seed, "label_sections": sections.tolist(),
+                     "metrics": metrics, **info}
+            self._append(key, entry)
+            text = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or info["status"]
+            self.log(f"    {name}: {info.get('steps', 0)} steps, lr {info['lr']:.1e}, best step {info.get('best_step')}"
+                     f", {len(sections)} labelled sections -> {text}")
+        entry = self.done[key]
+        self.runs.append({k: v for k, v in entry.items() if k not in ("key", "digest", "metrics")})
+        for metric, value in entry["metrics"].items():
             self.records.append({"method": method, "fraction": fraction, "seed": seed, "metric": metric,
                                  "value": value})
-        self.runs.append({"method": method, "fraction": fraction, "seed": seed, "lr": lr, "steps": steps,
-                          "seconds": round(seconds, 1), "label_sections": sections.tolist(),
-                          "trainable_params": sum(p.numel() for p in learner.parameters())})
-        if seed == 0:
-            z = ev_raw.shape[0] // 2
-            self.sections_shown[(method, fraction)] = learner.task.postprocess(probs, cfg.voxel_size or (1, 1, 1))[z]
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-        self.log(f"    {method} seed {seed}: {steps} steps, lr {lr:.1e}, {len(sections)} labelled sections -> {shown}")
+        if seed == 0 and shown.exists():
+            self.sections_shown[(method, fraction)] = np.load(shown)
         self._save()
 
 

@@ -3,7 +3,7 @@
 Lightning's default checkpoint is a pickle. Here a checkpoint is one safetensors file (safe to open
 from anyone, no code execution) holding every tensor of the nested checkpoint dict (model, optimizer
 state, ...) and, in the header's metadata, the JSON structure around them (loop state, epoch, step,
-hyper-parameters). ``ssl_em.fit.SafetensorsCheckpointIO`` plugs it into Lightning, so resume works unchanged.
+hyper-parameters). ``SafetensorsCheckpointIO`` plugs it into Lightning, so resume works unchanged.
 """
 
 from __future__ import annotations
@@ -100,3 +100,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
     if metadata.get("format") != FORMAT or _STRUCTURE_KEY not in metadata:
         raise CheckpointError(f"{path}: safetensors file without ssl-em checkpoint metadata (format {FORMAT})")
     return _decode(json.loads(metadata[_STRUCTURE_KEY]), tensors)
+
+
+def _checkpoint_io_base() -> type:
+    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+    return CheckpointIO
+
+
+class SafetensorsCheckpointIO(_checkpoint_io_base()):  # type: ignore[misc]
+    """Lightning CheckpointIO writing :func:`save_checkpoint` files (``.ckpt`` name, safetensors inside)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("SafetensorsCheckpointIO takes no storage_options")
+        save_checkpoint(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint(path)
+
+    def remove_checkpoint(self, path) -> None:
+        Path(path).unlink(missing_ok=True)
