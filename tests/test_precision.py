@@ -31,8 +31,10 @@ def test_bf16_only_when_measured_faster_and_finite(tmp_path: Path, monkeypatch) 
     fast = measure_precision(_step({"32": 30, "bf16": 5}, {"32": 1.0, "bf16": 1.0}, calls), "a", "cpu")
     assert fast["precision"] == "bf16" and not fast["cached"] and fast["ms_per_step"]["bf16"] < 20
     assert calls == ["32"] * 4 + ["bf16"] * 4  # a warm-up and three timed steps each
-    slow = measure_precision(_step({"32": 5, "bf16": 30}, {"32": 1.0, "bf16": 1.0}, []), "b", "cpu")
+    slow_calls: list[str] = []
+    slow = measure_precision(_step({"32": 5, "bf16": 40}, {"32": 1.0, "bf16": 1.0}, slow_calls), "b", "cpu")
     assert slow["precision"] == "32"  # slower bf16 (an emulating CPU, or one whose bf16 kernels lose) is not taken
+    assert slow_calls.count("bf16") == 1  # 8x slower already in its warm-up: not timed further
     diverging = measure_precision(_step({"32": 30, "bf16": 5}, {"32": 1.0, "bf16": math.nan}, []), "c", "cpu")
     assert diverging["precision"] == "32" and diverging["finite"] == {"32": True, "bf16": False}
     calls.clear()

@@ -83,7 +83,7 @@ class Pretraining(L.LightningModule):
         from ssl_em.models import create_encoder, load_encoder
 
         if init_from:
-            net = load_encoder(init_from)
+            net = load_encoder(init_from).train()  # load_encoder returns eval mode; Lightning keeps modes as found
             if net.encoder_config["architecture"] != encoder:
                 encoder = net.encoder_config["architecture"]
                 self.hparams.encoder = encoder

@@ -6,6 +6,8 @@ weights (``ModelCheckpoint``), and ``predict_volume`` for evaluation. Pretrainin
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import shutil
 import sys
@@ -79,6 +81,26 @@ def build_data(data: Labelled, train: Box, val: Box | None, sections: np.ndarray
                         label_sections=[int(z) for z in sections])
 
 
+@contextlib.contextmanager
+def quiet_lightning():
+    """A study runs dozens of Trainers: keep their start-up notes (accelerator, tips, "max_steps
+    reached") and known-harmless warnings out of the study's log; errors and real warnings pass."""
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for message in (".*LeafSpec.*", ".*validation_step.*val_dataloader.*", ".*does not have many workers.*"):
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 class Progress(Callback):
     """One updating line per run (a new line per quarter when not a terminal): step, loss,
     validation score, time left."""
@@ -119,12 +141,18 @@ class FitResult:
     precision: str
 
 
+def _trainer(**kwargs: Any) -> Any:
+    import lightning as L
+
+    with quiet_lightning():
+        return L.Trainer(**kwargs)
+
+
 def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, name: str, precision: str,
         validate: bool, max_seconds: float | None = None) -> FitResult:
     """Train ``module`` for ``steps`` optimiser steps; with ``validate``, score the validation crops every
     ``cfg.val_every`` steps and load the best-scoring weights at the end. Raises FloatingPointError
     when the loss goes non-finite (the caller retries or records the run as diverged)."""
-    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from ssl_em.utils.checkpoint import SafetensorsCheckpointIO, load_checkpoint
@@ -138,7 +166,7 @@ def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, 
         best = ModelCheckpoint(dirpath=str(work / "ckpt"), monitor=monitor, mode=mode, save_top_k=1,
                                save_last=False, filename="best")
         callbacks.append(best)
-    trainer = L.Trainer(
+    trainer = _trainer(
         max_steps=steps, max_epochs=-1, accelerator="gpu" if device == "cuda" else device, devices=1,
         precision=lightning_precision(precision, device), logger=False, callbacks=callbacks,
         enable_checkpointing=validate, enable_progress_bar=False, enable_model_summary=False,
@@ -149,7 +177,8 @@ def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, 
     )
     t = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule)
+        with quiet_lightning():
+            trainer.fit(module, datamodule=datamodule)
     finally:
         seconds = time.perf_counter() - t
     best_step, score = None, None
@@ -198,7 +227,6 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     """Pretrain the family's encoder (or continue ``cfg.encoder``) for ``cfg.pretrain_steps`` on crops
     of ``volumes`` (each restricted to its box in ``regions``) with the ``Pretraining`` module under a
     ``Trainer``; export to ``out_dir/encoder``. Writes ``loss.png`` and ``reconstruction.png``."""
-    import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
@@ -232,12 +260,13 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
         f"volume(s)" + (f", starting from {cfg.encoder}" if cfg.encoder else ""))
     device = cfg.device.split(":")[0]
     precision = resolve_precision(cfg.precision, device)
-    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="gpu" if device == "cuda" else device, devices=1,
+    trainer = _trainer(max_steps=steps, max_epochs=-1, accelerator="gpu" if device == "cuda" else device, devices=1,
                         precision=lightning_precision(precision, device), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[Losses(), Progress("pretraining", steps)], default_root_dir=str(out_dir))
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=DataLoader(ds, batch_size=cfg.batch_size, num_workers=0))
+    with quiet_lightning():
+        trainer.fit(module, train_dataloaders=DataLoader(ds, batch_size=cfg.batch_size, num_workers=0))
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     x_steps = list(range(1, len(losses) + 1))
