@@ -148,3 +148,25 @@ def test_study_and_demo_results_go_only_to_folders_ssl_em_made(thesis: Path, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds files ssl-em did not write" in err[0]
     assert _snapshot(thesis) == before
+
+
+def test_phantom_evaluate_and_export_never_replace_a_users_folder(thesis: Path, tmp_path: Path, capsys) -> None:
+    before = _snapshot(thesis)
+    for extra in ([], ["--overwrite"]):
+        assert cli_main(["phantom", str(thesis), "--shape", "4,32,32", *extra]) == 2
+        assert "not written by ssl-em" in capsys.readouterr().err
+    own = tmp_path / "ph.zarr"
+    assert cli_main(["phantom", str(own), "--shape", "4,32,32"]) == 0
+    assert cli_main(["phantom", str(own), "--shape", "4,32,32"]) == 2  # its own: only with --overwrite
+    assert cli_main(["phantom", str(own), "--shape", "4,32,32", "--seed", "3", "--overwrite"]) == 0
+    assert written_by_ssl_em(own)
+    capsys.readouterr()
+    assert cli_main(["evaluate", "--pred", f"{own}/mito", "--gt", f"{own}/mito", "--task", "mito",
+                     "--out", str(thesis)]) == 2
+    assert "already holds files ssl-em did not write" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--pred", f"{own}/mito", "--gt", f"{own}/mito", "--task", "mito",
+                     "--out", str(own / "eval")]) == 2  # inside an input
+    assert "overlaps the input" in capsys.readouterr().err
+    assert cli_main(["export-encoder", str(tmp_path / "missing.ckpt"), str(thesis)]) == 2
+    assert "no earlier ssl-em export" in capsys.readouterr().err
+    assert _snapshot(thesis) == before

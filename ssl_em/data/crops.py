@@ -385,8 +385,10 @@ def check_disjoint(a: Box, b: Box, names: tuple[str, str] = ("train", "eval")) -
         raise ConfigError(f"{names[0]} box {fmt(a)} and {names[1]} box {fmt(b)} overlap: evaluation would leak")
 
 
-def split_regions(shape: Sequence[int], eval_fraction: float, axis: int = 0, min_size: int = 1) -> tuple[Box, Box]:
-    """Split ``shape`` along ``axis`` into (train_box, eval_box); eval is the last part.
+def split_regions(shape: Sequence[int], eval_fraction: float, axis: int = 0, min_size: int = 1,
+                  gap: int = 0) -> tuple[Box, Box]:
+    """Split ``shape`` along ``axis`` into (train_box, eval_box); eval is the last part, ``gap``
+    slices (e.g. half a patch: no training crop reaches into the scored region's context) between.
 
     Each part has at least ``min_size`` slices (e.g. the patch depth); the boxes never overlap.
     """
@@ -394,11 +396,12 @@ def split_regions(shape: Sequence[int], eval_fraction: float, axis: int = 0, min
     if not 0 < eval_fraction < 1:
         raise ConfigError(f"eval fraction {eval_fraction} must be between 0 and 1")
     n_eval = max(min_size, math.ceil(n * eval_fraction))
-    if n - n_eval < min_size:
-        raise ConfigError(f"cannot split {n} slices along axis {axis} into two parts of at least {min_size}")
+    if n - n_eval - gap < min_size:
+        raise ConfigError(f"axis {axis} of {n} voxels is too small to hold two parts of at least {min_size} "
+                          f"with a gap of {gap}")
     full = [slice(0, m) for m in shape]
     train, ev = list(full), list(full)
-    train[axis], ev[axis] = slice(0, n - n_eval), slice(n - n_eval, n)
+    train[axis], ev[axis] = slice(0, n - n_eval - gap), slice(n - n_eval, n)
     check_disjoint(tuple(train), tuple(ev))
     return tuple(train), tuple(ev)
 

@@ -591,15 +591,17 @@ def make_phantom(shape: tuple[int, int, int] = (64, 256, 256), voxel_size: tuple
 _ARRAYS = ("raw", "neurons", "membrane", "mito", "synapse", "vesicles")
 
 
-def save_phantom(ph: Phantom, out: str | Path) -> Path:
+def save_phantom(ph: Phantom, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``ph`` atomically as a zarr v3 group (``*.npz``: compressed npz) plus ``<stem>_preview.png``.
 
     Every array carries ``resolution`` (z, y, x nm); the npz holds ``resolution_nm`` and ``partners``.
-    Returns the preview path.
+    Returns the preview path. An existing ``out`` is replaced only with ``overwrite`` and only when
+    ssl-em wrote it (a zarr phantom; an npz cannot say so and is never replaced).
     """
-    from ssl_em.utils.io import atomic_path
+    from ssl_em.utils.io import atomic_path, check_output, writer_attrs
 
     out = Path(out)
+    check_output(out, [], overwrite=overwrite)
     res = [float(v) for v in ph.voxel_size]
     if out.suffix.lower() == ".npz":
         with atomic_path(out) as tmp, open(tmp, "wb") as f:  # a file object: savez must not append .npz
@@ -610,12 +612,14 @@ def save_phantom(ph: Phantom, out: str | Path) -> Path:
 
         with atomic_path(out, is_dir=True) as tmp:
             root = zarr.open_group(tmp, mode="w", zarr_format=3)
+            root.attrs.update(writer_attrs("ssl_em.data.phantom"))
             root.attrs.update({"resolution": res, "unit": "nm", "axes": "zyx", "seed": ph.seed,
                                "generator": "ssl_em.data.phantom", "partners": ph.partners.tolist(),
                                "config": dataclasses.asdict(ph.config)})
             chunks = tuple(min(n, c) for n, c in zip(ph.shape, (16, 128, 128)))
             for name in _ARRAYS:
                 root.create_array(name, data=getattr(ph, name), chunks=chunks,
+                                  config={"write_empty_chunks": True},  # complete: an absent chunk is an error
                                   attributes={"resolution": res, "unit": "nm", "axes": "zyx"})
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
     return save_preview(ph, out.with_name(f"{stem}_preview.png"))
@@ -683,10 +687,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="tissue and noise seed (default 0)")
     ap.add_argument("--missing-section-rate", type=float, default=0.0,
                     help="probability that a section's raw is blank or noise (labels intact)")
+    ap.add_argument("--overwrite", action="store_true", help="replace OUT if an earlier ssl-em phantom wrote it")
     args = ap.parse_args(argv)
+    from ssl_em.utils.io import check_output
+
+    check_output(args.out, [], overwrite=args.overwrite)  # before minutes of generation
     ph = make_phantom(args.shape, args.voxel_size, args.seed, missing_section_rate=args.missing_section_rate,
                       progress=True)
-    preview = save_phantom(ph, args.out)
+    preview = save_phantom(ph, args.out, overwrite=args.overwrite)
     n = ph.raw.size
     print(f"wrote {args.out}: {'x'.join(map(str, ph.shape))} voxels at {'x'.join(f'{v:g}' for v in ph.voxel_size)} nm; "
           f"{int(ph.neurons.max())} neurons, {int(ph.mito.max())} mitochondria ({(ph.mito > 0).sum() / n:.1%}), "

@@ -180,6 +180,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--synapse-distance-nm", type=float, default=100.0)
     parser.add_argument("--no-erl", action="store_true", help="skip expected run length (neurons)")
     args = parser.parse_args(argv)
+    out = None
+    if args.out:  # checked before any reading: a refused folder costs nothing
+        from ssl_em.data.volume import spec_path
+        from ssl_em.utils.io import claim_output_folder
+
+        inputs = [spec_path(s) for s in (args.pred, args.gt, args.raw, args.mask) if s]
+        out = claim_output_folder(args.out, [p for p in inputs if p is not None])
 
     gt, gt_vol = _read(args.gt, args.voxel_size)
     pred, _ = _read(args.pred, args.voxel_size)
@@ -193,11 +200,9 @@ def main(argv: list[str]) -> int:
           + ("" if known else " (not in the file: pass --voxel-size for physical ERL / distances)"))
     for name, value in result.items():
         print(f"  {name:<{width}}  {value:.6g}")
-    if args.out:
+    if out is not None:
         from ssl_em.utils.io import atomic_write_text
 
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         record = {"task": args.task, "pred": args.pred, "gt": args.gt, "voxel_size": list(vs),
                   "metrics": {k: (None if np.isnan(v) else v) for k, v in result.items()}}
         raw = _read(args.raw, args.voxel_size)[0] if args.raw else None

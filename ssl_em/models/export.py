@@ -304,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder for encoder.safetensors and encoder.json")
     parser.add_argument("--prefix", help="state-dict prefix of the encoder (default: found automatically)")
     args = parser.parse_args(list(argv or []))
+    _check_export_folder(Path(args.out_dir))
     out = export_from_checkpoint(args.ckpt, args.out_dir, prefix=args.prefix)
     record = json.loads((out / SIDECAR).read_text())
     print(f"wrote {out / WEIGHTS} and {out / SIDECAR}: {record['architecture']}, "
@@ -313,6 +314,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if curve is not None:
         print(f"wrote {curve} from the run's metrics.csv")
     return 0
+
+
+def _check_export_folder(out: Path) -> None:
+    """An export goes to a new or empty folder, or replaces an earlier ssl-em export there; a folder
+    holding anything else is the user's and is left alone."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        ours = json.loads((out / SIDECAR).read_text()).get("library") == "ssl-em"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        from ssl_em.errors import ConfigError
+
+        raise ConfigError(f"{out} already holds files and no earlier ssl-em export: choose a new or empty folder")
 
 
 def write_loss_curve(ckpt: Path, out_png: Path, *, max_step: int | None = None, title: str = "") -> Path | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ssl_em.data.crops import Box, check_disjoint, sparse_slices
+from ssl_em.data.crops import Box, check_disjoint, sparse_slices, split_regions
 from ssl_em.errors import ConfigError
 
 
@@ -23,34 +23,24 @@ class Regions:
     val: Box
 
 
-def _slab(shape: Sequence[int], axis: int, start: int, stop: int) -> Box:
-    box = [slice(0, int(n)) for n in shape]
-    box[axis] = slice(int(start), int(stop))
-    return tuple(box)
-
-
 def plan_regions(shape: Sequence[int], patch_shape: Sequence[int], eval_fraction: float = 0.3,
                  val_fraction: float = 0.2, axis: int = 1) -> Regions:
     """Split ``shape`` (z, y, x) along ``axis`` (in-plane: every region keeps all z-sections, so
-    sparse z-labels exist in each) as ``[fit | val] | gap | evaluation``.
+    sparse z-labels exist in each) as ``[fit | val] | gap | evaluation`` with the data module's
+    :func:`split_regions`.
 
     The gap is half a patch, so no training crop reaches within half a receptive field of the
-    region it is scored on; every part is at least one patch wide (``val`` only ranks rates). Raises ConfigError when the volume is too small.
+    region it is scored on; every part is at least one patch wide. Raises ConfigError when the
+    volume is too small.
     """
-    n, p = int(shape[axis]), int(patch_shape[axis])
+    p = int(patch_shape[axis])
     if len(shape) != 3 or any(int(s) < int(q) for s, q in zip(shape, patch_shape)):
         raise ConfigError(f"volume {tuple(shape)} is smaller than the patch {tuple(patch_shape)} (z, y, x)")
-    gap = -(-p // 2)
-    n_eval = max(p, round(n * eval_fraction))
-    n_train = n - n_eval - gap
-    n_val = max(p, round(n_train * val_fraction))
-    if n_train - n_val < p:
-        raise ConfigError(f"axis {axis} of {n} voxels is too small to hold training, validation and evaluation "
-                          f"regions of at least {p} (the patch) with gaps of {gap}")
-    train, ev = _slab(shape, axis, 0, n_train), _slab(shape, axis, n - n_eval, n)
-    fit, val = _slab(shape, axis, 0, n_train - n_val), _slab(shape, axis, n_train - n_val, n_train)
-    check_disjoint(train, ev, ("training", "evaluation"))
-    check_disjoint(fit, val, ("sweep training", "validation"))
+    train, ev = split_regions(shape, eval_fraction, axis=axis, min_size=p, gap=-(-p // 2))
+    n_train = train[axis].stop
+    fit, val = split_regions([n_train if a == axis else int(n) for a, n in enumerate(shape)], val_fraction,
+                             axis=axis, min_size=p)
+    check_disjoint(fit, val, ("validation", "fine-tuning"))
     return Regions(train, ev, fit, val)
 
 

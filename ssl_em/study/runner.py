@@ -81,9 +81,12 @@ class Study:
 
     # -- the log of finished work ---------------------------------------------------------------
     def digest(self) -> str:
-        """What a finished line must match to be reused: the configuration (minus the wall-clock guard)."""
+        """What a finished line must match to be reused: the configuration (minus the wall-clock guard),
+        the regions and the labelled volume's shape."""
         cfg = {k: v for k, v in asdict(self.cfg).items() if k != "max_minutes"}
-        return hashlib.blake2b(json.dumps(cfg, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+        regions = {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()}
+        what = {"config": cfg, "regions": regions, "shape": list(self.data.raw.shape)}
+        return hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
     def _finished(self) -> dict[tuple, dict[str, Any]]:
         path, done = self.out / RESULTS, {}

@@ -192,12 +192,12 @@ def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, 
 
 def evaluate(module: Any, raw: np.ndarray, cfg: StudyConfig, work: Path, precision: str = "32") -> np.ndarray:
     """Probabilities (K, z, y, x) of normalised ``raw`` through ``predict_volume`` (the path of
-    ``ssl-em predict``): training-crop windows, half-window context, Gaussian blending."""
+    ``ssl-em predict``): training-crop windows overlapping by a quarter, Gaussian blending."""
     from ssl_em.predict import predict_volume
 
     patch = tuple(int(p) for p in cfg.patch_shape)
     block = tuple(min(int(n), 2 * p) for n, p in zip(raw.shape, patch))
-    overlap = tuple(p // 2 for p in patch)
+    overlap = tuple(p // 4 for p in patch)
     dst = work / "probabilities.zarr"
     out = predict_volume(module.model.eval(), raw.astype(np.float32, copy=False), dst, block, overlap,
                          window_shape=patch, activation="sigmoid", precision=precision, device=cfg.device,
