@@ -37,13 +37,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--task", default="mito", choices=("mito", "synapse", "neuron", "membrane"))
     p.add_argument("--fractions", default="0.01,0.05,0.1,1.0")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", default="lora,frozen,full,scratch,lora_random,unet")
+    p.add_argument("--methods", default="lora,frozen,full,scratch,lora_random,unet,rf")
     p.add_argument("--encoder", metavar="NAME_OR_PATH", default="auto",
                    help="encoder to start from: 'auto' = the one ssl-em ships for the family, 'none' = random "
                    "init (then pretrained on --unlabeled or --raw), or a path or name")
     p.add_argument("--steps", type=int, default=400, help="optimiser steps per fine-tuning run (default 400)")
     p.add_argument("--val-every", type=int, default=50, help="validate and keep the best weights every N steps")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, help="crops per step (default: the plan's, ssl_em.plan)")
+    p.add_argument("--downsample", type=int, help="in-plane factor to the working spacing (default: the plan's; "
+                   "1 = native)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock guard for the whole study: start no "
                    "run after this (a rerun continues)")
     p.add_argument("--adapter-kwargs", type=json.loads, default=None, metavar="JSON",
@@ -53,7 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="pretraining steps (default: 2000 from random init; from a given encoder 2000 with "
                    "--unlabeled, which continues pretraining on them, else 0: the encoder as it is)")
     p.add_argument("--family", default="cnn", choices=("cnn", "vit", "both"))
-    p.add_argument("--patch", default="8,64,64", help="crop z,y,x")
+    p.add_argument("--patch", help="crop z,y,x at the working spacing (default: the plan's)")
     p.add_argument("--voxel-size", help="z,y,x nm, overriding the files")
     p.add_argument("--out", default="bench_out/label_efficiency")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -104,8 +106,9 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         methods=("lora", "scratch") if quick else tuple(args.methods.split(",")),
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
         steps=12 if quick else args.steps, pretrain_steps=6 if quick else pretrain_steps,
-        val_every=4 if quick else args.val_every, batch_size=args.batch_size, max_minutes=args.minutes,
-        patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int), voxel_size=vs,
+        val_every=4 if quick else args.val_every, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
+        patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int) if args.patch else None, voxel_size=vs,
+        downsample=args.downsample,
         device=args.device,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else None,
     )

@@ -62,10 +62,14 @@ def build_parser(prog: str = "ssl-em demo") -> argparse.ArgumentParser:
     p.add_argument("--fractions", default="0.1,1.0", help="label fractions of the z-sections (default 0.1,1.0)")
     # frozen and full are available too; the default keeps the runs that carry the claim (pretraining
     # vs the lora_random control, scratch and a standard U-Net) long enough to learn in the budget
-    p.add_argument("--methods", default="lora,scratch,lora_random,unet",
-                   help="comma-separated from lora, frozen, full, scratch, lora_random, unet")
+    p.add_argument("--methods", default="lora,scratch,lora_random,unet,rf",
+                   help="comma-separated from lora, frozen, full, scratch, lora_random, unet, rf (an ilastik-style "
+                   "random forest)")
     p.add_argument("--seeds", type=int, default=1, help="label draws / initialisations per method and fraction")
-    p.add_argument("--patch", default="8,64,64", help="crop (z,y,x) voxels")
+    p.add_argument("--patch", help="crop (z,y,x) voxels at the working spacing (default: the plan's)")
+    p.add_argument("--batch-size", type=int, help="crops per step (default: the plan's)")
+    p.add_argument("--downsample", type=int, help="in-plane factor to the working spacing (default: the plan's; "
+                   "1 = native)")
     p.add_argument("--voxel-size", help="z,y,x nm (overrides the files)")
     p.add_argument("--fill-missing", action="store_true",
                    help="read zarr chunks absent from --data/--labels stores as the fill value (default: an error)")
@@ -91,7 +95,7 @@ def main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    patch = (8, 32, 32) if tiny else tuple(int(v) for v in _floats(args.patch))
+    patch = (8, 32, 32) if tiny else tuple(int(v) for v in _floats(args.patch)) if args.patch else None
     arch = ("unet3d_test" if args.family == "cnn" else "vit3d_test_patch2x16") if tiny else None
     cfg = StudyConfig(
         task=args.task, family=args.family,
@@ -99,7 +103,8 @@ def main(argv: list[str]) -> int:
         methods=("lora", "scratch") if tiny else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         fractions=(0.25,) if tiny else _floats(args.fractions), seeds=args.seeds,
         steps=args.steps, pretrain_steps=args.pretrain_steps, val_every=args.val_every, max_minutes=args.minutes,
-        patch_shape=patch, voxel_size=_floats(args.voxel_size) if args.voxel_size else None,  # type: ignore[arg-type]
+        patch_shape=patch, batch_size=2 if tiny else args.batch_size, downsample=args.downsample,
+        voxel_size=_floats(args.voxel_size) if args.voxel_size else None,  # type: ignore[arg-type]
         device=args.device, fill_missing=args.fill_missing, sweep_every_fraction=False, max_eval_voxels=1_500_000,
         max_val_voxels=400_000, lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if tiny else None,
     )

@@ -94,7 +94,7 @@ def test_tiny_study_end_to_end(tmp_path):
     np.savez(tmp_path / "pool.npz", raw=pool.raw)
     raw, labels = f"{tmp_path / 'target.npz'}:raw", f"{tmp_path / 'target.npz'}:mito"
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("lora", "scratch"), fractions=(0.25,),
-                      steps=12, pretrain_steps=6, val_every=4, patch_shape=(8, 32, 32), voxel_size=target.voxel_size,
+                      steps=12, pretrain_steps=6, val_every=4, patch_shape=(8, 32, 32), batch_size=2, voxel_size=target.voxel_size,
                       lrs={"lora": (3e-3, 1e-2), "scratch": (1e-3,)}, sweep_share=0.5, precision="32")
     study = Study(raw, labels, [f"{tmp_path / 'pool.npz'}:raw", raw], cfg, tmp_path / "out")
     # the labelled raw is pretraining data only through its training region
@@ -154,7 +154,7 @@ def test_sweep_keeps_the_grid_centre_when_validation_sections_hold_no_foreground
     labels = np.zeros(raw.shape, np.uint8)  # empty validation part: nothing for a metric to rank
     labels[:, :40, :20] = 1  # foreground only far from the validation slab
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch",), fractions=(0.25,),
-                      steps=4, pretrain_steps=2, patch_shape=(8, 32, 32), voxel_size=(40.0, 8.0, 8.0),
+                      steps=4, pretrain_steps=2, patch_shape=(8, 32, 32), batch_size=2, voxel_size=(40.0, 8.0, 8.0),
                       lrs={"scratch": (1e-3, 3e-3, 1e-2)})
     study = Study(raw, labels, [raw], cfg, tmp_path / "out")
     assert not labels[study.regions.val].any()
@@ -172,7 +172,7 @@ def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_pat
                               {"voxel_size": [50.0, 4.0, 4.0], "method": "spark"})
     cfg = StudyConfig(task="membrane", architecture="unet3d_test", encoder=str(enc), pretrain_steps=0,
                       adapter_kwargs={"train_decoder": True}, methods=("lora", "scratch"), fractions=(0.25,),
-                      steps=8, val_every=4, patch_shape=(8, 32, 32), precision="32",
+                      steps=8, val_every=4, patch_shape=(8, 32, 32), batch_size=2, precision="32",
                       voxel_size=target.voxel_size, lrs={"lora": (1e-2,), "scratch": (3e-3,)})
     lines: list[str] = []
     records = Study(target.raw, target.membrane, None, cfg, tmp_path / "out", log=lines.append).run()
@@ -206,7 +206,7 @@ def _small_study(tmp_path, methods=("lora", "scratch"), lrs=None, **kw):
 
     target = make_phantom((8, 160, 64), seed=2)
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=methods, fractions=(0.25,), steps=8,
-                      pretrain_steps=4, val_every=4, patch_shape=(8, 32, 32), voxel_size=target.voxel_size,
+                      pretrain_steps=4, val_every=4, patch_shape=(8, 32, 32), batch_size=2, voxel_size=target.voxel_size,
                       lrs=lrs or {"lora": (6e-3,), "scratch": (1.5e-3,)}, precision="32", **kw)
     return lambda out, log=print: Study(target.raw, target.mito, None, cfg, tmp_path / out, log=log)
 

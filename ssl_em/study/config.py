@@ -7,7 +7,8 @@ from typing import Any
 
 from ssl_em.errors import ConfigError
 
-METHODS = ("lora", "frozen", "full", "scratch", "lora_random", "unet")
+METHODS = ("lora", "frozen", "full", "scratch", "lora_random", "unet", "rf")
+NOT_TRAINED = ("rf",)  # baselines without an optimiser: no rate, no step budget
 ADAPTER = {"lora": ("lora", True), "frozen": ("frozen", True), "full": ("full", True),
            "scratch": ("full", False), "lora_random": ("lora", False)}  # as adapters.finetune.STUDY_METHODS
 # family -> encoder to pretrain, objective, pretraining rate
@@ -21,7 +22,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 # learning-rate sweep grids (AdamW peak rates): adapters and heads need larger rates than full
 # training; centred where short CPU runs (~100-400 steps) on the phantom and VNC peaked
 LR_GRID = {"lora": (6e-3, 2e-2, 6e-2), "lora_random": (6e-3, 2e-2, 6e-2), "frozen": (1e-2, 3e-2, 1e-1),
-           "full": (2e-3, 6e-3, 2e-2), "scratch": (2e-3, 6e-3, 2e-2), "unet": (2e-3, 6e-3, 2e-2)}
+           "full": (2e-3, 6e-3, 2e-2), "scratch": (2e-3, 6e-3, 2e-2), "unet": (2e-3, 6e-3, 2e-2), "rf": (0.0,)}
 METRICS = {"mito": ("iou", "dice", "ap50"), "synapse": ("iou", "dice", "detection_f1"), "neuron": ("voi", "arand"),
            "membrane": ("iou", "dice")}
 LOWER_IS_BETTER = {"voi", "arand"}
@@ -58,8 +59,9 @@ class StudyConfig:
     sweep_share: float = 0.25
     sweep_every_fraction: bool = True  # False: sweep at the smallest fraction, reuse the rate above it
     lrs: dict[str, tuple[float, ...]] | None = None
-    patch_shape: tuple[int, int, int] = (8, 64, 64)
-    batch_size: int = 2
+    patch_shape: tuple[int, int, int] | None = None  # None: the plan's (ssl_em.plan), at the working spacing
+    batch_size: int | None = None  # None: the plan's
+    downsample: int | None = None  # in-plane factor to the working spacing; None: the plan's, 1: native
     eval_fraction: float = 0.3
     val_fraction: float = 0.2
     max_eval_voxels: int = 4_000_000  # the evaluation region is centre-cropped in x to this size
@@ -77,6 +79,9 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if "rf" in self.methods and self.task == "neuron":
+            raise ConfigError("method rf (a foreground pixel classifier) has no neuron affinities: "
+                              "drop it for --task neuron")
         bad = [f for f in self.fractions if not 0 < f <= 1]
         if bad:
             raise ConfigError(f"label fractions {bad} must be in (0, 1]")
@@ -84,12 +89,21 @@ class StudyConfig:
         if int(self.steps) < 1 or int(self.pretrain_steps) < 0 or int(self.val_every) < 1:
             raise ConfigError(f"steps {self.steps} and val_every {self.val_every} must be >= 1, "
                               f"pretrain_steps {self.pretrain_steps} >= 0")
-        self.patch_shape = tuple(int(p) for p in self.patch_shape)  # type: ignore[assignment]
+        if self.patch_shape is not None:
+            self.patch_shape = tuple(int(p) for p in self.patch_shape)  # type: ignore[assignment]
         from ssl_em.utils.precision import resolve_device
 
         self.device = resolve_device(self.device)  # results.json records the device the runs used
         if self.adapter_kwargs is None:
             self.adapter_kwargs = dict(FAMILIES[self.family].get("adapter_kwargs", {}))
+
+    @property
+    def spacing(self) -> tuple[float, float, float] | None:
+        """The working voxel size (z, y, x) nm: ``voxel_size`` downsampled in-plane by ``downsample``."""
+        if self.voxel_size is None:
+            return None
+        d = self.downsample or 1
+        return (self.voxel_size[0], self.voxel_size[1] * d, self.voxel_size[2] * d)
 
     @property
     def arch(self) -> str:
@@ -118,7 +132,7 @@ def _lrs(cfg: StudyConfig, method: str) -> tuple[float, ...]:
 def budget_units(cfg: StudyConfig) -> float:
     """Total fine-tuning steps of a study in units of ``cfg.steps`` (sweeps included)."""
     total = 0.0
-    for m in cfg.methods:
+    for m in (m for m in cfg.methods if m not in NOT_TRAINED):
         k = len(_lrs(cfg, m))
         sweeps = 0 if k < 2 else (len(cfg.fractions) if cfg.sweep_every_fraction else 1)
         total += len(cfg.fractions) * cfg.seeds + sweeps * k * cfg.sweep_share

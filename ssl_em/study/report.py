@@ -58,6 +58,12 @@ def headline(records: Sequence[dict[str, Any]], task: str, target_fraction: floa
             f"{', lower is better' if sign < 0 else ''})")
 
 
+def shown_section(gt: np.ndarray) -> int:
+    """The evaluation section the overlays show: the one with the most labelled objects (foreground
+    voxels), so a reader sees the task, not an empty section."""
+    return int(np.argmax((np.asarray(gt) > 0).reshape(gt.shape[0], -1).sum(axis=1)))
+
+
 def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig, pretraining: dict[str, Any],
                   shown: dict[tuple[str, float], np.ndarray], ev_raw: np.ndarray, ev_gt: np.ndarray) -> None:
     """``results.md``, ``label_efficiency.png`` and ``overlays.png`` from the records."""
@@ -103,10 +109,10 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
     sign = -1 if metric in LOWER_IS_BETTER else 1
     cands = [m for m, f in shown if f == f0]
     best = max(cands, key=lambda m: sign * stats.get((m, f0, metric), (-math.inf * sign,))[0])
-    panels = [("raw", None), ("ground truth", ev_gt[ev_gt.shape[0] // 2]), (f"{best}", shown[(best, f0)])]
+    z = shown_section(ev_gt)
+    panels = [("raw", None), ("ground truth", ev_gt[z]), (f"{best}", shown[(best, f0)])]
     if "scratch" in cands and best != "scratch":
         panels.append(("scratch", shown[("scratch", f0)]))
-    z = ev_raw.shape[0] // 2
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (name, seg) in zip(axes[0], panels):
         ax.imshow(ev_raw[z], cmap="gray", interpolation="nearest")
@@ -116,6 +122,6 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
         ax.set_title(f"{name}" + ("" if seg is None or name == "ground truth" else f" ({f0:.0%} labels)"), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{cfg.task}, middle section of the evaluation region", fontsize=10)
+    fig.suptitle(f"{cfg.task}, evaluation section {z} (the most objects)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out / "overlays.png", dpi=100)

@@ -24,7 +24,8 @@ from ssl_em.data.crops import Box
 from ssl_em.errors import ConfigError, LabelError
 from ssl_em.study.config import StudyConfig, _lrs
 from ssl_em.study.regions import Regions, _trim, label_sections, plan_regions
-from ssl_em.study.report import write_reports
+from ssl_em.study.report import shown_section, write_reports
+from ssl_em.plan import downsample, upsample
 from ssl_em.study.train import Labelled, build_data, build_module, evaluate, fit, monitor_of, pretrain, score
 
 RESULTS = "results.jsonl"
@@ -64,13 +65,21 @@ class Study:
         inputs = [spec_path(v) for v in (raw, labels, *(unlabeled or ()))]
         claim_output_folder(self.out, [p for p in inputs if p is not None])
         cfg.voxel_size = voxel_size_of(self.raw_vol, cfg.voxel_size)
-        self.regions = plan_regions(self.raw_vol.shape, cfg.patch_shape, cfg.eval_fraction, cfg.val_fraction)
         full = tuple(slice(0, n) for n in self.raw_vol.shape)
-        raw_np = np.asarray(self.raw_vol[full])
-        norm = Normalization().fit(Region(raw_np, self.regions.train))  # fitted where training sees data
-        self.data = Labelled(norm(raw_np), np.asarray(lab_vol[full]), cfg.voxel_size, norm.to_dict())
+        raw_np, lab_np = np.asarray(self.raw_vol[full]), np.asarray(lab_vol[full])
+        self.plan = self._plan(raw_np.shape)  # fills cfg.downsample, patch_shape, batch_size
+        self.log(self.plan.describe())
+        # everything trains at the working spacing; scores are computed on the original grid
+        d = cfg.downsample
+        raw_w, lab_w = downsample(raw_np, d), downsample(lab_np, d, labels=True)
+        norm = Normalization().fit(Region(raw_w, self.regions.train))  # fitted where training sees data
+        self.data = Labelled(norm(raw_w), lab_w, cfg.spacing, norm.to_dict())
         self.unlabeled = list(unlabeled) if unlabeled else [self.raw_vol]
-        self.eval_box = _trim(self.regions.evaluation, cfg.max_eval_voxels)
+        self.eval_box = _trim(self.regions.evaluation, cfg.max_eval_voxels // (d * d))
+        self.eval_box_original = tuple(slice(b.start * (d if i else 1), b.stop * (d if i else 1))
+                                       for i, b in enumerate(self.eval_box))
+        self.ev_raw = norm(raw_np[self.eval_box_original])  # original grid: overlays and scores
+        self.ev_gt = lab_np[self.eval_box_original]
         self.records: list[dict[str, Any]] = []
         self.runs: list[dict[str, Any]] = []
         self.sections_shown: dict[tuple[str, float], np.ndarray] = {}  # mid eval section of seed 0
@@ -78,6 +87,41 @@ class Study:
         self.precisions: dict[str, dict[str, Any]] = {}
         self.done: dict[tuple, dict[str, Any]] = {}
         self.deadline = math.inf
+
+    def _plan(self, shape: Sequence[int]) -> Any:
+        """The plan (``ssl_em.plan``) for this volume, with the fields the config sets; the in-plane crop
+        shrinks (by the network stride) until training, validation and evaluation regions all hold it."""
+        from ssl_em.plan import make_plan
+
+        cfg = self.cfg
+        enc_vs = None
+        if cfg.encoder:
+            from ssl_em.models.export import read_sidecar
+
+            enc_vs = read_sidecar(cfg.encoder)["metadata"].get("voxel_size")
+        stride = (2, 16, 16) if cfg.family == "vit" else (2, 8, 8)
+        fixed = {k: v for k, v in (("patch_shape", cfg.patch_shape), ("batch_size", cfg.batch_size)) if v is not None}
+        plan = make_plan(cfg.voxel_size or (1.0, 1.0, 1.0), cfg.task, shape, encoder_voxel_size=enc_vs, stride=stride,
+                         steps=cfg.steps, downsample=cfg.downsample if cfg.voxel_size else (cfg.downsample or 1),
+                         **fixed)
+        work = (shape[0], shape[1] // plan.downsample, shape[2] // plan.downsample)
+        patch = list(plan.patch_shape)
+        while True:
+            try:
+                self.regions = plan_regions(work, patch, cfg.eval_fraction, cfg.val_fraction)
+                break
+            except ConfigError:
+                if "patch_shape" in fixed or min(patch[1:]) <= 4 * stride[1]:
+                    raise
+                patch[1] = patch[2] = min(patch[1:]) - stride[1]
+        if tuple(patch) != plan.patch_shape:
+            from dataclasses import replace
+
+            reasons = {**plan.reasons, "crop": plan.reasons.get("crop", "") + f"; in-plane {patch[1]} to fit the "
+                       f"study's regions of {tuple(work)}"}
+            plan = replace(plan, patch_shape=tuple(patch), reasons=reasons)
+        cfg.downsample, cfg.patch_shape, cfg.batch_size = plan.downsample, plan.patch_shape, plan.batch_size
+        return plan
 
     # -- the log of finished work ---------------------------------------------------------------
     def digest(self) -> str:
@@ -209,6 +253,28 @@ class Study:
             return module, info
         return None, info
 
+    def _pixel_classifier(self, seed: int, sections: np.ndarray,
+                          ev_raw: np.ndarray) -> tuple[Any, np.ndarray, dict[str, Any]]:
+        """The ``rf`` baseline on the same labels (the fit part's labelled sections): the task, its
+        probabilities on the evaluation region (foreground; other channels 0) and the run record."""
+        from ssl_em.adapters import get_task
+        from ssl_em.baselines import PixelClassifier
+
+        cfg = self.cfg
+        task_kwargs = {"voxel_size": list(cfg.voxel_size)} if cfg.task == "mito" and cfg.voxel_size else {}
+        task = get_task(cfg.task, **task_kwargs)
+        fit = self.regions.fit
+        raw, labels = self.data.raw[fit], self.data.labels[fit]
+        mask = np.zeros(raw.shape, np.uint8)
+        mask[sections] = 1
+        start = time.perf_counter()
+        clf = PixelClassifier(seed=seed).fit(raw, labels > 0, mask)
+        probs = np.zeros((task.num_outputs, *ev_raw.shape), np.float32)
+        probs[0] = clf.predict(ev_raw)
+        info = {"lr": 0.0, "status": "ok", "validated": False, "steps": 0, "trees": clf.n_trees,
+                "features": 1 + 8 * len(clf.sigmas), "seconds": round(time.perf_counter() - start, 1)}
+        return task, probs, info
+
     def _lrs(self, method: str) -> tuple[float, ...]:
         return _lrs(self.cfg, method)
 
@@ -246,7 +312,8 @@ class Study:
 
         doc = {"config": asdict(self.cfg), "pretraining": self.pretraining,
                "regions": {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()},
-               "evaluation_box": [[b.start, b.stop] for b in self.eval_box],
+               "evaluation_box": [[b.start, b.stop] for b in self.eval_box_original],
+               "plan": self.plan.to_dict(),
                "normalization": self.data.normalization, "precision": self.precisions, "runs": self.runs,
                "records": self.records}
         atomic_write_text(self.out / "results.json", json.dumps(doc, indent=1, default=float) + "\n")
@@ -260,7 +327,7 @@ class Study:
         if self.done:
             self.log(f"{len(self.done)} finished step(s) found in {self.out / RESULTS}: skipping them")
         enc = self.encoder()
-        ev_raw, ev_gt = data.raw[self.eval_box], data.labels[self.eval_box]
+        ev_raw = data.raw[self.eval_box]  # the working grid; scores on the original one (self.ev_gt)
         n_pairs, pair = len(cfg.fractions) * len(cfg.methods), 0
         chosen: dict[str, float] = {}
         stopped = False
@@ -275,31 +342,39 @@ class Study:
                 if cfg.sweep_every_fraction or method not in chosen:
                     chosen[method] = self.sweep(method, fraction, enc)
                 for seed in range(cfg.seeds):
-                    self._one(method, fraction, seed, chosen[method], enc, ev_raw, ev_gt)
+                    self._one(method, fraction, seed, chosen[method], enc, ev_raw)
         shutil.rmtree(self.out / "work", ignore_errors=True)
         if stopped:
             self.log(f"stopped at the {cfg.max_minutes} min guard: rerun the same command to continue")
         self._save()
-        write_reports(self.out, self.records, cfg, self.pretraining, self.sections_shown, ev_raw, ev_gt)
+        write_reports(self.out, self.records, cfg, self.pretraining, self.sections_shown, self.ev_raw, self.ev_gt)
         self.log(f"study done in {_fmt_time(time.perf_counter() - t0)}; results in {self.out}")
         return self.records
 
-    def _one(self, method: str, fraction: float, seed: int, lr: float, enc: str, ev_raw: np.ndarray,
-             ev_gt: np.ndarray) -> None:
+    def _one(self, method: str, fraction: float, seed: int, lr: float, enc: str, ev_raw: np.ndarray) -> None:
+        """One run: train on the working grid, predict ``ev_raw`` (the evaluation region there),
+        resample the probabilities back and score them on the original grid."""
         cfg = self.cfg
         key = ("run", method, fraction, seed)
         shown = self.out / "sections" / f"{method}_{fraction:g}.npy"
         if key not in self.done:
             sections = label_sections(self.data.raw.shape[0], fraction, seed)
             name = f"{method} {fraction:.0%} seed {seed}"
-            module, info = self._train(method, seed, lr, cfg.steps, enc, self.regions.fit, sections, name)
+            task, probs = None, None
+            if method == "rf":
+                task, probs, info = self._pixel_classifier(seed, sections, ev_raw)
+            else:
+                module, info = self._train(method, seed, lr, cfg.steps, enc, self.regions.fit, sections, name)
+                if module is not None:
+                    task = module.task
+                    probs = evaluate(module, ev_raw, cfg, self.out / "work" / name.replace(" ", "_"), info["precision"])
+                    info["trainable_params"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
             metrics: dict[str, float] = {}
-            if module is not None:
-                probs = evaluate(module, ev_raw, cfg, self.out / "work" / name.replace(" ", "_"), info["precision"])
-                metrics = score(probs, ev_gt, module.task, cfg.voxel_size)
-                info["trainable_params"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+            if probs is not None:
+                probs = upsample(probs, self.ev_gt.shape)
+                metrics = score(probs, self.ev_gt, task, cfg.voxel_size)
                 if seed == 0:
-                    seg = module.task.postprocess(probs, cfg.voxel_size or (1, 1, 1))[ev_raw.shape[0] // 2]
+                    seg = task.postprocess(probs, cfg.voxel_size or (1, 1, 1))[shown_section(self.ev_gt)]
                     shown.parent.mkdir(exist_ok=True)
                     np.save(shown, seg)
             entry = {"method": method, "fraction": fraction, "seed": seed, "label_sections": sections.tolist(),

@@ -47,12 +47,12 @@ def build_module(method: str, cfg: StudyConfig, encoder_dir: str | Path | None, 
     from ssl_em.adapters.finetune import FineTuning
     from ssl_em.models.export import read_sidecar
 
-    task_kwargs = {"voxel_size": list(cfg.voxel_size)} if cfg.task == "mito" and cfg.voxel_size else {}
+    task_kwargs = {"voxel_size": list(cfg.spacing)} if cfg.task == "mito" and cfg.spacing else {}
     common = dict(task=cfg.task, task_kwargs=task_kwargs, lr=lr, warmup_steps=max(1, steps // 20),
                   export_on_fit_end=False)
     torch.manual_seed(seed)
     if method == "unet":
-        return FineTuning(network="monai_unet", network_kwargs={"anisotropic": _anisotropic(cfg.voxel_size)},
+        return FineTuning(network="monai_unet", network_kwargs={"anisotropic": _anisotropic(cfg.spacing)},
                           adapter="full", **common)
     adapter, pretrained = ADAPTER[method]
     sidecar = read_sidecar(encoder_dir)
@@ -237,16 +237,20 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     from ssl_em.pretrain.panels import save_curve, save_reconstruction_panel
     from ssl_em.utils.precision import lightning_precision, resolve_precision
 
+    from ssl_em.plan import DownsampledVolume
+
     fam = FAMILIES[cfg.family]
     steps = int(cfg.pretrain_steps)
     volumes = [as_volume(v, cfg.voxel_size, cfg.fill_missing) for v in volumes]
+    if (cfg.downsample or 1) > 1:  # pretrain at the working spacing, resampled as crops are read
+        volumes = [DownsampledVolume(v, cfg.downsample) for v in volumes]
     kwargs = dict(cfg.encoder_kwargs)
     if cfg.family == "vit" and "img_size" not in kwargs and not cfg.encoder:
         kwargs["img_size"] = list(cfg.patch_shape)
     torch.manual_seed(seed)
     module = Pretraining(encoder=cfg.arch, encoder_kwargs=kwargs, init_from=cfg.encoder, method=fam["method"],
                          method_kwargs=dict(fam["method_kwargs"]), lr=fam["lr"], seed=seed)
-    vs = cfg.voxel_size
+    vs = cfg.spacing
     ds = CropDataset(list(volumes), cfg.patch_shape, regions=list(regions), samples_per_epoch=steps * cfg.batch_size,
                      augment=default_em_augment(anisotropic=_anisotropic(vs), strength=0.5),
                      normalization=Normalization(), seed=seed)

@@ -1,0 +1,72 @@
+"""The plan from the data (``ssl_em.plan``): working spacing, crop with context, batch; scores on the original grid."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ssl_em.errors import ConfigError
+from ssl_em.plan import DownsampledVolume, downsample, make_plan, upsample
+
+
+def test_vnc_like_mitochondria_plan_works_at_9_nm_with_a_micron_of_context(capsys) -> None:
+    plan = make_plan((50, 4.6, 4.6), "mito", (20, 1024, 1024))
+    assert plan.downsample == 2 and plan.spacing == pytest.approx((50, 9.2, 9.2))
+    z, y, x = plan.patch_shape
+    assert y == x and y * 9.2 >= 1200 and y % 8 == 0 and y <= 256  # >= 1.2 um in-plane, on the stride
+    assert z == 4 and z % 2 == 0  # thin crops: z is 5.4x coarser than x
+    assert plan.batch_size >= 2 and plan.anisotropic_levels == 2
+    text = plan.describe()
+    assert "working spacing 50x9.2x9.2 nm" in text and f"crop {plan.patch_shape}" in text and "x1/2" in text
+
+
+def test_plan_follows_the_encoder_the_task_and_the_user() -> None:
+    assert make_plan((50, 4.6, 4.6), "mito", encoder_voxel_size=(50, 4.6, 4.6)).downsample == 1
+    assert make_plan((50, 4.6, 4.6), "membrane").downsample == 1  # thin structures: full resolution
+    iso = make_plan((10, 10, 10), "neuron", (50, 250, 250))
+    assert iso.patch_shape[0] == 16 and iso.anisotropic_levels == 0
+    small = make_plan((40, 8, 8), "mito", (8, 64, 64))
+    assert small.patch_shape == (4, 64, 64)  # in-plane clipped to the volume, on the stride
+    mine = make_plan((50, 4.6, 4.6), "mito", patch_shape=(8, 64, 64), batch_size=3, downsample=1)
+    assert (mine.patch_shape, mine.batch_size, mine.downsample) == ((8, 64, 64), 3, 1)
+    with pytest.raises(ConfigError, match="unknown plan fields"):
+        make_plan((50, 4.6, 4.6), "mito", crop=3)
+    with pytest.raises(ConfigError, match="voxel size"):
+        make_plan((0, 4, 4), "mito")
+
+
+def test_resampling_there_and_back() -> None:
+    raw = np.arange(2 * 6 * 6, dtype=np.float32).reshape(2, 6, 6)
+    small = downsample(raw, 2)
+    assert small.shape == (2, 3, 3) and small[0, 0, 0] == pytest.approx(raw[0, :2, :2].mean())
+    labels = np.zeros((2, 6, 6), np.uint32)
+    labels[:, 2:4, 2:4] = 7
+    assert set(np.unique(downsample(labels, 2, labels=True))) == {0, 7}  # ids kept, never averaged
+    back = upsample(small[None], raw.shape)
+    assert back.shape == (1, 2, 6, 6) and np.abs(back[0] - raw).mean() < 2.0
+    lazy = DownsampledVolume(raw, 2)
+    assert lazy.shape == (2, 3, 3) and np.array_equal(lazy[0:2, 1:3, 0:3], small[:, 1:3, :])
+
+
+def test_the_study_trains_at_the_working_spacing_and_scores_on_the_original_grid(tmp_path) -> None:
+    from ssl_em.data.phantom import make_phantom
+    from ssl_em.study import Study, StudyConfig
+
+    ph = make_phantom((8, 320, 128), voxel_size=(40, 4, 4), seed=2)  # 4 nm: mitochondria plan at 8 nm
+    cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch",), fractions=(1.0,), steps=4,
+                      pretrain_steps=2, val_every=4, batch_size=2, lrs={"scratch": (1.5e-3,)}, precision="32",
+                      voxel_size=ph.voxel_size)
+    lines: list[str] = []
+    study = Study(ph.raw, ph.mito, None, cfg, tmp_path / "out", log=lines.append)
+    assert cfg.downsample == 2 and cfg.spacing == (40.0, 8.0, 8.0)
+    assert study.data.raw.shape == (8, 160, 64) and study.ev_gt.shape[1:] == tuple(
+        2 * (b.stop - b.start) for b in study.eval_box[1:])
+    assert any(line.startswith("plan: voxel 40x4x4 nm -> working spacing 40x8x8 nm") for line in lines)
+    records = study.run()
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["plan"]["downsample"] == 2 and doc["plan"]["patch_shape"] == list(cfg.patch_shape)
+    assert {r["metric"] for r in records} == {"iou", "dice", "ap50"}
+    overlay_section = np.load(tmp_path / "out" / "sections" / "scratch_1.npy")
+    assert overlay_section.shape == study.ev_gt.shape[1:]  # segmentation back on the original grid
