@@ -49,12 +49,13 @@ def label_sections(n_sections: int, fraction: float, seed: int) -> np.ndarray:
     return sparse_slices(int(n_sections), fraction=float(fraction), seed=int(seed))
 
 
-def _trim(box: Box, max_voxels: int, axis: int = 2) -> Box:
-    """Centre-crop ``box`` along ``axis`` (x) to at most ``max_voxels`` (evaluation cost bound)."""
+def _trim(box: Box, max_voxels: int, axis: int = 2, at_least: int = 1) -> Box:
+    """Centre-crop ``box`` along ``axis`` (x) to at most ``max_voxels`` (evaluation cost bound), but
+    never below ``at_least`` voxels there (a crop or window must still fit)."""
     sizes = [b.stop - b.start for b in box]
     if math.prod(sizes) <= max_voxels:
         return box
-    keep = max(1, max_voxels // math.prod(s for i, s in enumerate(sizes) if i != axis))
+    keep = min(sizes[axis], max(at_least, max_voxels // math.prod(s for i, s in enumerate(sizes) if i != axis)))
     start = box[axis].start + (sizes[axis] - keep) // 2
     out = list(box)
     out[axis] = slice(start, start + keep)

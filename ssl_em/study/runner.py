@@ -22,7 +22,7 @@ import numpy as np
 
 from ssl_em.data.crops import Box
 from ssl_em.errors import ConfigError, LabelError
-from ssl_em.study.config import StudyConfig, _lrs
+from ssl_em.study.config import ADAPTER, StudyConfig, _lrs
 from ssl_em.study.regions import Regions, _trim, label_sections, plan_regions
 from ssl_em.study.report import shown_section, write_reports
 from ssl_em.plan import downsample, upsample
@@ -75,7 +75,7 @@ class Study:
         norm = Normalization().fit(Region(raw_w, self.regions.train))  # fitted where training sees data
         self.data = Labelled(norm(raw_w), lab_w, cfg.spacing, norm.to_dict())
         self.unlabeled = list(unlabeled) if unlabeled else [self.raw_vol]
-        self.eval_box = _trim(self.regions.evaluation, cfg.max_eval_voxels // (d * d))
+        self.eval_box = _trim(self.regions.evaluation, cfg.max_eval_voxels // (d * d), at_least=cfg.patch_shape[2])
         self.eval_box_original = tuple(slice(b.start * (d if i else 1), b.stop * (d if i else 1))
                                        for i, b in enumerate(self.eval_box))
         self.ev_raw = norm(raw_np[self.eval_box_original])  # original grid: overlays and scores
@@ -204,7 +204,7 @@ class Study:
     def _validation(self, sections: np.ndarray) -> Box | None:
         """The validation slab when its labelled sections can rank weights (foreground there, or the
         neuron task whose loss ranks), else None: the run keeps its last weights."""
-        val = _trim(self.regions.val, self.cfg.max_val_voxels)
+        val = _trim(self.regions.val, self.cfg.max_val_voxels, at_least=self.cfg.patch_shape[2])
         if self.cfg.task != "neuron" and not (self.data.labels[val][sections] > 0).any():
             return None
         return val
@@ -326,7 +326,8 @@ class Study:
         self.done = self._finished()
         if self.done:
             self.log(f"{len(self.done)} finished step(s) found in {self.out / RESULTS}: skipping them")
-        enc = self.encoder()
+        # baselines without an encoder (unet, rf) need no pretraining
+        enc = self.encoder() if any(m in ADAPTER for m in cfg.methods) else None
         ev_raw = data.raw[self.eval_box]  # the working grid; scores on the original one (self.ev_gt)
         n_pairs, pair = len(cfg.fractions) * len(cfg.methods), 0
         chosen: dict[str, float] = {}
