@@ -84,6 +84,8 @@ def make_plan(voxel_size: Sequence[float], task: str, shape: Sequence[int] | Non
         target = xy
         reasons["spacing"] = f"{task} needs full resolution"
     down = max(1, int(round(target / xy)))
+    if target < xy / 1.5:
+        reasons["spacing"] += f", finer than the data's {xy:g} nm: kept at the data's (never upsampled)"
     if downsample is not None:
         down = int(downsample)
         if down < 1:
