@@ -186,16 +186,17 @@ class FineTuning(L.LightningModule):
                              what=f"fine-tuning data {hp['raw'] if isinstance(hp.get('raw'), str) else 'volume'}")
         labels = datamodule.given("labels") if hasattr(datamodule, "given") else hp.get("labels")
         if stage == "fit" and labels is not None:
-            self.check_labels(labels, hp.get("ignore_value"))
+            self.check_labels(labels, hp.get("ignore_value"), fill_missing=bool(hp.get("fill_missing", False)))
 
-    def check_labels(self, labels: Any, ignore_value: int | None = None, slab: int = 16) -> None:
+    def check_labels(self, labels: Any, ignore_value: int | None = None, slab: int = 16,
+                     fill_missing: bool = False) -> None:
         """Raise LabelError (one line) when ``labels`` (a volume spec or array) hold values outside
         the task's set; read ``slab`` z-sections at a time (bounded memory). Labels with no foreground
         where training draws crops are CropDataset's LabelError."""
         from ssl_em.data.crops import as_volume, volume_name
         from ssl_em.errors import LabelError
 
-        vol = as_volume(labels)
+        vol = as_volume(labels, fill_missing=fill_missing)
         name = volume_name(vol)
         for z in range(0, int(vol.shape[-3]), slab):
             part = np.asarray(vol[..., z : z + slab, :, :])

@@ -38,11 +38,12 @@ def _find_last_checkpoint(config: Any) -> str | None:
     run's own logger version folder, so after a kill it found nothing and started over. None (a new
     run, as Lightning does) when there is none yet."""
     roots = [Path(config.trainer.get("default_root_dir") or ".")]
+    found = _checkpoints_below(roots[0])  # Lightning's <root>/.../checkpoints/last*.ckpt
     for callback in config.trainer.get("callbacks") or []:
         dirpath = (callback.get("init_args") or {}).get("dirpath") if hasattr(callback, "get") else None
-        if dirpath:
+        if dirpath and Path(dirpath).is_dir():
             roots.append(Path(dirpath))
-    found = [p for root in roots for p in _checkpoints_below(root)]
+            found += [p for p in Path(dirpath).glob("last*.ckpt") if p.is_file()]
     if not found:
         print(f"ssl-em fit: no last.ckpt under {', '.join(map(str, roots))}: starting a new run", file=sys.stderr)
         return None
@@ -52,8 +53,8 @@ def _find_last_checkpoint(config: Any) -> str | None:
 
 
 def _checkpoints_below(root: Path, depth: int = 4) -> list[Path]:
-    """``last*.ckpt`` files at most ``depth`` folders below ``root`` (Lightning's layout is
-    root/lightning_logs/version_N/checkpoints), not walking into volumes (.zarr, .n5) or hidden folders."""
+    """``last*.ckpt`` files in ``checkpoints`` folders at most ``depth`` folders below ``root`` (Lightning's
+    layout: root/lightning_logs/version_N/checkpoints), not walking into volumes (.zarr, .n5) or hidden folders."""
     import os
 
     found = []
@@ -61,7 +62,8 @@ def _checkpoints_below(root: Path, depth: int = 4) -> list[Path]:
         level = len(Path(folder).relative_to(root).parts)
         skip = level >= depth
         dirs[:] = [d for d in dirs if not skip and not d.startswith(".") and not d.endswith((".zarr", ".n5"))]
-        found += [Path(folder) / f for f in files if f.startswith("last") and f.endswith(".ckpt")]
+        if Path(folder).name == "checkpoints":
+            found += [Path(folder) / f for f in files if f.startswith("last") and f.endswith(".ckpt")]
     return found
 
 
@@ -117,7 +119,10 @@ def _measured_precision_of(model: Any, datamodule: Any, device_type: str) -> str
 
     if not hasattr(model, "probe_loss") or datamodule is None or not hasattr(datamodule, "train_dataloader"):
         return None
-    batch = next(iter(datamodule.train_dataloader()))
+    import torch
+
+    with torch.random.fork_rng():  # a DataLoader draws its base seed from the global RNG
+        batch = next(iter(datamodule.train_dataloader()))
     record = measure_module_precision(model, batch, device_type)
     ms = record["ms_per_step"]
     print(f"ssl-em fit: precision auto -> {record['precision']} (fp32 {ms.get('32')} ms, bf16 {ms.get('bf16')} ms per "

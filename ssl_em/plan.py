@@ -113,14 +113,19 @@ def make_plan(voxel_size: Sequence[float], task: str, shape: Sequence[int] | Non
 
 def downsample(volume: np.ndarray, factor: int, labels: bool = False) -> np.ndarray:
     """In-plane ``factor`` downsampling of a (z, y, x) volume: the block mean (float32) for intensities,
-    the block's centre voxel for labels; trailing voxels that do not fill a block are dropped."""
+    the block's most frequent value for labels (ids are never averaged; same centre as the mean);
+    trailing voxels that do not fill a block are dropped."""
     if factor == 1:
         return volume
     z, y, x = volume.shape
     y2, x2 = y // factor * factor, x // factor * factor
     if labels:
-        c = factor // 2
-        return np.ascontiguousarray(volume[:, c:y2:factor, c:x2:factor])
+        blocks = np.asarray(volume[:, :y2, :x2]).reshape(z, y2 // factor, factor, x2 // factor, factor)
+        blocks = blocks.transpose(0, 1, 3, 2, 4).reshape(z, y2 // factor, x2 // factor, factor * factor)
+        counts = np.zeros(blocks.shape, np.uint16)
+        for k in range(blocks.shape[-1]):  # how often each voxel's value occurs in its block
+            counts += blocks == blocks[..., k:k + 1]
+        return np.take_along_axis(blocks, counts.argmax(-1)[..., None], -1)[..., 0]
     v = np.asarray(volume[:, :y2, :x2], dtype=np.float32).reshape(z, y2 // factor, factor, x2 // factor, factor)
     return v.mean(axis=(2, 4), dtype=np.float32)
 

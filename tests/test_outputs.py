@@ -170,3 +170,12 @@ def test_phantom_evaluate_and_export_never_replace_a_users_folder(thesis: Path, 
     assert cli_main(["export-encoder", str(tmp_path / "missing.ckpt"), str(thesis)]) == 2
     assert "no earlier ssl-em export" in capsys.readouterr().err
     assert _snapshot(thesis) == before
+
+
+def test_overwrite_replaces_only_what_the_same_tool_wrote(raw_zarr: Path, tmp_path: Path) -> None:
+    """A converted volume is not a prediction's to replace, even with --overwrite."""
+    other = convert(str(raw_zarr), tmp_path / "copy.ome.zarr", progress=False)
+    before = _snapshot(other)
+    with pytest.raises(ConfigError, match="written by ssl_em.data.convert, not by ssl_em.predict"):
+        predict_volume(_net(), str(raw_zarr), other, (6, 24, 24), overwrite=True, **FP32)
+    assert _snapshot(other) == before

@@ -44,6 +44,8 @@ def test_resampling_there_and_back() -> None:
     labels = np.zeros((2, 6, 6), np.uint32)
     labels[:, 2:4, 2:4] = 7
     assert set(np.unique(downsample(labels, 2, labels=True))) == {0, 7}  # ids kept, never averaged
+    ids = np.array([[[5, 5, 0, 0], [5, 9, 0, 3]]], np.uint32)  # two 2x2 blocks: mostly 5, mostly 0
+    assert downsample(ids, 2, labels=True).tolist() == [[[5, 0]]]
     back = upsample(small[None], raw.shape)
     assert back.shape == (1, 2, 6, 6) and np.abs(back[0] - raw).mean() < 2.0
     lazy = DownsampledVolume(raw, 2)

@@ -260,3 +260,11 @@ def test_a_diverging_run_is_retried_then_recorded_and_the_study_goes_on(tmp_path
     assert scratch["status"] == "diverged" and scratch["diverged_at"] == [1e30, 1e30 / 3]
     assert sum("diverged at lr" in line for line in logged) == 2
     assert {r["method"] for r in records} == {"lora"}  # the study went on; lora was scored
+
+
+def test_the_wall_clock_guard_starts_no_run_and_never_cuts_one_short(tmp_path):
+    logged: list[str] = []
+    study = _small_study(tmp_path, max_minutes=1e-6)
+    assert study("out", logged.append).run() == []  # past the guard once pretraining is done
+    assert any("stopped at the" in line for line in logged)
+    assert [line["key"][0] for line in _lines(tmp_path / "out")] == ["pretraining"]  # no cut-short run saved

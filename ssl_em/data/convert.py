@@ -115,7 +115,8 @@ def convert(src_spec: Any, dst: str | Path, voxel_size: Any = None, chunks: Sequ
     import zarr
     from tqdm.auto import tqdm
 
-    check_output(dst, [p for p in [spec_path(src_spec)] if p is not None], overwrite=overwrite)
+    check_output(dst, [p for p in [spec_path(src_spec)] if p is not None], overwrite=overwrite,
+                 writer="ssl_em.data.convert")
     vol = open_volume(src_spec, voxel_size, fill_missing=fill_missing)
     if vol.axes != "zyx":
         raise VolumeError(f"{vol.spec}: convert handles (z, y, x) volumes; this one has axes {vol.axes!r}")

@@ -313,12 +313,14 @@ class LabelledSliceSampler:
             if self._is_labelled(np.asarray(src[tuple(box)]), from_mask).any():
                 break
         if labels is not None and self.p_foreground > 0 and rng.random() < self.p_foreground:
+            found = tuple(box)
             for _ in range(self.max_tries):
                 if self._labelled_foreground(labels, src, tuple(box), from_mask):
-                    break
+                    return tuple(box)
                 moved = list(uniform_box(shape, patch_shape, rng))
                 moved[a] = box[a]
                 box = moved
+            return found  # no labelled foreground nearby: keep the box that holds labelled voxels
         return tuple(box)
 
     def _labelled_foreground(self, labels: Any, src: Any, box: Box, from_mask: bool) -> bool:

@@ -601,7 +601,7 @@ def save_phantom(ph: Phantom, out: str | Path, overwrite: bool = False) -> Path:
     from ssl_em.utils.io import atomic_path, check_output, writer_attrs
 
     out = Path(out)
-    check_output(out, [], overwrite=overwrite)
+    check_output(out, [], overwrite=overwrite, writer="ssl_em.data.phantom")
     res = [float(v) for v in ph.voxel_size]
     if out.suffix.lower() == ".npz":
         with atomic_path(out) as tmp, open(tmp, "wb") as f:  # a file object: savez must not append .npz
@@ -691,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from ssl_em.utils.io import check_output
 
-    check_output(args.out, [], overwrite=args.overwrite)  # before minutes of generation
+    check_output(args.out, [], overwrite=args.overwrite, writer="ssl_em.data.phantom")  # before generating
     ph = make_phantom(args.shape, args.voxel_size, args.seed, missing_section_rate=args.missing_section_rate,
                       progress=True)
     preview = save_phantom(ph, args.out, overwrite=args.overwrite)

@@ -352,7 +352,7 @@ def _prepare_output(dst: Path, shape: tuple[int, ...], chunks: tuple[int, ...], 
     is, holds or sits in an input, or that ssl-em did not write, is refused whatever the flags."""
     import zarr
 
-    check_output(dst, inputs, overwrite=True)  # an ssl-em output: resumed, or replaced with overwrite below
+    check_output(dst, inputs, overwrite=True, writer="ssl_em.predict")  # resumed, or replaced with overwrite
 
     digest = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=16).hexdigest()
     arr_dir = dst / "0" if dst.name.endswith(".ome.zarr") else dst

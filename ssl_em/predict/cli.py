@@ -217,7 +217,7 @@ def main(argv: list[str]) -> int:
     from ssl_em.utils.io import check_output
 
     inputs = [p for p in (spec_path(args.input), spec_path(args.mask) if args.mask else None) if p is not None]
-    check_output(args.output, inputs, overwrite=True)  # before any work; --overwrite is predict_volume's
+    check_output(args.output, inputs, overwrite=True, writer="ssl_em.predict")  # before any work
     finetuned = _load_finetuned(args.model)
     if args.instances and finetuned is None:
         raise ConfigError(f"--instances needs a fine-tuned model folder (with its task); {args.model} is not one")

@@ -389,7 +389,8 @@ def blockwise_instances(
     region = tuple(b + 2 * v for b, v in zip(block, h))
     plan = BlockPlan(shape, block, tuple(2 * v for v in h), region)  # type: ignore[arg-type]
     dst = Path(dst)
-    check_output(dst, [p for p in [spec_path(src)] if p is not None], overwrite=overwrite)
+    check_output(dst, [p for p in [spec_path(src)] if p is not None], overwrite=overwrite,
+                 writer="ssl_em.predict.stitch")
 
     min_voxels = min_volume_nm3 / float(np.prod(vs))
     params = {"src": _describe(src), "shape": shape, "plan": [block, h], "method": method, "threshold": threshold,

@@ -62,8 +62,8 @@ class Study:
             raise LabelError(f"labels shape {tuple(lab_vol.shape)} does not match raw shape "
                              f"{tuple(self.raw_vol.shape)} (both must be (z, y, x))")
         check_same_grid(lab_vol, self.raw_vol, cfg.voxel_size, "labels")
-        inputs = [spec_path(v) for v in (raw, labels, *(unlabeled or ()))]
-        claim_output_folder(self.out, [p for p in inputs if p is not None])
+        inputs = [spec_path(v) for v in (raw, labels, *(unlabeled or ()), cfg.encoder)]  # pretraining writes
+        claim_output_folder(self.out, [p for p in inputs if p is not None])  # an encoder into out/pretrain
         cfg.voxel_size = voxel_size_of(self.raw_vol, cfg.voxel_size)
         full = tuple(slice(0, n) for n in self.raw_vol.shape)
         raw_np, lab_np = np.asarray(self.raw_vol[full]), np.asarray(lab_vol[full])
@@ -175,7 +175,7 @@ class Study:
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", VoxelSizeWarning)
-                check_voxel_size(cfg.voxel_size, read_sidecar(cfg.encoder)["metadata"].get("voxel_size"),
+                check_voxel_size(cfg.spacing, read_sidecar(cfg.encoder)["metadata"].get("voxel_size"),
                                  what="the labelled volume's")
             for w in caught:
                 self.log(f"warning: {w.message}")
@@ -219,7 +219,10 @@ class Study:
             from ssl_em.utils.precision import measure_module_precision
 
             dm.setup("fit")
-            batch = next(iter(dm.train_dataloader()))
+            import torch
+
+            with torch.random.fork_rng():  # a DataLoader draws its base seed from the global RNG
+                batch = next(iter(dm.train_dataloader()))
             record = measure_module_precision(module, batch, self.cfg.device.split(":")[0])
             self.log(f"    precision auto for {method}: {record['precision']} ({record['ms_per_step']} ms per step"
                      f"{', cached' if record['cached'] else ''})")
@@ -230,6 +233,8 @@ class Study:
                name: str) -> tuple[Any, dict[str, Any]]:
         """Fine-tune ``method``; a non-finite loss is retried once at a third of the rate. Returns the
         module (best validation weights) and the run's record, ``status`` "ok" or "diverged"."""
+        if time.perf_counter() > self.deadline:  # the guard never cuts a run short: it starts no new one
+            raise _GuardReached
         val = self._validation(sections)
         info: dict[str, Any] = {"lr": lr, "status": "diverged", "validated": val is not None}
         for attempt_lr in (lr, lr / 3):
@@ -237,10 +242,8 @@ class Study:
             dm = build_data(self.data, train, val, sections, self.cfg, seed, steps)
             precision, record = self._precision(method, module, dm)
             work = self.out / "work" / name.replace(" ", "_")
-            guard = None if self.cfg.max_minutes is None else max(1.0, self.deadline - time.perf_counter())
             try:
-                result = fit(module, dm, self.cfg, steps, work, name, precision, validate=val is not None,
-                             max_seconds=guard)
+                result = fit(module, dm, self.cfg, steps, work, name, precision, validate=val is not None)
             except FloatingPointError as err:
                 self.log(f"    {name}: diverged at lr {attempt_lr:.1e} ({err})")
                 info.setdefault("diverged_at", []).append(attempt_lr)
@@ -267,8 +270,14 @@ class Study:
         raw, labels = self.data.raw[fit], self.data.labels[fit]
         mask = np.zeros(raw.shape, np.uint8)
         mask[sections] = 1
+        if time.perf_counter() > self.deadline:
+            raise _GuardReached
         start = time.perf_counter()
-        clf = PixelClassifier(seed=seed).fit(raw, labels > 0, mask)
+        try:
+            clf = PixelClassifier(seed=seed).fit(raw, labels > 0, mask)
+        except LabelError as err:  # e.g. labelled sections without foreground in the fit part
+            self.log(f"    rf: {err}")
+            return task, None, {"lr": 0.0, "status": "no_training_labels", "validated": False, "steps": 0}
         probs = np.zeros((task.num_outputs, *ev_raw.shape), np.float32)
         probs[0] = clf.predict(ev_raw)
         info = {"lr": 0.0, "status": "ok", "validated": False, "steps": 0, "trees": clf.n_trees,
@@ -332,18 +341,18 @@ class Study:
         n_pairs, pair = len(cfg.fractions) * len(cfg.methods), 0
         chosen: dict[str, float] = {}
         stopped = False
-        for fraction in cfg.fractions:
-            for method in cfg.methods:
-                pair += 1
-                if time.perf_counter() > self.deadline:
-                    stopped = True
-                    break
-                self.log(f"[{pair}/{n_pairs}] {method} at {fraction:.0%} labels | elapsed "
-                         f"{_fmt_time(time.perf_counter() - t0)}")
-                if cfg.sweep_every_fraction or method not in chosen:
-                    chosen[method] = self.sweep(method, fraction, enc)
-                for seed in range(cfg.seeds):
-                    self._one(method, fraction, seed, chosen[method], enc, ev_raw)
+        try:
+            for fraction in cfg.fractions:
+                for method in cfg.methods:
+                    pair += 1
+                    self.log(f"[{pair}/{n_pairs}] {method} at {fraction:.0%} labels | elapsed "
+                             f"{_fmt_time(time.perf_counter() - t0)}")
+                    if cfg.sweep_every_fraction or method not in chosen:
+                        chosen[method] = self.sweep(method, fraction, enc)
+                    for seed in range(cfg.seeds):
+                        self._one(method, fraction, seed, chosen[method], enc, ev_raw)
+        except _GuardReached:
+            stopped = True
         shutil.rmtree(self.out / "work", ignore_errors=True)
         if stopped:
             self.log(f"stopped at the {cfg.max_minutes} min guard: rerun the same command to continue")
@@ -389,9 +398,13 @@ class Study:
         for metric, value in entry["metrics"].items():
             self.records.append({"method": method, "fraction": fraction, "seed": seed, "metric": metric,
                                  "value": value})
-        if seed == 0 and shown.exists():
+        if seed == 0 and shown.exists() and entry["metrics"]:  # not a file an older, different run left
             self.sections_shown[(method, fraction)] = np.load(shown)
         self._save()
+
+
+class _GuardReached(Exception):
+    """``max_minutes`` passed: no new run starts (finished ones are in results.jsonl)."""
 
 
 def asdict_regions(r: Regions) -> dict[str, Box]:

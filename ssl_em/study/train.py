@@ -149,7 +149,7 @@ def _trainer(**kwargs: Any) -> Any:
 
 
 def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, name: str, precision: str,
-        validate: bool, max_seconds: float | None = None) -> FitResult:
+        validate: bool) -> FitResult:
     """Train ``module`` for ``steps`` optimiser steps; with ``validate``, score the validation crops every
     ``cfg.val_every`` steps and load the best-scoring weights at the end. Raises FloatingPointError
     when the loss goes non-finite (the caller retries or records the run as diverged)."""
@@ -173,7 +173,6 @@ def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, 
         num_sanity_val_steps=0, val_check_interval=min(cfg.val_every, steps) if validate else None,
         check_val_every_n_epoch=None if validate else 1, limit_val_batches=None if validate else 0,
         plugins=[SafetensorsCheckpointIO()], default_root_dir=str(work),
-        max_time={"seconds": max_seconds} if max_seconds else None,
     )
     t = time.perf_counter()
     try:

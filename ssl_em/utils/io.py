@@ -113,16 +113,25 @@ def _zarr_attrs(folder: Path) -> dict:
     return {}
 
 
-def written_by_ssl_em(path: str | os.PathLike) -> bool:
-    """True for a zarr store (or OME-Zarr image with array ``0``) whose attributes mark it as ssl-em's."""
+def store_writer(path: str | os.PathLike) -> str | None:
+    """The ssl-em module that wrote the zarr store at ``path`` (or its OME-Zarr array ``0``), else None."""
     path = Path(path)
     for folder in (path, path / "0"):
         attrs = _zarr_attrs(folder)
+        if isinstance(attrs.get(WRITER_KEY), dict):
+            return str(attrs[WRITER_KEY].get("writer"))
+        if any(k in attrs for k in _LEGACY_KEYS):
+            return "ssl_em.predict"
         ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales") or [{}]
-        legacy_convert = str(((ms[0] or {}).get("metadata") or {}).get("writer", "")).startswith("ssl_em")
-        if WRITER_KEY in attrs or any(k in attrs for k in _LEGACY_KEYS) or legacy_convert:
-            return True
-    return False
+        legacy = str(((ms[0] or {}).get("metadata") or {}).get("writer", ""))
+        if legacy.startswith("ssl_em"):
+            return legacy
+    return None
+
+
+def written_by_ssl_em(path: str | os.PathLike) -> bool:
+    """True for a zarr store (or OME-Zarr image with array ``0``) whose attributes mark it as ssl-em's."""
+    return store_writer(path) is not None
 
 
 OUTPUT_MARKER = ".ssl_em_output"  # in every results folder ssl-em made (the study, the demo)
@@ -149,10 +158,12 @@ def claim_output_folder(folder: str | os.PathLike, inputs: Iterable[str | os.Pat
     return out
 
 
-def check_output(dst: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, overwrite: bool) -> None:
+def check_output(dst: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, overwrite: bool,
+                 writer: str | None = None) -> None:
     """Refuse (one-line ConfigError) an output that is, contains or sits inside an input; one that exists
-    and ssl-em did not write (never replaced, not even with ``overwrite``); and one that ssl-em wrote
-    when ``overwrite`` is False. Callers that resume their own output check it themselves first."""
+    and ``writer`` (the ssl-em module about to write; None: any ssl-em module) did not write (never
+    replaced, not even with ``overwrite``: a converted volume is not a prediction's to replace); and
+    one it wrote when ``overwrite`` is False. Callers that resume their own output check it first."""
     from ssl_em.errors import ConfigError
 
     out = Path(dst).resolve()
@@ -163,8 +174,12 @@ def check_output(dst: str | os.PathLike, inputs: Iterable[str | os.PathLike], *,
             raise ConfigError(f"output {dst} {how} the input {given}: choose an output outside every input")
     if not out.exists():
         return
-    if not written_by_ssl_em(out):
+    found = store_writer(out)
+    if found is None:
         raise ConfigError(f"output {dst} exists and was not written by ssl-em, so it is never replaced "
+                          "(not even with --overwrite): remove it yourself or choose another output")
+    if writer is not None and found != writer:
+        raise ConfigError(f"output {dst} was written by {found}, not by {writer}, so it is not replaced "
                           "(not even with --overwrite): remove it yourself or choose another output")
     if not overwrite:
         raise ConfigError(f"output {dst} exists; pass --overwrite (overwrite=True) to replace it")
