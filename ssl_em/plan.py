@@ -105,10 +105,15 @@ def make_plan(voxel_size: Sequence[float], task: str, shape: Sequence[int] | Non
             if patch[i] > n:
                 patch[i] = max(s, s * (n // s))
                 reasons["crop"] += f"; axis {'zyx'[i]} clipped to the volume ({n})"
-    batch = int(min(16, max(2, round(voxels_per_step / math.prod(patch)))))
+    batch = batch_for(patch, voxels_per_step)
     levels = min(3, max(0, round(math.log2(aniso)))) if aniso > 1 else 0  # in-plane poolings until ~isotropic
     plan = Plan(vs, spacing, down, tuple(patch), batch, int(steps if steps is not None else 1000), levels, reasons)
     return replace(plan, **overrides) if overrides else plan
+
+
+def batch_for(patch: Sequence[int], voxels_per_step: int = 1 << 18) -> int:
+    """Crops per step from a voxel budget per step (2 to 16)."""
+    return int(min(16, max(2, round(voxels_per_step / math.prod(patch)))))
 
 
 def downsample(volume: np.ndarray, factor: int, labels: bool = False) -> np.ndarray:

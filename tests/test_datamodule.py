@@ -149,3 +149,14 @@ def test_z_section_positives_through_the_datamodule():
         assert batch["view1"].shape == (2, 1, 4, 32, 32)
         assert batch["overlap1"][:, 0].tolist() == [[0, 4], [0, 4]]
         assert not torch.equal(batch["view1"], batch["view2"])
+
+
+def test_label_sections_outside_the_volume_are_a_one_line_error():
+    from ssl_em.data.phantom import make_phantom
+
+    ph = make_phantom((8, 64, 64), seed=2)
+    for sections in ([8], [-1], []):
+        dm = EMDataModule(raw=ph.raw, labels=ph.mito, task="mito", patch_shape=(4, 32, 32), batch_size=2,
+                          samples_per_epoch=2, val_fraction=0, label_sections=sections)
+        with pytest.raises(ConfigError, match="label_sections .* must be z indices in 0..7"):
+            dm.setup("fit")

@@ -226,7 +226,11 @@ class EMDataModule(L.LightningDataModule):
         self.normalization = self.normalizations[0]
         train_mask = mask
         if labels is not None and hp.get("label_sections") is not None:  # the sections a user labelled
-            keep = SliceMask(raws[0].shape, [int(z) for z in hp.label_sections])
+            sections = [int(z) for z in hp.label_sections]
+            bad = [z for z in sections if not 0 <= z < raws[0].shape[0]]
+            if bad or not sections:
+                raise ConfigError(f"label_sections {bad or sections} must be z indices in 0..{raws[0].shape[0] - 1}")
+            keep = SliceMask(raws[0].shape, sections)
             mask = train_mask = keep if mask is None else _AllOf(mask, keep)
         elif labels is not None and hp.label_slices is not None:  # few-label regime: a few training sections
             unannotated = _unannotated_sections(labels, mask, hp.ignore_value)
