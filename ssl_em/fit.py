@@ -115,15 +115,11 @@ class SslEmCLI(LightningCLI):
 
 def _measured_precision_of(model: Any, datamodule: Any, device_type: str) -> str | None:
     """Lightning precision for ``precision: auto``, timed on one batch (None: nothing to time)."""
-    from ssl_em.utils.precision import lightning_precision, measure_module_precision
+    from ssl_em.utils.precision import lightning_precision, measure_datamodule_precision
 
     if not hasattr(model, "probe_loss") or datamodule is None or not hasattr(datamodule, "train_dataloader"):
         return None
-    import torch
-
-    with torch.random.fork_rng():  # a DataLoader draws its base seed from the global RNG
-        batch = next(iter(datamodule.train_dataloader()))
-    record = measure_module_precision(model, batch, device_type)
+    record = measure_datamodule_precision(model, datamodule, device_type)
     ms = record["ms_per_step"]
     print(f"ssl-em fit: precision auto -> {record['precision']} (fp32 {ms.get('32')} ms, bf16 {ms.get('bf16')} ms per "
           f"step{', bf16 not finite' if not record['finite'].get('bf16') else ''}"

@@ -257,6 +257,24 @@ class ForegroundSampler:
         return box
 
 
+def _is_labelled(x: np.ndarray, from_mask: bool, ignore_value: int | None) -> np.ndarray:
+    """Labelled voxels: ``mask > 0``, else ``labels != ignore_value`` (over leading label channels)."""
+    x = x > 0 if from_mask else x != ignore_value
+    return x.reshape(-1, *x.shape[-3:]).any(axis=0) if x.ndim > 3 else x
+
+
+def labelled_slices(vol: Any, from_mask: bool, ignore_value: int | None = None, axis: int = 0) -> np.ndarray:
+    """Indices along ``axis`` of the slices of ``vol`` (a mask, or labels) holding a labelled voxel, read
+    in slabs of 16."""
+    n, other = vol.shape[-3:][axis], tuple(a for a in range(3) if a != axis)
+    lead = (slice(None),) * (len(vol.shape) - 3)
+    has = []
+    for s in range(0, n, 16):
+        box = tuple(slice(s, min(n, s + 16)) if a == axis else slice(0, m) for a, m in enumerate(vol.shape[-3:]))
+        has.append(_is_labelled(np.asarray(vol[lead + box]), from_mask, ignore_value).any(axis=other))
+    return np.flatnonzero(np.concatenate(has))
+
+
 @dataclass
 class LabelledSliceSampler:
     """For sparse annotation (a few labelled sections): only boxes holding labelled voxels.
@@ -280,20 +298,12 @@ class LabelledSliceSampler:
         return {**self.__dict__, "_cache": {}}
 
     def _is_labelled(self, x: np.ndarray, from_mask: bool) -> np.ndarray:
-        x = x > 0 if from_mask else x != self.ignore_value
-        return x.reshape(-1, *x.shape[-3:]).any(axis=0) if x.ndim > 3 else x
+        return _is_labelled(x, from_mask, self.ignore_value)
 
     def _slices(self, vol: Any, from_mask: bool) -> np.ndarray:
-        """Indices along ``axis`` of slices with any labelled voxel (read once per volume, in slabs)."""
-        if id(vol) not in self._cache:
-            n, other = vol.shape[self.axis], tuple(a for a in range(3) if a != self.axis)
-            has = []
-            for s in range(0, n, 16):
-                box = tuple(
-                    slice(s, min(n, s + 16)) if a == self.axis else slice(0, m) for a, m in enumerate(vol.shape[-3:])
-                )
-                has.append(self._is_labelled(np.asarray(vol[box]), from_mask).any(axis=other))
-            self._cache[id(vol)] = (vol, np.flatnonzero(np.concatenate(has)))  # holding vol keeps its id unique
+        """Indices along ``axis`` of slices with any labelled voxel (read once per volume)."""
+        if id(vol) not in self._cache:  # holding vol keeps its id unique
+            self._cache[id(vol)] = (vol, labelled_slices(vol, from_mask, self.ignore_value, self.axis))
         return self._cache[id(vol)][1]
 
     def __call__(self, shape, patch_shape, rng, labels=None, mask=None) -> Box:

@@ -36,6 +36,7 @@ from ssl_em.data.crops import (
     UniformSampler,
     as_volume,
     check_disjoint,
+    labelled_slices,
     sparse_slices,
     split_regions,
     volume_name,
@@ -65,15 +66,8 @@ def _unannotated_sections(labels: Any, mask: Any, ignore_value: int | None) -> l
     without either are annotated everywhere, background included)."""
     if mask is None and ignore_value is None:
         return []
-    empty = []
-    for z in range(labels.shape[-3]):
-        if mask is not None:
-            annotated = np.any(np.asarray(mask[z]) > 0)
-        else:
-            annotated = np.any(np.asarray(labels[..., z, :, :]) != ignore_value)
-        if not annotated:
-            empty.append(z)
-    return empty
+    annotated = labelled_slices(mask if mask is not None else labels, mask is not None, ignore_value)
+    return sorted(set(range(labels.shape[-3])) - set(annotated.tolist()))
 
 
 class EMDataModule(L.LightningDataModule):

@@ -218,14 +218,9 @@ class Study:
 
             return resolve_precision(self.cfg.precision, self.cfg.device.split(":")[0]), None
         if method not in self.precisions:
-            from ssl_em.utils.precision import measure_module_precision
+            from ssl_em.utils.precision import measure_datamodule_precision
 
-            dm.setup("fit")
-            import torch
-
-            with torch.random.fork_rng():  # a DataLoader draws its base seed from the global RNG
-                batch = next(iter(dm.train_dataloader()))
-            record = measure_module_precision(module, batch, self.cfg.device.split(":")[0])
+            record = measure_datamodule_precision(module, dm, self.cfg.device.split(":")[0])
             self.log(f"    precision auto for {method}: {record['precision']} ({record['ms_per_step']} ms per step"
                      f"{', cached' if record['cached'] else ''})")
             self.precisions[method] = record

@@ -134,6 +134,16 @@ def written_by_ssl_em(path: str | os.PathLike) -> bool:
     return store_writer(path) is not None
 
 
+def _overlap(out: Path, given: str | os.PathLike) -> str | None:
+    """How the resolved output ``out`` overlaps an input: "is", "sits inside", "contains", or None."""
+    inp = Path(given).resolve()
+    if out == inp:
+        return "is"
+    if inp in out.parents:
+        return "sits inside"
+    return "contains" if out in inp.parents else None
+
+
 OUTPUT_MARKER = ".ssl_em_output"  # in every results folder ssl-em made (the study, the demo)
 
 
@@ -145,8 +155,7 @@ def claim_output_folder(folder: str | os.PathLike, inputs: Iterable[str | os.Pat
     out = Path(folder)
     marker = out / OUTPUT_MARKER
     for given in inputs:
-        inp, here = Path(given).resolve(), out.resolve()
-        if here == inp or inp in here.parents or here in inp.parents:
+        if _overlap(out.resolve(), given):
             raise ConfigError(f"output folder {folder} overlaps the input {given}: choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output folder {folder} is a file: choose a folder")
@@ -168,9 +177,8 @@ def check_output(dst: str | os.PathLike, inputs: Iterable[str | os.PathLike], *,
 
     out = Path(dst).resolve()
     for given in inputs:
-        inp = Path(given).resolve()
-        if out == inp or inp in out.parents or out in inp.parents:
-            how = "is" if out == inp else "sits inside" if inp in out.parents else "contains"
+        how = _overlap(out, given)
+        if how:
             raise ConfigError(f"output {dst} {how} the input {given}: choose an output outside every input")
     if not out.exists():
         return

@@ -111,6 +111,16 @@ def _cache_path():
     return Path(root) / "precision.json"
 
 
+def measure_datamodule_precision(module, datamodule, device_type: str) -> dict:
+    """:func:`measure_module_precision` on the first training batch of ``datamodule``, drawn inside
+    ``fork_rng`` (a DataLoader takes its base seed from the global RNG, which training must not see moved)."""
+    import torch
+
+    with torch.random.fork_rng():
+        batch = next(iter(datamodule.train_dataloader()))
+    return measure_module_precision(module, batch, device_type)
+
+
 def measure_module_precision(module, batch: dict, device_type: str, use_cache: bool = True) -> dict:
     """:func:`measure_precision` of a LightningModule with ``probe_loss(batch)`` (forward, loss and
     backward on ``batch``); the module's weights, buffers and the global RNG are left as they were,
