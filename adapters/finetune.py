@@ -22,6 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from ssl_em.baselines.unet import PlainUNet
 from ssl_em.errors import ConfigError
 from ssl_em.utils.optim import adamw_warmup_cosine
 
@@ -36,19 +37,7 @@ STUDY_METHODS: dict[str, tuple[str, bool]] = {
 }
 
 
-def plain_unet(out_channels: int, anisotropic: bool = True) -> torch.nn.Module:
-    """The U-Net a user would train from scratch instead (the study's ``unet`` baseline): MONAI's
-    residual 3-D U-Net, in-plane pooling first for anisotropic voxels (as nnU-Net does for ssTEM)."""
-    try:
-        from monai.networks.nets import UNet
-    except ImportError as err:  # pragma: no cover - monai is a dependency
-        raise ConfigError(f"network 'monai_unet' needs MONAI (pip install monai): {err}") from None
-    strides = ((1, 2, 2), (1, 2, 2), (2, 2, 2)) if anisotropic else (2, 2, 2)
-    return UNet(spatial_dims=3, in_channels=1, out_channels=out_channels, channels=(16, 32, 64, 128),
-                strides=strides, num_res_units=1, norm="instance")
-
-
-NETWORKS = {"monai_unet": plain_unet}  # whole networks trained in full, instead of encoder + head + adapter
+NETWORKS = {"unet": PlainUNet}  # whole networks trained in full, instead of encoder + head + adapter
 
 
 def default_grad_checkpointing(adapter: str) -> bool:
@@ -79,9 +68,9 @@ class FineTuning(L.LightningModule):
         export_on_fit_end: when ``fit`` ends, write a deployable folder (:meth:`export`) that
             ``ssl-em predict --model FOLDER`` runs.
         export_dir: that folder; None = ``<trainer.log_dir>/model``.
-        network, network_kwargs: a whole network from :data:`NETWORKS` (``monai_unet``: the plain
-            U-Net baseline, ``{"anisotropic": bool}``) instead of encoder + head + adapter; trained in
-            full from random init, not exportable for ``ssl-em predict``.
+        network, network_kwargs: a whole network from :data:`NETWORKS` (``unet``: the plain U-Net
+            baseline, :class:`ssl_em.baselines.unet.PlainUNet`) instead of encoder + head + adapter;
+            trained in full from random init, not exportable for ``ssl-em predict``.
     """
 
     def __init__(

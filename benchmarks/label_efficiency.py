@@ -1,13 +1,15 @@
 """Label efficiency: pretrained encoder + LoRA vs the controls, under the same labels and step budget.
 
 The peers are what users otherwise do: train the same network from scratch (``scratch``), or a
-standard MONAI 3-D U-Net from scratch (``unet``); ``lora_random`` (LoRA + head on a random encoder)
+plain U-Net from scratch (``unet``, :class:`ssl_em.baselines.PlainUNet`), or an ilastik-style random
+forest (``rf``); ``lora_random`` (LoRA + head on a random encoder)
 controls for optimisation speed: if it matches ``lora``, pretraining is not what helps. Every
 method gets its own learning rate from a short sweep on a validation slab of the training region,
 and each run keeps its best-validation weights; scores come from a spatially disjoint evaluation
 region (see ``ssl_em.study``). Budgets are optimiser steps; a rerun of the same command skips the
 runs ``results.jsonl`` already holds. The last line is
-the headline: ``lora`` minus the best of ``scratch``/``lora_random`` at the fraction nearest 5 %.
+the headline: ``lora`` minus the best of ``scratch``/``lora_random`` at the scarcest label regime
+(``--patches``: painted 2-D patches; ``--fractions``: whole z-sections).
 
     .venv/bin/python benchmarks/label_efficiency.py --quick
     .venv/bin/python benchmarks/label_efficiency.py \\
@@ -35,7 +37,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--raw", metavar="SPEC", help="labelled raw volume (default: a phantom)")
     p.add_argument("--labels", metavar="SPEC", help="its labels")
     p.add_argument("--task", default="mito", choices=("mito", "synapse", "neuron", "membrane"))
-    p.add_argument("--fractions", default="0.01,0.05,0.1,1.0")
+    p.add_argument("--fractions", default="0.01,0.05,0.1,1.0",
+                   help="label regimes: fractions of the z-sections labelled ('' for none)")
+    p.add_argument("--patches", default="", help="label regimes: numbers of painted patches, e.g. 1,4,16")
+    p.add_argument("--patch-size", type=int, default=256, help="painted patch side at the working spacing")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default="lora,frozen,full,scratch,lora_random,unet,rf")
     p.add_argument("--encoder", metavar="NAME_OR_PATH", default="auto",
@@ -65,7 +70,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _numbers(text: str, cast=float) -> tuple:
-    return tuple(cast(v) for v in text.split(","))
+    return tuple(cast(v) for v in text.split(",") if v.strip())
 
 
 def load(args: argparse.Namespace) -> tuple:
@@ -105,6 +110,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         architecture=arch,
         methods=("lora", "scratch") if quick else tuple(args.methods.split(",")),
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
+        patches=() if quick else _numbers(args.patches, int), patch_size=args.patch_size,
         steps=12 if quick else args.steps, pretrain_steps=6 if quick else pretrain_steps,
         val_every=4 if quick else args.val_every, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int) if args.patch else None, voxel_size=vs,

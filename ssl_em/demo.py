@@ -37,7 +37,7 @@ def pick_labelled(data: list[str], labels: str) -> str:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(","))
+        return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"{text!r} is not a comma-separated list of numbers") from None
 
@@ -59,7 +59,9 @@ def build_parser(prog: str = "ssl-em demo") -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=25, help="validate (and keep the best weights) every N steps")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock guard: start no run after this "
                    "(a rerun continues); budgets are --steps")
-    p.add_argument("--fractions", default="0.1,1.0", help="label fractions of the z-sections (default 0.1,1.0)")
+    p.add_argument("--fractions", default="0.1,1.0", help="label fractions of the z-sections (default 0.1,1.0; "
+                   "'' for none)")
+    p.add_argument("--patches", default="", help="numbers of painted 2-D patches, e.g. 1,4 (scarcer regimes)")
     # frozen and full are available too; the default keeps the runs that carry the claim (pretraining
     # vs the lora_random control, scratch and a standard U-Net) long enough to learn in the budget
     p.add_argument("--methods", default="lora,scratch,lora_random,unet,rf",
@@ -102,6 +104,7 @@ def main(argv: list[str]) -> int:
         encoder=resolve_encoder(args.encoder, args.family, arch), architecture=arch,
         methods=("lora", "scratch") if tiny else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         fractions=(0.25,) if tiny else _floats(args.fractions), seeds=args.seeds,
+        patches=() if tiny else tuple(int(v) for v in _floats(args.patches)),
         steps=args.steps, pretrain_steps=args.pretrain_steps, val_every=args.val_every, max_minutes=args.minutes,
         patch_shape=patch, batch_size=2 if tiny else args.batch_size, downsample=args.downsample,
         voxel_size=_floats(args.voxel_size) if args.voxel_size else None,  # type: ignore[arg-type]
@@ -126,7 +129,7 @@ def main(argv: list[str]) -> int:
               f"voxel size {cfg.voxel_size} nm")
     print(f"encoder: {cfg.encoder or 'random init ' + cfg.arch}; pretraining {cfg.pretrain_steps} steps, "
           f"{cfg.steps} steps per fine-tuning run ({budget_units(cfg):g} runs' worth with the rate sweeps), "
-          f"methods {', '.join(cfg.methods)}, label fractions {cfg.fractions}")
+          f"methods {', '.join(cfg.methods)}, label regimes {', '.join(r.name for r in cfg.regimes)}")
     t0 = time.perf_counter()
     out = Path(args.out)
     records = Study(raw, labels, unlabeled, cfg, out).run()

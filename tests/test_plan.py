@@ -16,7 +16,8 @@ def test_vnc_like_mitochondria_plan_works_at_9_nm_with_a_micron_of_context(capsy
     assert plan.downsample == 2 and plan.spacing == pytest.approx((50, 9.2, 9.2))
     z, y, x = plan.patch_shape
     assert y == x and y * 9.2 >= 1200 and y % 8 == 0 and y <= 256  # >= 1.2 um in-plane, on the stride
-    assert z == 4 and z % 2 == 0  # thin crops: z is 5.4x coarser than x
+    assert z == 2  # thin crops (z is 5.4x coarser than x): the thinnest the default stride (2, 8, 8) takes
+    assert make_plan((50, 4.6, 4.6), "mito", (20, 1024, 1024), stride=(1, 16, 16)).patch_shape == (1, 144, 144)
     assert plan.batch_size >= 2 and plan.anisotropic_levels == 2
     text = plan.describe()
     assert "working spacing 50x9.2x9.2 nm" in text and f"crop {plan.patch_shape}" in text and "x1/2" in text
@@ -28,7 +29,7 @@ def test_plan_follows_the_encoder_the_task_and_the_user() -> None:
     iso = make_plan((10, 10, 10), "neuron", (50, 250, 250))
     assert iso.patch_shape[0] == 16 and iso.anisotropic_levels == 0
     small = make_plan((40, 8, 8), "mito", (8, 64, 64))
-    assert small.patch_shape == (4, 64, 64)  # in-plane clipped to the volume, on the stride
+    assert small.patch_shape == (2, 64, 64)  # in-plane clipped to the volume, on the stride
     mine = make_plan((50, 4.6, 4.6), "mito", patch_shape=(8, 64, 64), batch_size=3, downsample=1)
     assert (mine.patch_shape, mine.batch_size, mine.downsample) == ((8, 64, 64), 3, 1)
     with pytest.raises(ConfigError, match="unknown plan fields"):
@@ -70,5 +71,22 @@ def test_the_study_trains_at_the_working_spacing_and_scores_on_the_original_grid
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert doc["plan"]["downsample"] == 2 and doc["plan"]["patch_shape"] == list(cfg.patch_shape)
     assert {r["metric"] for r in records} == {"iou", "dice", "ap50"}
-    overlay_section = np.load(tmp_path / "out" / "sections" / "scratch_1.npy")
+    overlay_section = np.load(tmp_path / "out" / "sections" / "scratch_100pc_sections.npy")
     assert overlay_section.shape == study.ev_gt.shape[1:]  # segmentation back on the original grid
+
+
+def test_plain_unet_follows_the_plan_2d_for_ssTEM_3d_for_isotropic() -> None:
+    import torch
+
+    from ssl_em.baselines import PlainUNet
+    from ssl_em.baselines.unet import layout
+
+    kernels, pools = layout((50, 9.2, 9.2), (1, 128, 128))
+    assert all(k == (1, 3, 3) for k in kernels) and all(p == (1, 2, 2) for p in pools)  # 2-D per section
+    kernels, pools = layout((50, 9.2, 9.2), (2, 128, 128))  # z pooled once, where the voxel is ~isotropic
+    assert pools == [(1, 2, 2), (1, 2, 2), (2, 2, 2), (1, 2, 2)] and kernels[:2] == [(1, 3, 3)] * 2 and kernels[2] == (3, 3, 3)
+    assert layout((10, 10, 10), (16, 64, 64))[1] == [(2, 2, 2)] * 4
+    net = PlainUNet(2, (50, 9.2, 9.2), (2, 64, 64)).eval()
+    assert net.stride == (2, 16, 16) and net(torch.zeros(1, 1, 2, 64, 64)).shape == (1, 2, 2, 64, 64)
+    with pytest.raises(ConfigError, match="multiple of its stride"):
+        net(torch.zeros(1, 1, 2, 40, 64))

@@ -70,9 +70,16 @@ def test_tables_and_headline_from_records():
     recs = [{"method": m, "fraction": f, "seed": s, "metric": "iou", "value": v + 0.01 * s}
             for m, v in (("lora", 0.5), ("scratch", 0.2), ("lora_random", 0.3)) for f in (0.05, 1.0) for s in (0, 1)]
     table = markdown_table(recs, "iou")
-    assert "| lora | 0.505 ± 0.005 | 0.505 ± 0.005 |" in table and "5% labels" in table
+    assert "| lora | 0.505 ± 0.005 | 0.505 ± 0.005 |" in table and "| 5% sections | 100% sections |" in table
     line = headline(recs, "mito")
-    assert line.startswith("lora vs best of scratch/lora_random (lora_random) at 5% labels: +0.200 IoU")
+    assert line.startswith("lora vs best of scratch/lora_random (lora_random) on 5% sections: +0.200 IoU"), line
+    # painted patches are scarcer than sections: first column, and the headline's regime
+    recs += [{"method": m, "regime": "4 patches", "fraction": None, "patches": 4, "labelled_voxels": 4 * 256 ** 2,
+              "seed": 0, "metric": "iou", "value": v} for m, v in (("lora", 0.4), ("scratch", 0.1))]
+    for r in recs[:-2]:
+        r["labelled_voxels"] = int(r["fraction"] * 20 * 1024 ** 2)
+    assert "| method | 4 patches | 5% sections | 100% sections |" in markdown_table(recs, "iou")
+    assert headline(recs, "mito").startswith("lora vs best of scratch/lora_random (scratch) on 4 patches: +0.300 IoU")
 
 
 def _assert_dice_matches_iou(records: list[dict]) -> None:
@@ -80,7 +87,7 @@ def _assert_dice_matches_iou(records: list[dict]) -> None:
     scores, each under its own name (a value in [0, 1] alone cannot tell)."""
     runs: dict[tuple, dict[str, float]] = {}
     for r in records:
-        runs.setdefault((r["method"], r["fraction"], r["seed"]), {})[r["metric"]] = r["value"]
+        runs.setdefault((r["method"], r["regime"], r["seed"]), {})[r["metric"]] = r["value"]
     assert runs
     for key, m in runs.items():
         assert 0 <= m["iou"] <= 1 and m["dice"] == pytest.approx(2 * m["iou"] / (1 + m["iou"]), abs=1e-6), (key, m)
@@ -113,9 +120,12 @@ def test_tiny_study_end_to_end(tmp_path):
     tmp_path = tmp_path / "out"
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["records"] == records
-    assert {(r["method"], r["fraction"], r["seed"]) for r in records} == {("lora", 0.25, 0), ("scratch", 0.25, 0)}
+    assert {(r["method"], r["regime"], r["seed"]) for r in records} == {("lora", "25% sections", 0),
+                                                                         ("scratch", "25% sections", 0)}
     assert {r["metric"] for r in records} == set(METRICS["mito"])
-    assert all(set(r) == {"method", "fraction", "seed", "metric", "value"} for r in records)
+    assert all(set(r) == {"method", "regime", "fraction", "patches", "seed", "labelled_voxels", "metric", "value"}
+               for r in records)
+    assert {r["labelled_voxels"] for r in records} == {2 * int(np.prod([b.stop - b.start for b in study.regions.fit[1:]]))}
     _assert_dice_matches_iou(records)
     assert [run["label_sections"] for run in doc["runs"]] == [label_sections(8, 0.25, 0).tolist()] * 2
     assert doc["runs"][0]["lr"] in (3e-3, 1e-2) and doc["pretraining"]["steps"] == 6
@@ -158,7 +168,60 @@ def test_sweep_keeps_the_grid_centre_when_validation_sections_hold_no_foreground
                       lrs={"scratch": (1e-3, 3e-3, 1e-2)})
     study = Study(raw, labels, [raw], cfg, tmp_path / "out")
     assert not labels[study.regions.val].any()
-    assert study.sweep("scratch", 0.25, "unused: no rate is trained") == 3e-3
+    from ssl_em.study.config import Regime
+
+    assert study.sweep("scratch", Regime(fraction=0.25), "unused: no rate is trained") == 3e-3
+
+
+def test_painted_patches_hold_foreground_on_distinct_sections():
+    from ssl_em.study.regions import paint_patches
+
+    labels = np.zeros((10, 300, 400), np.uint8)
+    labels[2:9, 250:260, 350:360] = 1  # rare foreground, far from where a uniform patch would land
+    region = (slice(0, 10), slice(0, 280), slice(0, 400))
+    for seed in range(3):
+        mask = paint_patches(labels, region, 4, 128, seed)
+        zs = np.flatnonzero(mask.any(axis=(1, 2)))
+        assert len(zs) == 4 and set(zs) <= set(range(2, 9))  # distinct sections, each with foreground
+        for z in zs:
+            ys, xs = np.nonzero(mask[z])
+            assert np.ptp(ys) + 1 == 128 and np.ptp(xs) + 1 == 128 and ys.max() < 280  # one square, inside the region
+            assert (labels[z][mask[z] > 0]).any()
+    clipped = paint_patches(labels, region, 1, 512, 0)
+    assert clipped.sum() == 280 * 400  # a patch larger than the region is clipped to it
+    with pytest.raises(ConfigError, match="8 painted patches need 8 sections"):
+        paint_patches(labels, region, 8, 128, 0)
+
+
+def test_a_patch_regime_trains_only_on_its_patches(tmp_path):
+    """The data module and rf get the painted mask and nothing else; no validation (a painter has no
+    labelled slab), so the run keeps its last weights; records name the regime and its voxels."""
+    from ssl_em.data.phantom import make_phantom
+    import ssl_em.study.runner as runner
+
+    target = make_phantom((8, 160, 96), seed=2)
+    cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(), patches=(2,),
+                      patch_size=40, steps=4, patch_shape=(2, 32, 32), batch_size=2, voxel_size=target.voxel_size,
+                      lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
+    study = Study(target.raw, target.mito, [target.raw], cfg, tmp_path / "out")
+    seen = []
+    build = runner.build_data
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "build_data", lambda data, train, val, mask, *a: seen.append((val, mask)) or
+                   build(data, train, val, mask, *a))
+        records = study.run()
+    painted = study.label_mask(cfg.regimes[0], 0)
+    assert len(seen) == 1 and seen[0][0] is None and np.array_equal(seen[0][1], painted)
+    assert painted.sum() == 2 * 40 * 40 and not painted[study.regions.val].any() and not painted[study.regions.evaluation].any()
+    dm = build(study.data, study.regions.fit, None, painted, cfg, 0, 4)
+    dm.setup("fit")
+    for batch in dm.train_dataloader():  # every crop holds painted voxels, and only those are supervised
+        assert (batch["mask"].flatten(1) > 0).any(1).all()
+        assert int((batch["mask"] > 0).sum()) <= 2 * 40 * 40 * batch["mask"].shape[0]
+    assert {r["regime"] for r in records} == {"2 patches"} and {r["labelled_voxels"] for r in records} == {3200}
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [run["validated"] for run in doc["runs"]] == [False, False]
+    assert "| method | 2 patches |" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_path):

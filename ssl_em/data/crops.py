@@ -579,6 +579,8 @@ class CropDataset(Dataset):
 def _tensor(x: np.ndarray) -> torch.Tensor:
     """(D, H, W) -> (1, D, H, W) contiguous tensor; (C, D, H, W) stays."""
     x = np.ascontiguousarray(x)
+    if any(st < 0 for st in x.strides):  # numpy calls a flipped size-1 axis contiguous; torch refuses it
+        x = x.copy()
     return torch.from_numpy(x[None] if x.ndim == 3 else x)
 
 

@@ -246,7 +246,9 @@ class EMDataModule(L.LightningDataModule):
             return CropDataset(
                 raws, self.patch_shape, labels=None if labels is None else [labels],
                 masks=None if m is None else [m], augment=augment if train else None,
-                sampler=self._sampler(labels is not None, sparse) if train else UniformSampler(),
+                # validation crops on labelled voxels too: uniform ones would mostly miss a few sections
+                sampler=self._sampler(labels is not None, sparse) if train else
+                LabelledSliceSampler(ignore_value=hp.ignore_value) if m is not None else UniformSampler(),
                 require_labels=train, **kw,
             )
 

@@ -6,17 +6,20 @@ One engine for ``ssl-em demo`` and ``benchmarks/label_efficiency.py``:
    disjoint evaluation region with a gap of at least half a patch (checked by ``check_disjoint``).
    The last y-slab of the training region is held back for validation: it ranks learning rates and
    picks each run's best weights; runs train on the rest (``fit``).
-2. **Labels.** A label fraction keeps labels on that fraction of the z-sections (at least one,
-   reproducible per seed, ``sparse_slices``); every other voxel is unlabelled (mask 0), in training
-   and validation alike.
+2. **Labels** (``Regime``). A label fraction keeps labels on that fraction of the z-sections (at
+   least one, reproducible per seed, ``sparse_slices``), in training and validation alike; ``patches``
+   paints N squares (``patch_size`` at the working spacing) on N sections of the fit part, each holding
+   foreground (``paint_patches``), and leaves the validation slab unlabelled, so those runs keep their
+   last weights and reuse the rate swept at the smallest fraction. Every other voxel is unlabelled.
 3. **Pretraining** (once per study, ``pretrain_steps``) of the family's encoder on the unlabelled
    volumes (never on the evaluation region) with the ``Pretraining`` module, exported with ``save_encoder``.
 4. **Methods** (``METHODS``), each with the same labels, the same step budget and its own learning
    rate from a short sweep scored on the validation slab:
    ``lora`` / ``frozen`` / ``full`` start from the pretrained encoder; ``scratch`` is the same
    network from random init, all trained; ``lora_random`` is LoRA + head on a random encoder (the
-   control: if it matches ``lora``, the pretrained features are not what helps); ``unet`` is a
-   standard MONAI 3-D U-Net trained from scratch as users otherwise would.
+   control: if it matches ``lora``, the pretrained features are not what helps); ``unet`` is the
+   classic U-Net users write (``ssl_em.baselines.PlainUNet``, shaped by the plan) from scratch, and
+   ``rf`` an ilastik-style random forest on the same labels.
 5. **One pipeline.** Every run is an ``ssl-em fit`` fine-tuning run: ``FineTuning`` + ``EMDataModule`` +
    a Lightning ``Trainer`` with ``max_steps``, validation every ``val_every`` steps and the best
    checkpoint (``ModelCheckpoint``); evaluation goes through ``predict_volume`` (``ssl-em predict``),
@@ -26,7 +29,7 @@ One engine for ``ssl-em demo`` and ``benchmarks/label_efficiency.py``:
    A diverging run is retried at a third of its rate, then recorded as ``diverged``.
 
 Outputs in ``out``: ``results.jsonl`` (one line per finished step), ``results.json`` (records
-``{method, fraction, seed, metric, value}``, runs, precision),
+``{method, regime, fraction, patches, seed, labelled_voxels, metric, value}``, runs, precision, plan),
 ``results.md``, ``label_efficiency.png``, ``overlays.png``, ``pretrain/`` (encoder, loss curve,
 reconstruction panel).
 """

@@ -29,6 +29,22 @@ LOWER_IS_BETTER = {"voi", "arand"}
 _NAMES = {"iou": "IoU", "dice": "Dice", "ap50": "AP50", "voi": "VOI", "arand": "ARAND", "detection_f1": "F1"}
 
 
+@dataclass(frozen=True)
+class Regime:
+    """Labels a run trains on: a ``fraction`` of the z-sections labelled in full, or ``patches`` painted
+    squares (``StudyConfig.patch_size`` at the working spacing, each on its own section, each holding
+    foreground), as a person paints them in a viewer."""
+
+    fraction: float | None = None
+    patches: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.patches is not None:
+            return f"{self.patches} patch{'es' if self.patches != 1 else ''}"
+        return f"{self.fraction:.0%} sections"
+
+
 @dataclass
 class StudyConfig:
     """Everything a study depends on; written into ``results.json``.
@@ -50,6 +66,8 @@ class StudyConfig:
     adapter_kwargs: dict[str, Any] | None = None  # add_adapter options of lora / lora_random; None: the family's
     methods: tuple[str, ...] = METHODS
     fractions: tuple[float, ...] = (0.05, 1.0)
+    patches: tuple[int, ...] = ()  # painted-patch regimes (numbers of patches), beside the fractions
+    patch_size: int = 256  # painted patch side at the working spacing (clipped to the training region)
     seeds: int = 1
     steps: int = 300
     pretrain_steps: int = 600
@@ -86,6 +104,11 @@ class StudyConfig:
         if bad:
             raise ConfigError(f"label fractions {bad} must be in (0, 1]")
         self.fractions = tuple(sorted(float(f) for f in self.fractions))
+        if any(int(n) < 1 for n in self.patches) or int(self.patch_size) < 1:
+            raise ConfigError(f"patches {list(self.patches)} and patch_size {self.patch_size} must be >= 1")
+        self.patches = tuple(sorted(int(n) for n in self.patches))
+        if not self.fractions and not self.patches:
+            raise ConfigError("no label regime: give fractions, patches or both")
         if int(self.steps) < 1 or int(self.pretrain_steps) < 0 or int(self.val_every) < 1:
             raise ConfigError(f"steps {self.steps} and val_every {self.val_every} must be >= 1, "
                               f"pretrain_steps {self.pretrain_steps} >= 0")
@@ -96,6 +119,11 @@ class StudyConfig:
         self.device = resolve_device(self.device)  # results.json records the device the runs used
         if self.adapter_kwargs is None:
             self.adapter_kwargs = dict(FAMILIES[self.family].get("adapter_kwargs", {}))
+
+    @property
+    def regimes(self) -> tuple[Regime, ...]:
+        """Scarcest first: painted patches, then section fractions."""
+        return tuple(Regime(patches=n) for n in self.patches) + tuple(Regime(fraction=f) for f in self.fractions)
 
     @property
     def spacing(self) -> tuple[float, float, float] | None:
@@ -134,6 +162,6 @@ def budget_units(cfg: StudyConfig) -> float:
     total = 0.0
     for m in (m for m in cfg.methods if m not in NOT_TRAINED):
         k = len(_lrs(cfg, m))
-        sweeps = 0 if k < 2 else (len(cfg.fractions) if cfg.sweep_every_fraction else 1)
-        total += len(cfg.fractions) * cfg.seeds + sweeps * k * cfg.sweep_share
+        sweeps = 0 if k < 2 else (max(1, len(cfg.fractions)) if cfg.sweep_every_fraction else 1)
+        total += len(cfg.regimes) * cfg.seeds + sweeps * k * cfg.sweep_share
     return total

@@ -60,3 +60,32 @@ def _trim(box: Box, max_voxels: int, axis: int = 2, at_least: int = 1) -> Box:
     out = list(box)
     out[axis] = slice(start, start + keep)
     return tuple(out)
+
+
+def paint_patches(labels: np.ndarray, region: Box, n: int, size: int, seed: int, tries: int = 200) -> np.ndarray:
+    """A mask (z, y, x) uint8 of ``n`` painted patches, as a person paints them in a viewer: ``size`` x
+    ``size`` squares (clipped to ``region``) inside ``region``, each on a different z-section, each
+    holding some foreground of ``labels``; drawn per ``seed``. Raises ConfigError when ``region`` has
+    fewer than ``n`` sections with foreground."""
+    rng = np.random.default_rng(int(seed) + 7919 * int(n))
+    zs, ys, xs = region
+    sy, sx = min(size, ys.stop - ys.start), min(size, xs.stop - xs.start)
+    fg = np.asarray(labels[region]) > 0
+    sections = [int(zs.start + z) for z in np.flatnonzero(fg.reshape(fg.shape[0], -1).any(1))]
+    if len(sections) < n:
+        raise ConfigError(f"{n} painted patches need {n} sections with foreground in the training region; "
+                          f"it has {len(sections)}")
+    mask = np.zeros(labels.shape, np.uint8)
+    for z in rng.choice(sections, size=n, replace=False):
+        plane = fg[z - zs.start]
+        for _ in range(tries):  # a patch anywhere, kept once it holds foreground (the section has some)
+            y = int(rng.integers(0, plane.shape[0] - sy + 1))
+            x = int(rng.integers(0, plane.shape[1] - sx + 1))
+            if plane[y:y + sy, x:x + sx].any():
+                break
+        else:  # rare foreground: centre the patch on a foreground pixel
+            fy, fx = np.argwhere(plane)[rng.integers(0, int(plane.sum()))]
+            y = int(np.clip(fy - sy // 2, 0, plane.shape[0] - sy))
+            x = int(np.clip(fx - sx // 2, 0, plane.shape[1] - sx))
+        mask[z, ys.start + y: ys.start + y + sy, xs.start + x: xs.start + x + sx] = 1
+    return mask

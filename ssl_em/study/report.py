@@ -12,50 +12,71 @@ import numpy as np
 from ssl_em.study.config import _NAMES, LOWER_IS_BETTER, METRICS, StudyConfig
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float, str], tuple[float, float, int]]:
-    """(method, fraction, metric) -> (mean, std, n) over seeds."""
-    groups: dict[tuple[str, float, str], list[float]] = {}
+def regime_of(record: dict[str, Any]) -> str:
+    """A record's label regime (``"4 patches"``, ``"5% sections"``; older records: their fraction)."""
+    return record.get("regime") or f"{float(record['fraction']):.0%} sections"
+
+
+def regimes(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The regimes of ``records``, scarcest first (fewest labelled voxels; fraction where not recorded)."""
+    voxels: dict[str, list[float]] = {}
     for r in records:
-        groups.setdefault((r["method"], float(r["fraction"]), r["metric"]), []).append(float(r["value"]))
+        voxels.setdefault(regime_of(r), []).append(float(r.get("labelled_voxels") or r.get("fraction") or 0))
+    return sorted(voxels, key=lambda k: np.mean(voxels[k]))
+
+
+def labelled_voxels(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Regime -> mean labelled voxels over its runs (the label-efficiency curve's x)."""
+    out: dict[str, list[float]] = {}
+    for r in records:
+        if r.get("labelled_voxels"):
+            out.setdefault(regime_of(r), []).append(float(r["labelled_voxels"]))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], tuple[float, float, int]]:
+    """(method, regime, metric) -> (mean, std, n) over seeds."""
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for r in records:
+        groups.setdefault((r["method"], regime_of(r), r["metric"]), []).append(float(r["value"]))
     return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in groups.items()}
 
 
 def markdown_table(records: Sequence[dict[str, Any]], metric: str) -> str:
-    """Methods x label fractions, cells ``mean ± std`` of ``metric`` over seeds."""
+    """Methods x label regimes (scarcest first), cells ``mean ± std`` of ``metric`` over seeds."""
     stats = summarize(records)
     methods = list(dict.fromkeys(r["method"] for r in records))
-    fractions = sorted({float(r["fraction"]) for r in records})
+    columns = regimes(records)
     arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
-    lines = [f"{metric} ({arrow})", "", "| method | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |",
-             "|---|" + "---|" * len(fractions)]
+    lines = [f"{metric} ({arrow})", "", "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for m in methods:
         cells = []
-        for f in fractions:
-            s = stats.get((m, f, metric))
+        for c in columns:
+            s = stats.get((m, c, metric))
             cells.append("–" if s is None else f"{s[0]:.3f} ± {s[1]:.3f}" if s[2] > 1 else f"{s[0]:.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def headline(records: Sequence[dict[str, Any]], task: str, target_fraction: float = 0.05) -> str:
-    """``lora vs best of scratch/lora_random at 5 % labels: +0.xx IoU`` (the fraction nearest 5 %)."""
+def headline(records: Sequence[dict[str, Any]], task: str) -> str:
+    """``lora vs best of scratch/lora_random (scratch) on 4 patches: +0.xx IoU (a ± s vs b ± s)``, at the
+    scarcest regime where both sides have results."""
     metric = METRICS[task][0]
     stats = summarize(records)
-    fractions = sorted({float(r["fraction"]) for r in records})
-    if not fractions:
-        return "no results"
-    f = min(fractions, key=lambda x: abs(math.log(x / target_fraction)))
     methods = {r["method"] for r in records}
     ours = "lora" if "lora" in methods else next((m for m in ("full", "frozen") if m in methods), None)
-    controls = [m for m in ("scratch", "lora_random") if m in methods] or [m for m in ("unet",) if m in methods]
+    controls = [m for m in ("scratch", "lora_random") if m in methods] or [m for m in ("unet", "rf") if m in methods]
     if ours is None or not controls:
         return f"headline needs lora (or full/frozen) and scratch or lora_random; have {sorted(methods)}"
+    both = [g for g in regimes(records) if (ours, g, metric) in stats and any((c, g, metric) in stats for c in controls)]
+    if not both:
+        return "no regime where lora and a control both have results"
+    g = both[0]
     sign = -1 if metric in LOWER_IS_BETTER else 1
-    best = max(controls, key=lambda m: sign * stats[(m, f, metric)][0])
-    delta = stats[(ours, f, metric)][0] - stats[(best, f, metric)][0]
-    return (f"{ours} vs best of {'/'.join(controls)} ({best}) at {f:.0%} labels: {delta:+.3f} {_NAMES.get(metric, metric)}"
-            f" ({stats[(ours, f, metric)][0]:.3f} vs {stats[(best, f, metric)][0]:.3f}"
-            f"{', lower is better' if sign < 0 else ''})")
+    best = max((c for c in controls if (c, g, metric) in stats), key=lambda m: sign * stats[(m, g, metric)][0])
+    (a, sa, _), (b, sb, _) = stats[(ours, g, metric)], stats[(best, g, metric)]
+    return (f"{ours} vs best of {'/'.join(controls)} ({best}) on {g}: {a - b:+.3f} {_NAMES.get(metric, metric)}"
+            f" ({a:.3f} ± {sa:.3f} vs {b:.3f} ± {sb:.3f}{', lower is better' if sign < 0 else ''})")
 
 
 def shown_section(gt: np.ndarray) -> int:
@@ -65,7 +86,7 @@ def shown_section(gt: np.ndarray) -> int:
 
 
 def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig, pretraining: dict[str, Any],
-                  shown: dict[tuple[str, float], np.ndarray], ev_raw: np.ndarray, ev_gt: np.ndarray) -> None:
+                  shown: dict[tuple[str, str], np.ndarray], ev_raw: np.ndarray, ev_gt: np.ndarray) -> None:
     """``results.md``, ``label_efficiency.png`` and ``overlays.png`` from the records."""
     from ssl_em.utils.io import atomic_write_text
     from ssl_em.utils.plotting import pyplot, save_figure
@@ -86,16 +107,18 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
     plt = pyplot()
     stats = summarize(records)
     metric = metrics[0] if metrics else METRICS[cfg.task][0]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    xs = labelled_voxels(records)
+    fig, ax = plt.subplots(figsize=(5.8, 3.9))
+    order = [g for g in regimes(records) if g in xs]
     for m in dict.fromkeys(r["method"] for r in records):
-        fs = sorted(f for (mm, f, k) in stats if mm == m and k == metric)
-        ax.errorbar(fs, [stats[(m, f, metric)][0] for f in fs], yerr=[stats[(m, f, metric)][1] for f in fs],
-                    marker="o", capsize=3, label=m)
+        gs = [g for g in order if (m, g, metric) in stats]
+        ax.errorbar([xs[g] for g in gs], [stats[(m, g, metric)][0] for g in gs],
+                    yerr=[stats[(m, g, metric)][1] for g in gs], marker="o", capsize=3, label=m)
     ax.set_xscale("log")
-    fractions = sorted({float(r["fraction"]) for r in records})
-    ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
+    ax.set_xticks([xs[g] for g in order], [g.replace(" sections", "\nsections").replace(" patch", "\npatch")
+                                           for g in order], fontsize=7)
     ax.minorticks_off()
-    ax.set_xlabel("fraction of z-sections labelled")
+    ax.set_xlabel("labelled voxels (painted patches, then whole sections)")
     ax.set_ylabel(metric)
     ax.set_title(f"{cfg.task}: label efficiency ({cfg.family})")
     ax.grid(alpha=0.3)
@@ -105,23 +128,21 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
 
     if not shown:
         return
-    f0 = min(f for _, f in shown)
-    sign = -1 if metric in LOWER_IS_BETTER else 1
-    cands = [m for m, f in shown if f == f0]
-    best = max(cands, key=lambda m: sign * stats.get((m, f0, metric), (-math.inf * sign,))[0])
+    g0 = next(g for g in regimes(records) + [g for _, g in shown] if any(gg == g for _, gg in shown))
+    methods = [m for m, g in shown if g == g0]
     z = shown_section(ev_gt)
-    panels = [("raw", None), ("ground truth", ev_gt[z]), (f"{best}", shown[(best, f0)])]
-    if "scratch" in cands and best != "scratch":
-        panels.append(("scratch", shown[("scratch", f0)]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    panels = [("raw", None), ("ground truth", ev_gt[z])] + [(m, shown[(m, g0)]) for m in methods]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.4), squeeze=False)
     for ax, (name, seg) in zip(axes[0], panels):
         ax.imshow(ev_raw[z], cmap="gray", interpolation="nearest")
         if seg is not None:
             ax.imshow(np.ma.masked_where(seg == 0, seg % 7 + 1), cmap="tab10", alpha=0.5, vmin=0, vmax=10,
                       interpolation="nearest")
-        ax.set_title(f"{name}" + ("" if seg is None or name == "ground truth" else f" ({f0:.0%} labels)"), fontsize=9)
+        score = stats.get((name, g0, metric))
+        extra = "" if score is None else f" {metric} {score[0]:.2f}"
+        ax.set_title(name + extra, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{cfg.task}, evaluation section {z} (the most objects)", fontsize=10)
+    fig.suptitle(f"{cfg.task}, trained on {g0}; evaluation section {z} (the most objects)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out / "overlays.png", dpi=100)

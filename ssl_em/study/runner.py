@@ -1,4 +1,4 @@
-"""``Study``: pretrain once, sweep rates, fine-tune every method x fraction x seed, score, report.
+"""``Study``: pretrain once, sweep rates, fine-tune every method x label regime x seed, score, report.
 
 Every finished step of the study (pretraining, a rate sweep, a run) is appended to ``results.jsonl`` at
 once; rerunning the same command skips what is there, so a killed study continues where it stopped.
@@ -22,8 +22,8 @@ import numpy as np
 
 from ssl_em.data.crops import Box
 from ssl_em.errors import ConfigError, LabelError
-from ssl_em.study.config import ADAPTER, StudyConfig, _lrs
-from ssl_em.study.regions import Regions, _trim, label_sections, plan_regions
+from ssl_em.study.config import ADAPTER, Regime, StudyConfig, _lrs
+from ssl_em.study.regions import Regions, _trim, label_sections, paint_patches, plan_regions
 from ssl_em.study.report import shown_section, write_reports
 from ssl_em.plan import downsample, upsample
 from ssl_em.study.train import Labelled, build_data, build_module, evaluate, fit, monitor_of, pretrain, score
@@ -82,7 +82,7 @@ class Study:
         self.ev_gt = lab_np[self.eval_box_original]
         self.records: list[dict[str, Any]] = []
         self.runs: list[dict[str, Any]] = []
-        self.sections_shown: dict[tuple[str, float], np.ndarray] = {}  # mid eval section of seed 0
+        self.sections_shown: dict[tuple[str, str], np.ndarray] = {}  # (method, regime): shown eval section, seed 0
         self.pretraining: dict[str, Any] = {}
         self.precisions: dict[str, dict[str, Any]] = {}
         self.done: dict[tuple, dict[str, Any]] = {}
@@ -99,7 +99,8 @@ class Study:
             from ssl_em.models.export import read_sidecar
 
             enc_vs = read_sidecar(cfg.encoder)["metadata"].get("voxel_size")
-        stride = (2, 16, 16) if cfg.family == "vit" else (2, 8, 8)
+        # the plain U-Net's 4 poolings in-plane; the encoders (ViT patch, U-Net's last pooling) need 2 sections
+        stride = (2 if any(m in ADAPTER for m in cfg.methods) else 1, 16, 16)
         fixed = {k: v for k, v in (("patch_shape", cfg.patch_shape), ("batch_size", cfg.batch_size)) if v is not None}
         plan = make_plan(cfg.voxel_size or (1.0, 1.0, 1.0), cfg.task, shape, encoder_voxel_size=enc_vs, stride=stride,
                          steps=cfg.steps, downsample=cfg.downsample if cfg.voxel_size else (cfg.downsample or 1),
@@ -111,7 +112,7 @@ class Study:
                 self.regions = plan_regions(work, patch, cfg.eval_fraction, cfg.val_fraction)
                 break
             except ConfigError:
-                if "patch_shape" in fixed or min(patch[1:]) <= 4 * stride[1]:
+                if "patch_shape" in fixed or min(patch[1:]) <= 2 * stride[1]:
                     raise
                 patch[1] = patch[2] = min(patch[1:]) - stride[1]
         if tuple(patch) != plan.patch_shape:
@@ -203,11 +204,22 @@ class Study:
         self._append(key, {"pretraining": self.pretraining})
         return str(enc)
 
-    def _validation(self, sections: np.ndarray) -> Box | None:
-        """The validation slab when its labelled sections can rank weights (foreground there, or the
-        neuron task whose loss ranks), else None: the run keeps its last weights."""
+    def label_mask(self, regime: Regime, seed: int) -> np.ndarray:
+        """The voxels a run may learn from (z, y, x) uint8 on the working grid: whole sections (fit and
+        validation parts) for a fraction, painted patches in the fit part for ``patches``."""
+        if regime.patches is not None:
+            return paint_patches(self.data.labels, self.regions.fit, regime.patches, self.cfg.patch_size, seed)
+        mask = np.zeros(self.data.labels.shape, np.uint8)
+        mask[label_sections(self.data.raw.shape[0], regime.fraction, seed)] = 1
+        return mask
+
+    def _validation(self, mask: np.ndarray) -> Box | None:
+        """The validation slab when its labelled voxels can rank weights (foreground there, or the
+        neuron task whose loss ranks), else None: the run keeps its last weights (always so for painted
+        patches, which leave the slab unlabelled)."""
         val = _trim(self.regions.val, self.cfg.max_val_voxels, at_least=self.cfg.patch_shape[2])
-        if self.cfg.task != "neuron" and not (self.data.labels[val][sections] > 0).any():
+        labelled = mask[val] > 0
+        if not labelled.any() or (self.cfg.task != "neuron" and not (self.data.labels[val][labelled] > 0).any()):
             return None
         return val
 
@@ -226,17 +238,17 @@ class Study:
             self.precisions[method] = record
         return self.precisions[method]["precision"], self.precisions[method]
 
-    def _train(self, method: str, seed: int, lr: float, steps: int, enc: str, train: Box, sections: np.ndarray,
+    def _train(self, method: str, seed: int, lr: float, steps: int, enc: str, train: Box, mask: np.ndarray,
                name: str) -> tuple[Any, dict[str, Any]]:
         """Fine-tune ``method``; a non-finite loss is retried once at a third of the rate. Returns the
         module (best validation weights) and the run's record, ``status`` "ok" or "diverged"."""
         if time.perf_counter() > self.deadline:  # the guard never cuts a run short: it starts no new one
             raise _GuardReached
-        val = self._validation(sections)
+        val = self._validation(mask)
         info: dict[str, Any] = {"lr": lr, "status": "diverged", "validated": val is not None}
         for attempt_lr in (lr, lr / 3):
             module = build_module(method, self.cfg, enc, seed, attempt_lr, steps)
-            dm = build_data(self.data, train, val, sections, self.cfg, seed, steps)
+            dm = build_data(self.data, train, val, mask, self.cfg, seed, steps)
             precision, record = self._precision(method, module, dm)
             work = self.out / "work" / name.replace(" ", "_")
             try:
@@ -253,9 +265,9 @@ class Study:
             return module, info
         return None, info
 
-    def _pixel_classifier(self, seed: int, sections: np.ndarray,
+    def _pixel_classifier(self, seed: int, mask: np.ndarray,
                           ev_raw: np.ndarray) -> tuple[Any, np.ndarray, dict[str, Any]]:
-        """The ``rf`` baseline on the same labels (the fit part's labelled sections): the task, its
+        """The ``rf`` baseline on the same labels (``mask`` in the fit part): the task, its
         probabilities on the evaluation region (foreground; other channels 0) and the run record."""
         from ssl_em.adapters import get_task
         from ssl_em.baselines import PixelClassifier
@@ -264,9 +276,7 @@ class Study:
         task_kwargs = {"voxel_size": list(cfg.voxel_size)} if cfg.task == "mito" and cfg.voxel_size else {}
         task = get_task(cfg.task, **task_kwargs)
         fit = self.regions.fit
-        raw, labels = self.data.raw[fit], self.data.labels[fit]
-        mask = np.zeros(raw.shape, np.uint8)
-        mask[sections] = 1
+        raw, labels, mask = self.data.raw[fit], self.data.labels[fit], mask[fit]
         if time.perf_counter() > self.deadline:
             raise _GuardReached
         start = time.perf_counter()
@@ -284,19 +294,24 @@ class Study:
     def _lrs(self, method: str) -> tuple[float, ...]:
         return _lrs(self.cfg, method)
 
-    def sweep(self, method: str, fraction: float, encoder: str) -> float:
+    def sweep(self, method: str, regime: Regime, encoder: str) -> float:
         """The rate of the method's grid whose run (``sweep_share`` of the steps, on the fit part) scores
-        best on the validation slab (ties and no usable validation: the grid's centre)."""
+        best on the validation slab (ties and no usable validation: the grid's centre). Painted patches
+        leave nothing to validate on: they take the rate swept at the smallest fraction."""
         cfg = self.cfg
         grid = self._lrs(method)
         mid = len(grid) // 2
         if len(grid) == 1:
             return grid[0]
-        key = ("sweep", method, fraction if cfg.sweep_every_fraction else None)
+        if regime.patches is not None:
+            if not cfg.fractions:
+                return grid[mid]
+            regime = Regime(fraction=cfg.fractions[0])
+        key = ("sweep", method, regime.name if cfg.sweep_every_fraction else None)
         if key in self.done:
             return self.done[key]["lr"]
-        sections = label_sections(self.data.raw.shape[0], fraction, 0)
-        if self._validation(sections) is None:
+        mask = self.label_mask(regime, 0)
+        if self._validation(mask) is None:
             # no foreground on the labelled validation sections: nothing can rank the rates, and the
             # loss alone would reward the rate that collapses to background fastest
             self.log(f"    sweep {method}: no foreground on the labelled validation sections, lr {grid[mid]:.1e}")
@@ -305,7 +320,7 @@ class Study:
         sign = -1 if monitor_of(cfg.task)[1] == "min" else 1
         scores: dict[str, float] = {}
         for lr in [grid[mid], *grid[:mid], *grid[mid + 1:]]:
-            _, info = self._train(method, 0, lr, steps, encoder, self.regions.fit, sections,
+            _, info = self._train(method, 0, lr, steps, encoder, self.regions.fit, mask,
                                   f"sweep {method} lr {lr:.1e}")
             value = info.get("val_score")
             scores[f"{lr:g}"] = -math.inf if info["status"] != "ok" or value is None else sign * value
@@ -324,6 +339,10 @@ class Study:
                "records": self.records}
         atomic_write_text(self.out / "results.json", json.dumps(doc, indent=1, default=float) + "\n")
 
+    @staticmethod
+    def _regime_fields(regime: Regime) -> dict[str, Any]:
+        return {"regime": regime.name, "fraction": regime.fraction, "patches": regime.patches}
+
     # -- the whole study ------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         cfg, data = self.cfg, self.data
@@ -335,19 +354,19 @@ class Study:
         # baselines without an encoder (unet, rf) need no pretraining
         enc = self.encoder() if any(m in ADAPTER for m in cfg.methods) else None
         ev_raw = data.raw[self.eval_box]  # the working grid; scores on the original one (self.ev_gt)
-        n_pairs, pair = len(cfg.fractions) * len(cfg.methods), 0
+        n_pairs, pair = len(cfg.regimes) * len(cfg.methods), 0
         chosen: dict[str, float] = {}
         stopped = False
         try:
-            for fraction in cfg.fractions:
+            for regime in cfg.regimes:
                 for method in cfg.methods:
                     pair += 1
-                    self.log(f"[{pair}/{n_pairs}] {method} at {fraction:.0%} labels | elapsed "
+                    self.log(f"[{pair}/{n_pairs}] {method} on {regime.name} | elapsed "
                              f"{_fmt_time(time.perf_counter() - t0)}")
                     if cfg.sweep_every_fraction or method not in chosen:
-                        chosen[method] = self.sweep(method, fraction, enc)
+                        chosen[method] = self.sweep(method, regime, enc)
                     for seed in range(cfg.seeds):
-                        self._one(method, fraction, seed, chosen[method], enc, ev_raw)
+                        self._one(method, regime, seed, chosen[method], enc, ev_raw)
         except _GuardReached:
             stopped = True
         shutil.rmtree(self.out / "work", ignore_errors=True)
@@ -358,20 +377,20 @@ class Study:
         self.log(f"study done in {_fmt_time(time.perf_counter() - t0)}; results in {self.out}")
         return self.records
 
-    def _one(self, method: str, fraction: float, seed: int, lr: float, enc: str, ev_raw: np.ndarray) -> None:
+    def _one(self, method: str, regime: Regime, seed: int, lr: float, enc: str, ev_raw: np.ndarray) -> None:
         """One run: train on the working grid, predict ``ev_raw`` (the evaluation region there),
         resample the probabilities back and score them on the original grid."""
         cfg = self.cfg
-        key = ("run", method, fraction, seed)
-        shown = self.out / "sections" / f"{method}_{fraction:g}.npy"
+        key = ("run", method, regime.name, seed)
+        shown = self.out / "sections" / f"{method}_{regime.name.replace(' ', '_').replace('%', 'pc')}.npy"
         if key not in self.done:
-            sections = label_sections(self.data.raw.shape[0], fraction, seed)
-            name = f"{method} {fraction:.0%} seed {seed}"
+            mask = self.label_mask(regime, seed)
+            name = f"{method} {regime.name} seed {seed}"
             task, probs = None, None
             if method == "rf":
-                task, probs, info = self._pixel_classifier(seed, sections, ev_raw)
+                task, probs, info = self._pixel_classifier(seed, mask, ev_raw)
             else:
-                module, info = self._train(method, seed, lr, cfg.steps, enc, self.regions.fit, sections, name)
+                module, info = self._train(method, seed, lr, cfg.steps, enc, self.regions.fit, mask, name)
                 if module is not None:
                     task = module.task
                     probs = evaluate(module, ev_raw, cfg, self.out / "work" / name.replace(" ", "_"), info["precision"])
@@ -384,19 +403,23 @@ class Study:
                     seg = task.postprocess(probs, cfg.voxel_size or (1, 1, 1))[shown_section(self.ev_gt)]
                     shown.parent.mkdir(exist_ok=True)
                     np.save(shown, seg)
-            entry = {"method": method, "fraction": fraction, "seed": seed, "label_sections": sections.tolist(),
+            d = cfg.downsample or 1
+            fit_mask = mask[self.regions.fit] > 0
+            entry = {"method": method, **self._regime_fields(regime), "seed": seed,
+                     "label_sections": np.flatnonzero(fit_mask.any(axis=(1, 2))).tolist(),
+                     "labelled_voxels": int(fit_mask.sum()) * d * d,  # on the original grid
                      "metrics": metrics, **info}
             self._append(key, entry)
             text = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or info["status"]
             self.log(f"    {name}: {info.get('steps', 0)} steps, lr {info['lr']:.1e}, best step {info.get('best_step')}"
-                     f", {len(sections)} labelled sections -> {text}")
+                     f", {entry['labelled_voxels']} labelled voxels on {len(entry['label_sections'])} sections -> {text}")
         entry = self.done[key]
         self.runs.append({k: v for k, v in entry.items() if k not in ("key", "digest", "metrics")})
         for metric, value in entry["metrics"].items():
-            self.records.append({"method": method, "fraction": fraction, "seed": seed, "metric": metric,
-                                 "value": value})
+            self.records.append({"method": method, **self._regime_fields(regime), "seed": seed,
+                                 "labelled_voxels": entry["labelled_voxels"], "metric": metric, "value": value})
         if seed == 0 and shown.exists() and entry["metrics"]:  # not a file an older, different run left
-            self.sections_shown[(method, fraction)] = np.load(shown)
+            self.sections_shown[(method, regime.name)] = np.load(shown)
         self._save()
 
 

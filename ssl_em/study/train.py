@@ -52,8 +52,8 @@ def build_module(method: str, cfg: StudyConfig, encoder_dir: str | Path | None, 
                   export_on_fit_end=False)
     torch.manual_seed(seed)
     if method == "unet":
-        return FineTuning(network="monai_unet", network_kwargs={"anisotropic": _anisotropic(cfg.spacing)},
-                          adapter="full", **common)
+        layout = {"spacing": list(cfg.spacing or (1.0, 1.0, 1.0)), "patch_shape": list(cfg.patch_shape)}
+        return FineTuning(network="unet", network_kwargs=layout, adapter="full", **common)
     adapter, pretrained = ADAPTER[method]
     sidecar = read_sidecar(encoder_dir)
     return FineTuning(encoder=sidecar["architecture"], pretrained=str(encoder_dir) if pretrained else None,
@@ -67,10 +67,10 @@ def as_region(box: Box) -> list[list[int]]:
     return [[int(b.start), int(b.stop)] for b in box]
 
 
-def build_data(data: Labelled, train: Box, val: Box | None, sections: np.ndarray, cfg: StudyConfig,
+def build_data(data: Labelled, train: Box, val: Box | None, mask: np.ndarray, cfg: StudyConfig,
                seed: int, steps: int) -> Any:
-    """The ``EMDataModule`` of one run: crops of ``train`` with labels on z-``sections`` only (half of
-    them moved onto labelled foreground), fixed validation crops of ``val`` on the same sections."""
+    """The ``EMDataModule`` of one run: crops of ``train`` holding voxels labelled in ``mask`` (z, y, x;
+    half of them moved onto labelled foreground), fixed validation crops of ``val``'s labelled voxels."""
     from ssl_em.data.datamodule import EMDataModule
 
     return EMDataModule(raw=data.raw, labels=data.labels, task=cfg.task, patch_shape=cfg.patch_shape,
@@ -78,7 +78,7 @@ def build_data(data: Labelled, train: Box, val: Box | None, sections: np.ndarray
                         val_samples=cfg.val_samples, augment=True, augment_strength=0.5, voxel_size=data.voxel_size,
                         normalization="fixed", normalization_range=(0.0, 1.0), sampler="labelled", seed=seed,
                         train_region=as_region(train), val_region=None if val is None else as_region(val),
-                        label_sections=[int(z) for z in sections])
+                        mask=mask)
 
 
 @contextlib.contextmanager
