@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch", help="crop z,y,x at the working spacing (default: the plan's)")
     p.add_argument("--batch-size", type=int, help="crops per step (default: the plan's)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only-plain", action="store_true", help="train PlainUNet alone (crop/batch comparisons)")
     p.add_argument("--quick", action="store_true", help="a small phantom and 20 steps (< 1 min)")
     args = p.parse_args(argv)
     import torch
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.quick:
             print(f"{VNC} not found: using the phantom")
-        ph = make_phantom((8, 192, 96), seed=2)
+        ph = make_phantom((8, 320, 192), seed=2)
         raw, labels, vs, steps, what = ph.raw, ph.mito, ph.voxel_size, 20 if args.quick else args.steps, "phantom"
     else:
         d = np.load(VNC)
@@ -104,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as out:
         study = Study(raw, labels, None, cfg, Path(out) / "study")
         print(f"{what}: all labels of the fit region, {steps} steps, lr {args.lr:g}, seed {args.seed}")
-        results = {name: train_and_score(name, study, steps, args.lr, args.seed) for name in ("monai", "plain")}
+        print(f"crop {cfg.patch_shape}, batch {cfg.batch_size}")
+        names = ("plain",) if args.only_plain else ("monai", "plain")
+        results = {name: train_and_score(name, study, steps, args.lr, args.seed) for name in names}
     for name, (iou, seconds) in results.items():
         print(f"{'MONAI UNet' if name == 'monai' else 'PlainUNet'}: IoU {iou:.3f} after {steps} steps ({seconds:.0f} s)")
+    if args.only_plain:
+        return 0
     (peer, _), (ours, _) = results["monai"], results["plain"]
     ratio = ours / peer if peer > 0 else float("inf")
     print(f"PlainUNet IoU {ours:.3f} vs MONAI UNet {peer:.3f}: ratio {ratio:.2f}x")
