@@ -60,6 +60,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="pretraining steps (default: 2000 from random init; from a given encoder 2000 with "
                    "--unlabeled, which continues pretraining on them, else 0: the encoder as it is)")
     p.add_argument("--family", default="cnn", choices=("cnn", "vit", "both"))
+    p.add_argument("--pretrain-method", help="pretraining objective (default: the family's, spark / mae; e.g. "
+                   "spark_simclr, the best measured in contrastive_vs_mae.py)")
     p.add_argument("--patch", help="crop z,y,x at the working spacing (default: the plan's)")
     p.add_argument("--voxel-size", help="z,y,x nm, overriding the files")
     p.add_argument("--out", default="bench_out/label_efficiency")
@@ -114,7 +116,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         steps=12 if quick else args.steps, pretrain_steps=6 if quick else pretrain_steps,
         val_every=4 if quick else args.val_every, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int) if args.patch else None, voxel_size=vs,
-        downsample=args.downsample,
+        downsample=args.downsample, pretrain_method=args.pretrain_method,
         device=args.device,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else None,
     )

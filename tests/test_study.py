@@ -331,3 +331,58 @@ def test_the_wall_clock_guard_starts_no_run_and_never_cuts_one_short(tmp_path):
     assert study("out", logged.append).run() == []  # past the guard once pretraining is done
     assert any("stopped at the" in line for line in logged)
     assert [line["key"][0] for line in _lines(tmp_path / "out")] == ["pretraining"]  # no cut-short run saved
+
+
+def test_study_pretrains_with_a_two_view_objective(tmp_path):
+    """``pretrain_method`` picks the objective (the project measured SparK + SimCLR best): two-view ones get
+    two crops of one place, the exported encoder records the objective and the study fine-tunes from it."""
+    from ssl_em.data.phantom import make_phantom
+
+    with pytest.raises(ConfigError, match="pretrain_method 'magic'"):
+        StudyConfig(pretrain_method="magic")
+    target, pool = make_phantom((8, 160, 64), seed=2), make_phantom((8, 64, 64), seed=1)
+    cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("lora",), fractions=(0.25,), steps=2,
+                      pretrain_steps=3, pretrain_method="spark_simclr", patch_shape=(8, 32, 32), batch_size=2,
+                      voxel_size=target.voxel_size, lrs={"lora": (3e-3,)}, precision="32")
+    from ssl_em.adapters.finetune import FineTuning
+
+    losses = []
+    original = FineTuning.training_step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FineTuning, "training_step", lambda self, b, i: losses.append(i) or original(self, b, i))
+        Study(target.raw, target.mito, [pool.raw], cfg, tmp_path / "out").run()
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["pretraining"]["method"] == "spark_simclr" and doc["pretraining"]["steps"] == 3
+    sidecar = json.loads((tmp_path / "out" / "pretrain" / "encoder" / "encoder.json").read_text())
+    assert sidecar["metadata"]["method"] == "spark_simclr" and len(losses) == 2
+    assert (tmp_path / "out" / "pretrain" / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_study_pretraining_resumes_after_a_kill(tmp_path):
+    """A long pretraining killed part-way continues from its last checkpoint when rerun: the steps and
+    the loss curve add up to the budget, and the checkpoints go once the encoder is exported."""
+    from ssl_em.data.phantom import make_phantom
+    from ssl_em.study.train import Progress, pretrain
+
+    pool = make_phantom((8, 64, 64), seed=1)
+    cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("lora",), pretrain_steps=6,
+                      patch_shape=(8, 32, 32), batch_size=2, voxel_size=pool.voxel_size, precision="32")
+    original = Progress.on_train_batch_end
+
+    def killed_at_step_4(self, trainer, *args):
+        original(self, trainer, *args)
+        if trainer.global_step == 4:
+            raise RuntimeError("killed")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Progress, "on_train_batch_end", killed_at_step_4)
+        with pytest.raises(RuntimeError, match="killed"):
+            pretrain([pool.raw], [None], cfg, tmp_path / "pre")
+    assert (tmp_path / "pre" / "ckpt" / "last.ckpt").is_file()
+    # the kill came before step 4's checkpoint: the last one holds step 3, and the curve beside it 3 losses
+    assert len(json.loads((tmp_path / "pre" / "ckpt" / "losses.json").read_text())["losses"]) == 3
+    lines: list[str] = []
+    enc = pretrain([pool.raw], [None], cfg, tmp_path / "pre", log=lines.append)
+    assert any("resuming" in line and "step 3" in line for line in lines)
+    meta = json.loads((enc / "encoder.json").read_text())["metadata"]
+    assert meta["steps"] == 6 and not (tmp_path / "pre" / "ckpt").exists()

@@ -71,6 +71,7 @@ class StudyConfig:
     seeds: int = 1
     steps: int = 300
     pretrain_steps: int = 600
+    pretrain_method: str | None = None  # pretraining objective; None: the family's (spark / mae)
     val_every: int = 50
     val_samples: int = 16  # validation crops (fixed) from the labelled sections of the validation slab
     max_minutes: float | None = None
@@ -104,6 +105,11 @@ class StudyConfig:
         if bad:
             raise ConfigError(f"label fractions {bad} must be in (0, 1]")
         self.fractions = tuple(sorted(float(f) for f in self.fractions))
+        if self.pretrain_method is not None:
+            from ssl_em.pretrain.module import OBJECTIVES
+
+            if self.pretrain_method not in OBJECTIVES:
+                raise ConfigError(f"pretrain_method {self.pretrain_method!r} is not one of {', '.join(OBJECTIVES)}")
         if any(int(n) < 1 for n in self.patches) or int(self.patch_size) < 1:
             raise ConfigError(f"patches {list(self.patches)} and patch_size {self.patch_size} must be >= 1")
         self.patches = tuple(sorted(int(n) for n in self.patches))

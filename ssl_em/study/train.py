@@ -7,6 +7,7 @@ weights (``ModelCheckpoint``), and ``predict_volume`` for evaluation. Pretrainin
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import shutil
@@ -93,7 +94,9 @@ def quiet_lightning():
         lg.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
-            for message in (".*LeafSpec.*", ".*validation_step.*val_dataloader.*", ".*does not have many workers.*"):
+            # resuming pretraining mid-epoch is fine: crops are random draws, the next ones as good as any
+            for message in (".*LeafSpec.*", ".*validation_step.*val_dataloader.*", ".*does not have many workers.*",
+                            ".*resuming from a checkpoint that ended before the epoch ended.*"):
                 warnings.filterwarnings("ignore", message=message)
             yield
     finally:
@@ -230,7 +233,7 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     from torch.utils.data import DataLoader
 
     from ssl_em.data.augment import default_em_augment
-    from ssl_em.data.crops import CropDataset, Normalization, as_volume, volume_name
+    from ssl_em.data.crops import CropDataset, Normalization, TwoViewDataset, as_volume, volume_name
     from ssl_em.models import save_encoder
     from ssl_em.pretrain.module import Pretraining
     from ssl_em.pretrain.panels import save_curve, save_reconstruction_panel
@@ -246,51 +249,83 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     kwargs = dict(cfg.encoder_kwargs)
     if cfg.family == "vit" and "img_size" not in kwargs and not cfg.encoder:
         kwargs["img_size"] = list(cfg.patch_shape)
+    method = cfg.pretrain_method or fam["method"]
+    # the family's masking settings hold for its objective and the combined one built on it (spark_simclr)
+    method_kwargs = dict(fam["method_kwargs"]) if method.split("_")[0] == fam["method"] else {}
     torch.manual_seed(seed)
-    module = Pretraining(encoder=cfg.arch, encoder_kwargs=kwargs, init_from=cfg.encoder, method=fam["method"],
-                         method_kwargs=dict(fam["method_kwargs"]), lr=fam["lr"], seed=seed)
+    module = Pretraining(encoder=cfg.arch, encoder_kwargs=kwargs, init_from=cfg.encoder, method=method,
+                         method_kwargs=method_kwargs, lr=fam["lr"], seed=seed)
     vs = cfg.spacing
-    ds = CropDataset(list(volumes), cfg.patch_shape, regions=list(regions), samples_per_epoch=steps * cfg.batch_size,
-                     augment=default_em_augment(anisotropic=_anisotropic(vs), strength=0.5),
-                     normalization=Normalization(), seed=seed)
+    common = dict(regions=list(regions), samples_per_epoch=steps * cfg.batch_size, normalization=Normalization(),
+                  augment=default_em_augment(anisotropic=_anisotropic(vs), strength=0.5), seed=seed)
+    # two-view objectives (SimCLR, DINO, spark_simclr) get two overlapping crops of one place
+    ds = (TwoViewDataset(list(volumes), cfg.patch_shape, **common) if module.two_views
+          else CropDataset(list(volumes), cfg.patch_shape, **common))
     losses: list[float] = []
 
     class Losses(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
 
-    log(f"pretraining {module.hparams.encoder} with {fam['method']} for {steps} steps on {len(volumes)} "
+    log(f"pretraining {module.hparams.encoder} with {method} for {steps} steps on {len(volumes)} "
         f"volume(s)" + (f", starting from {cfg.encoder}" if cfg.encoder else ""))
     device = cfg.device.split(":")[0]
     precision = resolve_precision(cfg.precision, device)
+    # resumable: a checkpoint (safetensors) every ~5 % of the steps; a rerun after a kill continues from it
+    ckpt_dir = out_dir / "ckpt"
+    last = ckpt_dir / "last.ckpt"
+    saved = json.loads((ckpt_dir / "losses.json").read_text()) if last.is_file() and (ckpt_dir / "losses.json").is_file() else None
+    if saved is not None:
+        losses[:] = saved["losses"]
+        log(f"pretraining: resuming from {last} at step {len(losses)}")
+
+    class KeepLosses(Callback):  # the curve so far, beside each checkpoint
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            from ssl_em.utils.io import atomic_write_text
+
+            atomic_write_text(ckpt_dir / "losses.json", json.dumps({"losses": losses, "seconds": elapsed()}))
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ssl_em.utils.checkpoint import SafetensorsCheckpointIO
+
+    every = max(1, min(500, steps // 20))
+    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=every, save_last=True, save_top_k=0)
     trainer = _trainer(max_steps=steps, max_epochs=-1, accelerator="gpu" if device == "cuda" else device, devices=1,
-                        precision=lightning_precision(precision, device), logger=False, enable_checkpointing=False,
+                        precision=lightning_precision(precision, device), logger=False, enable_checkpointing=True,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[Losses(), Progress("pretraining", steps)], default_root_dir=str(out_dir))
+                        plugins=[SafetensorsCheckpointIO()],
+                        callbacks=[Losses(), KeepLosses(), checkpoint, Progress("pretraining", steps)],
+                        default_root_dir=str(out_dir))
+    before = float(saved["seconds"]) if saved is not None else 0.0
     start = time.perf_counter()
+    elapsed = lambda: before + time.perf_counter() - start  # noqa: E731
     with quiet_lightning():
-        trainer.fit(module, train_dataloaders=DataLoader(ds, batch_size=cfg.batch_size, num_workers=0))
-    seconds = time.perf_counter() - start
+        trainer.fit(module, train_dataloaders=DataLoader(ds, batch_size=cfg.batch_size, num_workers=0),
+                    ckpt_path=str(last) if saved is not None else None)
+    seconds = elapsed()
     out_dir.mkdir(parents=True, exist_ok=True)
     x_steps = list(range(1, len(losses) + 1))
     window = min(10, len(losses))
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid").tolist()
     save_curve({"loss": (x_steps, losses), f"moving mean ({window})": (x_steps[len(x_steps) - len(smooth):], smooth)},
-               out_dir / "loss.png", xlabel="step", ylabel=f"{fam['method']} loss",
-               title=f"{module.hparams.encoder} {fam['method']} pretraining")
-    x = ds[10**6]["raw"][None].to(module.device)
-    module.eval()
-    with torch.no_grad():
-        panel = module.objective.reconstruct(x)
-    if not isinstance(panel, dict):  # MAE: (reconstruction, mask volume)
-        recon, mask = panel
-        panel = {"input": x, "masked input": x * (1 - mask), "reconstruction": recon}
-    save_reconstruction_panel(panel, out_dir / "reconstruction.png",
-                              title=f"{fam['method']} after {len(losses)} steps (a fresh crop)")
-    meta = {"method": fam["method"], "steps": len(losses), "seconds": round(seconds, 1),
+               out_dir / "loss.png", xlabel="step", ylabel=f"{method} loss",
+               title=f"{module.hparams.encoder} {method} pretraining")
+    if hasattr(module.objective, "reconstruct"):  # masked objectives; contrastive ones reconstruct nothing
+        x = ds[10**6]["view1" if module.two_views else "raw"][None].to(module.device)
+        module.eval()
+        with torch.no_grad():
+            panel = module.objective.reconstruct(x)
+        if not isinstance(panel, dict):  # MAE: (reconstruction, mask volume)
+            recon, mask = panel
+            panel = {"input": x, "masked input": x * (1 - mask), "reconstruction": recon}
+        save_reconstruction_panel(panel, out_dir / "reconstruction.png",
+                                  title=f"{method} after {len(losses)} steps (a fresh crop)")
+    meta = {"method": method, "steps": len(losses), "seconds": round(seconds, 1),
             "voxel_size": list(vs) if vs else None, "normalization": ds.normalizations[0].to_dict(),
             "data": [volume_name(v) for v in volumes], "init_from": cfg.encoder}
     enc = save_encoder(module.encoder, out_dir / "encoder", meta)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the encoder is out: nothing left to resume
     log(f"pretraining done: {len(losses)} steps in {seconds:.0f} s, loss {np.mean(losses[:10]):.4f} -> "
         f"{np.mean(losses[-10:]):.4f}")
     return enc
