@@ -80,6 +80,9 @@ def test_tables_and_headline_from_records():
         r["labelled_voxels"] = int(r["fraction"] * 20 * 1024 ** 2)
     assert "| method | 4 patches | 5% sections | 100% sections |" in markdown_table(recs, "iou")
     assert headline(recs, "mito").startswith("lora vs best of scratch/lora_random (scratch) on 4 patches: +0.300 IoU")
+    recs += [{"method": m, "regime": "4 patches", "fraction": None, "patches": 4, "labelled_voxels": 4 * 256 ** 2,
+              "seed": 0, "metric": "iou", "value": v} for m, v in (("unet", 0.5), ("rf", 0.2))]
+    assert headline(recs, "mito").endswith("; vs unet: -0.100 (0.500 ± 0.000)")  # the baseline users pick
 
 
 def _assert_dice_matches_iou(records: list[dict]) -> None:

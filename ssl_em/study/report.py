@@ -75,8 +75,14 @@ def headline(records: Sequence[dict[str, Any]], task: str) -> str:
     sign = -1 if metric in LOWER_IS_BETTER else 1
     best = max((c for c in controls if (c, g, metric) in stats), key=lambda m: sign * stats[(m, g, metric)][0])
     (a, sa, _), (b, sb, _) = stats[(ours, g, metric)], stats[(best, g, metric)]
-    return (f"{ours} vs best of {'/'.join(controls)} ({best}) on {g}: {a - b:+.3f} {_NAMES.get(metric, metric)}"
+    line = (f"{ours} vs best of {'/'.join(controls)} ({best}) on {g}: {a - b:+.3f} {_NAMES.get(metric, metric)}"
             f" ({a:.3f} ± {sa:.3f} vs {b:.3f} ± {sb:.3f}{', lower is better' if sign < 0 else ''})")
+    users = [m for m in ("unet", "rf") if (m, g, metric) in stats and m not in controls]
+    if users:  # what users would pick instead is the bar the claim has to clear too
+        pick = max(users, key=lambda m: sign * stats[(m, g, metric)][0])
+        c, sc, _ = stats[(pick, g, metric)]
+        line += f"; vs {pick}: {a - c:+.3f} ({c:.3f} ± {sc:.3f})"
+    return line
 
 
 def shown_section(gt: np.ndarray) -> int:
