@@ -19,10 +19,9 @@ def regime_of(record: dict[str, Any]) -> str:
 
 def regimes(records: Sequence[dict[str, Any]]) -> list[str]:
     """The regimes of ``records``, scarcest first (fewest labelled voxels; fraction where not recorded)."""
-    voxels: dict[str, list[float]] = {}
-    for r in records:
-        voxels.setdefault(regime_of(r), []).append(float(r.get("labelled_voxels") or r.get("fraction") or 0))
-    return sorted(voxels, key=lambda k: np.mean(voxels[k]))
+    xs = labelled_voxels(records)
+    fractions = {regime_of(r): float(r.get("fraction") or 0) for r in records}
+    return sorted(fractions, key=lambda g: xs.get(g, fractions[g]))
 
 
 def labelled_voxels(records: Sequence[dict[str, Any]]) -> dict[str, float]:
