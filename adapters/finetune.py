@@ -155,6 +155,10 @@ class FineTuning(L.LightningModule):
         n = batch["raw"].shape[0]
         self.log("val/loss", loss, prog_bar=True, batch_size=n)
         self.log("val/iou", inter.float() / union.clamp(min=1).float(), prog_bar=True, batch_size=n)
+        # soft Dice of the probabilities: still ranks runs (rates, checkpoints) before any voxel crosses 0.5
+        prob = torch.sigmoid(logits[:, :1]) * keep
+        soft = 2 * (prob * truth).sum() / (prob.sum() + (truth & keep).sum()).clamp(min=1e-6)
+        self.log("val/soft_dice", soft, batch_size=n)
         return loss
 
     def configure_optimizers(self):

@@ -60,6 +60,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="pretraining steps (default: 2000 from random init; from a given encoder 2000 with "
                    "--unlabeled, which continues pretraining on them, else 0: the encoder as it is)")
     p.add_argument("--family", default="cnn", choices=("cnn", "vit", "both"))
+    p.add_argument("--architecture", help="encoder to pretrain instead of the family's (e.g. unet2d_small)")
+    p.add_argument("--lrs", type=json.loads, metavar="JSON",
+                   help='peak rates per method instead of sweeping, e.g. \'{"full": [2e-3], "unet": [2e-3]}\'')
     p.add_argument("--pretrain-method", help="pretraining objective (default: the family's, spark / mae; e.g. "
                    "spark_simclr, the best measured in contrastive_vs_mae.py)")
     p.add_argument("--patch", help="crop z,y,x at the working spacing (default: the plan's)")
@@ -102,7 +105,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
     raw, labels, unlabeled, vs, _ = data
     vs = _numbers(args.voxel_size) if args.voxel_size else vs
     quick = args.quick
-    arch = ("unet3d_test" if family == "cnn" else "vit3d_test_patch2x16") if quick else None
+    arch = ("unet3d_test" if family == "cnn" else "vit3d_test_patch2x16") if quick else args.architecture
     encoder = resolve_encoder(args.encoder, family, arch)
     pretrain_steps = args.pretrain_steps
     if pretrain_steps is None:
@@ -118,7 +121,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int) if args.patch else None, voxel_size=vs,
         downsample=args.downsample, pretrain_method=args.pretrain_method,
         device=args.device,
-        lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else None,
+        lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else args.lrs,
     )
     print("configuration:", json.dumps({k: v for k, v in asdict(cfg).items()}, default=str))
     records = Study(raw, labels, unlabeled, cfg, Path(args.out) / family).run()

@@ -207,3 +207,26 @@ def test_peft_adapters_checkpoint_activations_by_default(adapter, checkpointed):
     assert stages and all(m.grad_checkpointing == checkpointed for m in stages)
     forced = FineTuning(task="mito", encoder="unet3d_test", adapter=adapter, grad_checkpointing=False)
     assert not any(m.grad_checkpointing for m in forced.model.modules() if hasattr(m, "grad_checkpointing"))
+
+
+def test_validation_soft_dice_ranks_runs_that_predict_no_foreground_yet():
+    """A short sweep's runs all have IoU 0 before any voxel crosses 0.5; the soft Dice the study monitors
+    still tells the run that moved towards the foreground from one that did not, and is ~Dice once sure."""
+    module = FineTuning(task="mito", encoder="unet3d_test", adapter="full")
+    labels = np.zeros((1, 1, 2, 16, 16), dtype=np.int64)
+    labels[..., 4:10, 4:10] = 1
+    batch = {"raw": torch.zeros(1, 1, 2, 16, 16), "label": torch.from_numpy(labels)}
+
+    def logged(fg_logit: float, bg_logit: float) -> dict[str, float]:
+        logits = torch.full((1, module.task.num_outputs, 2, 16, 16), bg_logit)
+        logits[:, 0][torch.from_numpy(labels[:, 0] > 0)] = fg_logit
+        values: dict[str, float] = {}
+        module.forward = lambda x: logits  # type: ignore[method-assign]
+        module.log = lambda name, value, **kw: values.__setitem__(name, float(value))  # type: ignore[method-assign]
+        module.validation_step(batch, 0)
+        return values
+
+    timid, bolder, sure = logged(-4.0, -6.0), logged(-1.0, -6.0), logged(6.0, -6.0)
+    assert timid["val/iou"] == bolder["val/iou"] == 0.0
+    assert bolder["val/soft_dice"] > 3 * timid["val/soft_dice"] > 0
+    assert sure["val/iou"] == 1.0 and sure["val/soft_dice"] > 0.99

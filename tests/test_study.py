@@ -64,6 +64,9 @@ def test_config_rejects_unknown_methods_and_fractions():
     assert budget_units(cfg) == pytest.approx(2 * 2 * 2 + 2 * 3 * cfg.sweep_share)  # scratch sweeps 3 rates twice
     with pytest.raises(ConfigError, match="steps 0"):
         StudyConfig(steps=0)
+    for bad in ({"full": (-1e-3,)}, {"full": ()}, {"magic": (1e-3,)}):
+        with pytest.raises(ConfigError, match="lrs"):
+            StudyConfig(lrs=bad)
 
 
 def test_tables_and_headline_from_records():
@@ -73,6 +76,7 @@ def test_tables_and_headline_from_records():
     assert "| lora | 0.505 ± 0.005 | 0.505 ± 0.005 |" in table and "| 5% sections | 100% sections |" in table
     line = headline(recs, "mito")
     assert line.startswith("lora vs best of scratch/lora_random (lora_random) on 5% sections: +0.200 IoU"), line
+    assert line.endswith("(0.505 ± 0.005 vs 0.305 ± 0.005)"), line
     # painted patches are scarcer than sections: first column, and the headline's regime
     recs += [{"method": m, "regime": "4 patches", "fraction": None, "patches": 4, "labelled_voxels": 4 * 256 ** 2,
               "seed": 0, "metric": "iou", "value": v} for m, v in (("lora", 0.4), ("scratch", 0.1))]
@@ -80,9 +84,11 @@ def test_tables_and_headline_from_records():
         r["labelled_voxels"] = int(r["fraction"] * 20 * 1024 ** 2)
     assert "| method | 4 patches | 5% sections | 100% sections |" in markdown_table(recs, "iou")
     assert headline(recs, "mito").startswith("lora vs best of scratch/lora_random (scratch) on 4 patches: +0.300 IoU")
+    # what users pick instead is a control too; the best pretrained method speaks for pretraining
     recs += [{"method": m, "regime": "4 patches", "fraction": None, "patches": 4, "labelled_voxels": 4 * 256 ** 2,
-              "seed": 0, "metric": "iou", "value": v} for m, v in (("unet", 0.5), ("rf", 0.2))]
-    assert headline(recs, "mito").endswith("; vs unet: -0.100 (0.500 ± 0.000)")  # the baseline users pick
+              "seed": 0, "metric": "iou", "value": v} for m, v in (("unet", 0.5), ("rf", 0.2), ("full", 0.45))]
+    assert headline(recs, "mito") == ("full (best of lora/full) vs best of scratch/lora_random/unet/rf (unet) on "
+                                      "4 patches: -0.050 IoU (0.450 ± 0.000 vs 0.500 ± 0.000)")
 
 
 def _assert_dice_matches_iou(records: list[dict]) -> None:
@@ -194,6 +200,14 @@ def test_painted_patches_hold_foreground_on_distinct_sections():
     assert clipped.sum() == 280 * 400  # a patch larger than the region is clipped to it
     with pytest.raises(ConfigError, match="8 painted patches need 8 sections"):
         paint_patches(labels, region, 8, 128, 0)
+    # painted around an object: a patch holds a blob, not a corner of one clipped by a random square
+    blobs = np.zeros((4, 1000, 1000), np.uint8)
+    for i, (y, x) in enumerate(np.random.default_rng(0).integers(40, 940, size=(12, 2))):
+        blobs[i % 4, y:y + 20, x:x + 20] = 1
+    everywhere = (slice(0, 4), slice(0, 1000), slice(0, 1000))
+    for seed in range(10):
+        mask = paint_patches(blobs, everywhere, 2, 64, seed)
+        assert (blobs[mask > 0] > 0).sum() >= 2 * 100, seed  # at least a quarter blob per patch
 
 
 def test_a_patch_regime_trains_only_on_its_patches(tmp_path):
@@ -389,3 +403,17 @@ def test_study_pretraining_resumes_after_a_kill(tmp_path):
     assert any("resuming" in line and "step 3" in line for line in lines)
     meta = json.loads((enc / "encoder.json").read_text())["metadata"]
     assert meta["steps"] == 6 and not (tmp_path / "pre" / "ckpt").exists()
+
+
+@pytest.mark.parametrize("arch, z_stride", [("unet2d_small", 1), ("unet3d_tiny", 2)])
+def test_plan_crops_divide_by_the_encoders_patch(tmp_path, arch, z_stride):
+    """Thin ssTEM crops as deep as the encoder's poolings need: one section for the in-plane-only U-Net,
+    two for the one whose last pooling halves z; in-plane a multiple of both networks' 16."""
+    from ssl_em.data.phantom import make_phantom
+
+    ph = make_phantom((12, 192, 192), seed=0)
+    cfg = StudyConfig(architecture=arch, methods=("lora", "unet"), fractions=(1.0,), voxel_size=(40.0, 8.0, 8.0),
+                      downsample=1)
+    study = Study(ph.raw, ph.mito, None, cfg, tmp_path / "out", log=lambda _: None)
+    z, y, x = study.cfg.patch_shape
+    assert z == z_stride and y % 16 == 0 and x % 16 == 0, study.cfg.patch_shape

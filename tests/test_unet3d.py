@@ -50,6 +50,23 @@ def test_anisotropic_levels_pool_in_plane_first():
     assert ResidualUNet3D(widths=(4, 4, 4), anisotropic_levels=0).patch_size == (4, 4, 4)
 
 
+def test_unet2d_small_is_the_plain_unet_shape_in_plane_only():
+    """The encoder for single-section crops: every pooling and kernel in-plane, the baseline's 5 levels
+    and widths (a pretrained network of the size of the one it is compared with)."""
+    import timm
+
+    from ssl_em.baselines.unet import PlainUNet
+
+    m = timm.create_model("unet2d_small")
+    assert m.pools == [(1, 2, 2)] * 4 and m.patch_size == (1, 16, 16)
+    assert {b.conv1.kernel_size for s in (*m.stages, *m.decoder) for b in s.blocks} == {(1, 3, 3)}
+    plain = _n_params(PlainUNet(1, (50.0, 9.2, 9.2), (1, 128, 128)))
+    assert 0.8 * plain < _n_params(m) < 1.1 * plain
+    assert m(torch.randn(2, 1, 1, 32, 32)).shape == (2, 16, 1, 32, 32)
+    with pytest.raises(ConfigError, match="divisible"):
+        m(torch.randn(1, 1, 1, 24, 24))
+
+
 def test_sizes_and_head():
     import timm
 
@@ -75,7 +92,7 @@ def test_create_by_name_and_listed():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(anisotropic_levels=2), dict(widths=()), dict(blocks_per_stage=(1, 1, 1)), dict(norm="batch"),
+    [dict(anisotropic_levels=3), dict(widths=()), dict(blocks_per_stage=(1, 1, 1)), dict(norm="batch"),
      dict(act="nope"), dict(not_an_arg=1)],
 )
 def test_bad_config(kwargs):

@@ -158,7 +158,7 @@ class ResidualUNet3D(nn.Module):
         blocks_per_stage: residual blocks per encoder stage (int or one per stage).
         decoder_blocks: residual blocks per decoder level.
         anisotropic_levels: the first N poolings are (1,2,2) and the stages before them use (1,3,3)
-            convs; 0 = isotropic (FIB-SEM).
+            convs; 0 = isotropic (FIB-SEM); ``len(widths)`` = a 2-D U-Net run section by section.
         norm: "group" (``norm_groups`` groups) or "instance"; both support visible-only statistics.
         norm_groups: groups for ``norm="group"``.
         act: activation name understood by ``timm.layers.get_act_layer`` ("relu", "gelu", "silu", ...).
@@ -189,8 +189,8 @@ class ResidualUNet3D(nn.Module):
             raise ConfigError(f"unet3d widths={widths} must be one or more positive channel counts")
         if len(depths) != n or min(depths) < 1 or decoder_blocks < 1:
             raise ConfigError(f"unet3d blocks_per_stage={blocks_per_stage} needs {n} counts >= 1 (one per width)")
-        if not 0 <= anisotropic_levels <= n - 1:
-            raise ConfigError(f"unet3d anisotropic_levels={anisotropic_levels} must be in [0, {n - 1}] for {n} stages")
+        if not 0 <= anisotropic_levels <= n:
+            raise ConfigError(f"unet3d anisotropic_levels={anisotropic_levels} must be in [0, {n}] for {n} stages")
         # complete kwargs: every unet3d name rebuilds this model from them (variants overwrite the name)
         self.encoder_config: dict[str, Any] = {"architecture": "unet3d_small", "kwargs": dict(
             in_chans=in_chans, widths=list(widths), blocks_per_stage=list(depths), decoder_blocks=decoder_blocks,
@@ -317,6 +317,8 @@ _SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(widths=(8, 16, 32, 64), blocks_per_stage=1),  # ~0.3 M parameters
     "small": dict(widths=(16, 32, 64, 128), blocks_per_stage=1),  # ~1.2 M
     "base": dict(widths=(32, 64, 128, 256), blocks_per_stage=(1, 2, 2, 2)),  # ~9 M
+    # the plain U-Net baseline's depth and widths (ssl_em.baselines.unet), ~1.7 M
+    "sections": dict(widths=(16, 32, 64, 128, 256), blocks_per_stage=1, anisotropic_levels=5),
 }
 
 
@@ -354,6 +356,14 @@ def unet3d_small(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
 def unet3d_small_iso(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
     """Isotropic (FIB-SEM), ~1.2 M parameters; patch (8, 8, 8)."""
     return _create("unet3d_small_iso", dict(_SIZES["small"], anisotropic_levels=0), pretrained, kwargs)
+
+
+@register_encoder
+def unet2d_small(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
+    """ssTEM whose sections are >= 4x thicker than its pixels, where the plan trains on single sections:
+    every pooling and kernel in-plane (a 2-D U-Net applied section by section), 5 stages of 16-256
+    channels as the plain U-Net baseline; patch (1, 16, 16), ~1.7 M parameters."""
+    return _create("unet2d_small", _SIZES["sections"], pretrained, kwargs)
 
 
 @register_encoder

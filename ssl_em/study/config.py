@@ -21,8 +21,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 # learning-rate sweep grids (AdamW peak rates): adapters and heads need larger rates than full
 # training; centred where short CPU runs (~100-400 steps) on the phantom and VNC peaked
+# (full, scratch and unet share one grid, centred on the unet's best at all labels, 2e-3)
 LR_GRID = {"lora": (6e-3, 2e-2, 6e-2), "lora_random": (6e-3, 2e-2, 6e-2), "frozen": (1e-2, 3e-2, 1e-1),
-           "full": (2e-3, 6e-3, 2e-2), "scratch": (2e-3, 6e-3, 2e-2), "unet": (2e-3, 6e-3, 2e-2), "rf": (0.0,)}
+           "full": (6e-4, 2e-3, 6e-3), "scratch": (6e-4, 2e-3, 6e-3), "unet": (6e-4, 2e-3, 6e-3), "rf": (0.0,)}
 METRICS = {"mito": ("iou", "dice", "ap50"), "synapse": ("iou", "dice", "detection_f1"), "neuron": ("voi", "arand"),
            "membrane": ("iou", "dice")}
 LOWER_IS_BETTER = {"voi", "arand"}
@@ -118,6 +119,12 @@ class StudyConfig:
         if int(self.steps) < 1 or int(self.pretrain_steps) < 0 or int(self.val_every) < 1:
             raise ConfigError(f"steps {self.steps} and val_every {self.val_every} must be >= 1, "
                               f"pretrain_steps {self.pretrain_steps} >= 0")
+        for method, rates in (self.lrs or {}).items():
+            if method not in LR_GRID or not rates or min(float(r) for r in rates) <= 0:
+                raise ConfigError(f"lrs {method!r}: {list(rates)} must be positive rates of a method in "
+                                  f"{', '.join(LR_GRID)}")
+        if self.lrs is not None:
+            self.lrs = {m: tuple(float(r) for r in rates) for m, rates in self.lrs.items()}
         if self.patch_shape is not None:
             self.patch_shape = tuple(int(p) for p in self.patch_shape)  # type: ignore[assignment]
         from ssl_em.utils.precision import resolve_device

@@ -62,11 +62,12 @@ def _trim(box: Box, max_voxels: int, axis: int = 2, at_least: int = 1) -> Box:
     return tuple(out)
 
 
-def paint_patches(labels: np.ndarray, region: Box, n: int, size: int, seed: int, tries: int = 200) -> np.ndarray:
+def paint_patches(labels: np.ndarray, region: Box, n: int, size: int, seed: int) -> np.ndarray:
     """A mask (z, y, x) uint8 of ``n`` painted patches, as a person paints them in a viewer: ``size`` x
     ``size`` squares (clipped to ``region``) inside ``region``, each on a different z-section, each
-    holding some foreground of ``labels``; drawn per ``seed``. Raises ConfigError when ``region`` has
-    fewer than ``n`` sections with foreground."""
+    centred (as far as the region allows) on a foreground pixel drawn at random: people paint around
+    the objects they see, not at a random place that happens to clip one. Drawn per ``seed``. Raises
+    ConfigError when ``region`` has fewer than ``n`` sections with foreground."""
     rng = np.random.default_rng(int(seed) + 7919 * int(n))
     zs, ys, xs = region
     sy, sx = min(size, ys.stop - ys.start), min(size, xs.stop - xs.start)
@@ -78,14 +79,8 @@ def paint_patches(labels: np.ndarray, region: Box, n: int, size: int, seed: int,
     mask = np.zeros(labels.shape, np.uint8)
     for z in rng.choice(sections, size=n, replace=False):
         plane = fg[z - zs.start]
-        for _ in range(tries):  # a patch anywhere, kept once it holds foreground (the section has some)
-            y = int(rng.integers(0, plane.shape[0] - sy + 1))
-            x = int(rng.integers(0, plane.shape[1] - sx + 1))
-            if plane[y:y + sy, x:x + sx].any():
-                break
-        else:  # rare foreground: centre the patch on a foreground pixel
-            fy, fx = np.argwhere(plane)[rng.integers(0, int(plane.sum()))]
-            y = int(np.clip(fy - sy // 2, 0, plane.shape[0] - sy))
-            x = int(np.clip(fx - sx // 2, 0, plane.shape[1] - sx))
+        fy, fx = np.argwhere(plane)[rng.integers(0, int(plane.sum()))]
+        y = int(np.clip(fy - sy // 2, 0, plane.shape[0] - sy))
+        x = int(np.clip(fx - sx // 2, 0, plane.shape[1] - sx))
         mask[z, ys.start + y: ys.start + y + sy, xs.start + x: xs.start + x + sx] = 1
     return mask

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ssl_em.study.config import _NAMES, LOWER_IS_BETTER, METRICS, StudyConfig
+from ssl_em.study.config import _NAMES, ADAPTER, LOWER_IS_BETTER, METHODS, METRICS, StudyConfig
 
 
 def regime_of(record: dict[str, Any]) -> str:
@@ -57,31 +57,39 @@ def markdown_table(records: Sequence[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
+PRETRAINED = tuple(m for m, (_, pretrained) in ADAPTER.items() if pretrained)  # start from the pretrained encoder
+# what the pretrained ones must beat: the same networks at random init, and what users pick instead
+CONTROLS = tuple(m for m in METHODS if m not in PRETRAINED)
+
+
 def headline(records: Sequence[dict[str, Any]], task: str) -> str:
-    """``lora vs best of scratch/lora_random (scratch) on 4 patches: +0.xx IoU (a ± s vs b ± s)``, at the
-    scarcest regime where both sides have results."""
+    """``full (best of full/lora) vs best of scratch/unet/rf (unet) on 1 patch: +0.xx IoU (a ± s vs b ± s)``:
+    the best pretrained method against the best method without pretraining (the same networks at random
+    init and what users pick instead), at the scarcest regime where both sides have results."""
     metric = METRICS[task][0]
     stats = summarize(records)
     methods = {r["method"] for r in records}
-    ours = "lora" if "lora" in methods else next((m for m in ("full", "frozen") if m in methods), None)
-    controls = [m for m in ("scratch", "lora_random") if m in methods] or [m for m in ("unet", "rf") if m in methods]
-    if ours is None or not controls:
-        return f"headline needs lora (or full/frozen) and scratch or lora_random; have {sorted(methods)}"
-    both = [g for g in regimes(records) if (ours, g, metric) in stats and any((c, g, metric) in stats for c in controls)]
+    ours = [m for m in PRETRAINED if m in methods]
+    controls = [m for m in CONTROLS if m in methods]
+    if not ours or not controls:
+        return (f"headline needs a pretrained method ({'/'.join(PRETRAINED)}) and a control "
+                f"({'/'.join(CONTROLS)}); have {sorted(methods)}")
+    both = [g for g in regimes(records)
+            if any((m, g, metric) in stats for m in ours) and any((c, g, metric) in stats for c in controls)]
     if not both:
-        return "no regime where lora and a control both have results"
+        return "no regime where a pretrained method and a control both have results"
     g = both[0]
     sign = -1 if metric in LOWER_IS_BETTER else 1
-    best = max((c for c in controls if (c, g, metric) in stats), key=lambda m: sign * stats[(m, g, metric)][0])
-    (a, sa, _), (b, sb, _) = stats[(ours, g, metric)], stats[(best, g, metric)]
-    line = (f"{ours} vs best of {'/'.join(controls)} ({best}) on {g}: {a - b:+.3f} {_NAMES.get(metric, metric)}"
-            f" ({a:.3f} ± {sa:.3f} vs {b:.3f} ± {sb:.3f}{', lower is better' if sign < 0 else ''})")
-    users = [m for m in ("unet", "rf") if (m, g, metric) in stats and m not in controls]
-    if users:  # what users would pick instead is the bar the claim has to clear too
-        pick = max(users, key=lambda m: sign * stats[(m, g, metric)][0])
-        c, sc, _ = stats[(pick, g, metric)]
-        line += f"; vs {pick}: {a - c:+.3f} ({c:.3f} ± {sc:.3f})"
-    return line
+
+    def best_of(names: list[str]) -> str:
+        return max((m for m in names if (m, g, metric) in stats), key=lambda m: sign * stats[(m, g, metric)][0])
+
+    mine, theirs = best_of(ours), best_of(controls)
+    (a, sa, _), (b, sb, _) = stats[(mine, g, metric)], stats[(theirs, g, metric)]
+    which = f" (best of {'/'.join(ours)})" if len(ours) > 1 else ""
+    return (f"{mine}{which} vs best of {'/'.join(controls)} ({theirs}) on {g}: {sign * (a - b):+.3f} "
+            f"{_NAMES.get(metric, metric)} ({a:.3f} ± {sa:.3f} vs {b:.3f} ± {sb:.3f}"
+            f"{', lower is better' if sign < 0 else ''})")
 
 
 def shown_section(gt: np.ndarray) -> int:

@@ -94,13 +94,16 @@ class Study:
         from ssl_em.plan import make_plan
 
         cfg = self.cfg
-        enc_vs = None
+        enc_vs, arch, kwargs = None, cfg.arch, dict(cfg.encoder_kwargs)
         if cfg.encoder:
             from ssl_em.models.export import read_sidecar
 
-            enc_vs = read_sidecar(cfg.encoder)["metadata"].get("voxel_size")
-        # the plain U-Net's 4 poolings in-plane; the encoders (ViT patch, U-Net's last pooling) need 2 sections
-        stride = (2 if any(m in ADAPTER for m in cfg.methods) else 1, 16, 16)
+            sidecar = read_sidecar(cfg.encoder)
+            enc_vs, arch, kwargs = sidecar["metadata"].get("voxel_size"), sidecar["architecture"], sidecar.get("kwargs") or {}
+        # the plain U-Net's 4 poolings in-plane; crops also divide by the encoder's patch (ViT patch, U-Net poolings)
+        stride = (1, 16, 16)
+        if any(m in ADAPTER for m in cfg.methods):
+            stride = tuple(math.lcm(a, int(b)) for a, b in zip(stride, _encoder_patch(arch, kwargs)))
         fixed = {k: v for k, v in (("patch_shape", cfg.patch_shape), ("batch_size", cfg.batch_size)) if v is not None}
         plan = make_plan(cfg.voxel_size or (1.0, 1.0, 1.0), cfg.task, shape, encoder_voxel_size=enc_vs, stride=stride,
                          steps=cfg.steps, downsample=cfg.downsample if cfg.voxel_size else (cfg.downsample or 1),
@@ -425,6 +428,16 @@ class Study:
 
 class _GuardReached(Exception):
     """``max_minutes`` passed: no new run starts (finished ones are in results.jsonl)."""
+
+
+def _encoder_patch(arch: str, kwargs: dict[str, Any]) -> tuple[int, int, int]:
+    """(z, y, x) voxels the encoder's input sides must be multiples of (built on the meta device: no weights)."""
+    import torch
+
+    from ssl_em.models import create_encoder
+
+    with torch.device("meta"):
+        return tuple(create_encoder(arch, **kwargs).patch_size)
 
 
 def asdict_regions(r: Regions) -> dict[str, Box]:

@@ -131,8 +131,10 @@ class Progress(Callback):
 
 
 def monitor_of(task: str) -> tuple[str, str]:
-    """The validation value that picks a run's best weights: foreground IoU, or the loss for neurons."""
-    return ("val/loss", "min") if task == "neuron" else ("val/iou", "max")
+    """The validation value that picks a run's best weights and a sweep's rate: the foreground's soft Dice
+    (thresholded IoU is 0 for every rate of a short sweep that predicts no foreground yet, which left the
+    choice to the tie rule), or the loss for neurons."""
+    return ("val/loss", "min") if task == "neuron" else ("val/soft_dice", "max")
 
 
 @dataclass
