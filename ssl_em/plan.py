@@ -45,7 +45,9 @@ class Plan:
         ctx = tuple(round(p * s) for p, s in zip(self.patch_shape, self.spacing))
         return (f"plan: voxel {_fmt(self.voxel_size)} nm -> working spacing {_fmt(self.spacing)} nm "
                 f"(in-plane x1/{self.downsample}), crop {tuple(self.patch_shape)} = {ctx} nm, batch "
-                f"{self.batch_size}, {self.steps} steps, {self.anisotropic_levels} in-plane-only poolings; "
+                f"{self.batch_size}, {self.steps} steps, "
+                + ("2-D crops, every pooling in-plane; " if self.patch_shape[0] == 1 else
+                   f"{self.anisotropic_levels} in-plane-only poolings; ")
                 + "; ".join(f"{k}: {v}" for k, v in self.reasons.items()))
 
     def to_dict(self) -> dict[str, Any]:

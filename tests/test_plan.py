@@ -17,10 +17,12 @@ def test_vnc_like_mitochondria_plan_works_at_9_nm_with_a_micron_of_context(capsy
     z, y, x = plan.patch_shape
     assert y == x and y * 9.2 >= 1200 and y % 8 == 0 and y <= 256  # >= 1.2 um in-plane, on the stride
     assert z == 2  # thin crops (z is 5.4x coarser than x): the thinnest the default stride (2, 8, 8) takes
-    assert make_plan((50, 4.6, 4.6), "mito", (20, 1024, 1024), stride=(1, 16, 16)).patch_shape == (1, 144, 144)
+    flat = make_plan((50, 4.6, 4.6), "mito", (20, 1024, 1024), stride=(1, 16, 16))
+    assert flat.patch_shape == (1, 144, 144) and "2-D crops, every pooling in-plane" in flat.describe()
     assert plan.batch_size >= 2 and plan.anisotropic_levels == 2
     text = plan.describe()
     assert "working spacing 50x9.2x9.2 nm" in text and f"crop {plan.patch_shape}" in text and "x1/2" in text
+    assert "2 in-plane-only poolings" in text
 
 
 def test_plan_follows_the_encoder_the_task_and_the_user() -> None:

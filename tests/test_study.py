@@ -260,6 +260,7 @@ def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_pat
     _assert_dice_matches_iou(records)
     warning = next(line for line in lines if "VoxelSize" in line or "voxel size" in line)
     assert "(40, 8, 8) nm differs" in warning and "(50, 4, 4)" in warning
+    assert "pretrained before the study: spark," in (tmp_path / "out" / "results.md").read_text()  # its own record
     from ssl_em.study.train import build_module
 
     module = build_module("lora", cfg, str(enc), seed=0, lr=1e-2, steps=8)  # adapter_kwargs reach add_adapter

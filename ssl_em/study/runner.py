@@ -186,7 +186,10 @@ class Study:
             for w in caught:
                 self.log(f"warning: {w.message}")
         if cfg.encoder and cfg.pretrain_steps <= 0:
-            self.pretraining = {"encoder": cfg.encoder, "steps": 0}
+            sidecar = read_sidecar(cfg.encoder)
+            meta = sidecar["metadata"]  # the encoder's own pretraining, done before this study
+            self.pretraining = {"encoder": cfg.encoder, "architecture": sidecar["architecture"], "steps": 0,
+                                **{f"encoder_{k}": meta[k] for k in ("method", "steps", "seconds", "data") if k in meta}}
             return cfg.encoder
         if cfg.pretrain_steps <= 0:
             raise ConfigError("pretraining budget is 0 steps and no --encoder given: nothing to fine-tune from")
