@@ -37,8 +37,10 @@ NEURON_OFFSETS: Offsets = (
 
 
 def _in_plane(voxel_size: Sequence[float] | None) -> bool:
-    """True for anisotropic (ssTEM) voxels whose z side is more than twice the in-plane side."""
-    return voxel_size is not None and float(voxel_size[0]) > 2 * min(float(v) for v in voxel_size[1:])
+    """Boundaries drawn per section: known anisotropic (ssTEM) voxels (unknown ones are drawn in 3-D)."""
+    from ssl_em.plan import is_anisotropic
+
+    return voxel_size is not None and is_anisotropic(voxel_size)
 
 
 class Task:

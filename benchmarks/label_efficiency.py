@@ -85,8 +85,7 @@ def load(args: argparse.Namespace) -> tuple:
 
         shape, pool = (QUICK_SHAPE, (8, 64, 64)) if args.quick else ((24, 256, 128), (24, 192, 192))
         ph, un = make_phantom(shape, seed=2), make_phantom(pool, seed=1)
-        field = {"mito": "mito", "synapse": "synapse", "neuron": "neurons", "membrane": "membrane"}[args.task]
-        return ph.raw, getattr(ph, field), [un.raw], ph.voxel_size, f"phantom {shape} + unlabelled {pool}"
+        return ph.raw, ph.labels(args.task), [un.raw], ph.voxel_size, f"phantom {shape} + unlabelled {pool}"
     if args.labels is None:
         sys.exit("--raw needs --labels")
     if not args.quick:

@@ -122,8 +122,7 @@ def main(argv: list[str]) -> int:
 
         shapes = ((8, 160, 64), (8, 64, 64)) if tiny else ((24, 256, 128), (24, 192, 192))
         target, pool = make_phantom(shapes[0], seed=2), make_phantom(shapes[1], seed=1)
-        field = {"mito": "mito", "synapse": "synapse", "neuron": "neurons", "membrane": "membrane"}[args.task]
-        raw, labels, unlabeled = target.raw, getattr(target, field), [pool.raw]
+        raw, labels, unlabeled = target.raw, target.labels(args.task), [pool.raw]
         cfg.voxel_size = cfg.voxel_size or tuple(float(v) for v in target.voxel_size)  # type: ignore[assignment]
         print(f"phantom: labelled volume {shapes[0]} (seed 2), unlabelled volume {shapes[1]} (seed 1), "
               f"voxel size {cfg.voxel_size} nm")

@@ -26,6 +26,13 @@ import numpy as np
 
 from ssl_em.errors import ConfigError
 
+
+def is_anisotropic(voxel_size: Sequence[float]) -> bool:
+    """z more than twice as coarse as the finest in-plane side (ssTEM): the one rule for in-plane
+    augmentation and in-plane instance boundaries (nnU-Net's layout rule uses the same 2x)."""
+    return float(voxel_size[0]) > 2 * min(float(v) for v in voxel_size[1:])
+
+
 # in-plane working spacing per task (nm): mitochondria and clefts are resolved at ~9 nm
 TASK_SPACING_NM = {"mito": 9.0, "synapse": 9.0, "membrane": None, "neuron": None}
 

@@ -10,7 +10,7 @@ import pytest
 from ssl_em.baselines import PixelClassifier, section_features
 from ssl_em.data.phantom import make_phantom
 from ssl_em.errors import ConfigError, LabelError
-from ssl_em.pretrain.probe import average_precision
+from ssl_em.pretrain.probe import ranking_average_precision
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_random_forest_on_two_labelled_sections_beats_chance_on_unseen_regions(p
     prob = clf.predict(raw[:, 100:])
     assert prob.shape == (8, 60, 128) and prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
     chance = truth[:, 100:].mean()
-    ap = average_precision(prob.ravel(), truth[:, 100:].ravel())
+    ap = ranking_average_precision(prob.ravel(), truth[:, 100:].ravel())
     assert ap > 3 * chance, (ap, chance)
     again = PixelClassifier(seed=0).fit(raw[:, :100], truth[:, :100], mask[:, :100]).predict(raw[:, 100:])
     np.testing.assert_array_equal(again, prob)  # seeded: the same forest

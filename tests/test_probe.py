@@ -12,7 +12,7 @@ from torch import nn
 
 import ssl_em
 from ssl_em.errors import ConfigError
-from ssl_em.pretrain.probe import average_precision, load_labelled, main, run_probe, sample_features
+from ssl_em.pretrain.probe import ranking_average_precision, load_labelled, main, run_probe, sample_features
 
 
 class VoxelEncoder(nn.Module):
@@ -42,9 +42,9 @@ def _ap_reference(scores: np.ndarray, labels: np.ndarray) -> float:
 def test_average_precision_matches_reference() -> None:
     rng = np.random.default_rng(0)
     scores, labels = rng.random(300), rng.random(300) < 0.2
-    assert average_precision(scores, labels) == pytest.approx(_ap_reference(scores, labels))
-    assert average_precision(labels.astype(float), labels) == pytest.approx(1.0)
-    assert np.isnan(average_precision(scores, np.zeros(300, bool)))
+    assert ranking_average_precision(scores, labels) == pytest.approx(_ap_reference(scores, labels))
+    assert ranking_average_precision(labels.astype(float), labels) == pytest.approx(1.0)
+    assert np.isnan(ranking_average_precision(scores, np.zeros(300, bool)))
 
 
 def test_sample_features_reads_each_voxel_across_tiles() -> None:

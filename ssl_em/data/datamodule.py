@@ -45,7 +45,6 @@ from ssl_em.data.crops import (
 from ssl_em.errors import ConfigError
 
 FORMAT_VERSION = 1
-PHANTOM_LABELS = ("mito", "synapse", "membrane", "neurons")
 
 
 class _AllOf:
@@ -173,10 +172,7 @@ class EMDataModule(L.LightningDataModule):
         self._phantom_voxel = tuple(float(v) for v in (vs or ph.voxel_size))
         if hp.task is None:
             return [ph.raw], None, None
-        field = next((f for f in PHANTOM_LABELS if f in hp.task or hp.task in f), None)
-        if field is None:
-            raise ConfigError(f"task {hp.task!r} has no phantom labels: use one of {', '.join(PHANTOM_LABELS)}")
-        return [ph.raw], getattr(ph, field), None
+        return [ph.raw], ph.labels(hp.task), None
 
     def given(self, name: str) -> Any:
         """The ``raw`` / ``labels`` / ``mask`` passed in: a spec, or the array itself."""
@@ -277,8 +273,10 @@ class EMDataModule(L.LightningDataModule):
 
     def _augment_kwargs(self) -> dict[str, Any]:
         vs = self.voxel_size
+        from ssl_em.plan import is_anisotropic
+
         return dict(
-            anisotropic=vs is None or vs[0] > 1.5 * min(vs[1:]),  # ssTEM unless the voxels say otherwise
+            anisotropic=vs is None or is_anisotropic(vs),  # ssTEM unless the voxels say otherwise
             square_pixels=vs is None or abs(vs[1] - vs[2]) <= 1e-3 * vs[1],
             strength=self.hparams.augment_strength,
         )

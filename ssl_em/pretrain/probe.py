@@ -32,7 +32,7 @@ from torch import nn
 
 from ssl_em.errors import ConfigError
 
-__all__ = ["ProbeCallback", "ProbeResult", "average_precision", "fit_logistic", "main", "run_probe",
+__all__ = ["ProbeCallback", "ProbeResult", "ranking_average_precision", "fit_logistic", "main", "run_probe",
            "sample_features"]
 
 
@@ -50,8 +50,9 @@ class ProbeResult:
     feature_dim: int
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the precision-recall curve (step-wise, as sklearn's ``average_precision_score``)."""
+def ranking_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the voxel-ranking precision-recall curve (step-wise, as sklearn's
+    ``average_precision_score``); not the instance-matching AP of :func:`ssl_em.metrics.average_precision`."""
     labels = np.asarray(labels, bool)
     n_pos = int(labels.sum())
     if n_pos == 0:
@@ -220,7 +221,7 @@ def run_probe(encoder: nn.Module, raw: np.ndarray, labels: np.ndarray, *, featur
             prob = torch.sigmoid(model((f_section - mean) / std)[:, 0]).numpy().reshape(int(usable[1]), int(usable[2]))
         _save_probe_png(png, x[z, : usable[1], : usable[2]], fg[z, : usable[1], : usable[2]], prob, z)
     inter, union = (pred & y_test).sum(), (pred | y_test).sum()
-    return ProbeResult(ap=average_precision(scores, y_test), iou=float(inter / max(union, 1)),
+    return ProbeResult(ap=ranking_average_precision(scores, y_test), iou=float(inter / max(union, 1)),
                        accuracy=float((pred == y_test).mean()), chance_ap=float(y_test.mean()), n_train=n_train,
                        n_test=n_test, feature=feature, feature_dim=int(feats.shape[1]))
 
@@ -322,13 +323,9 @@ def load_labelled(raw: str | None = None, labels: str | None = None, task: str =
 
         if labels is not None:
             raise ConfigError(f"labels {labels!r} given without raw: pass --raw too")
-        fields = ("mito", "synapse", "membrane", "neurons")
-        field = next((f for f in fields if f in task or task in f), None)
-        if field is None:
-            raise ConfigError(f"task {task!r} has no phantom labels: use one of {', '.join(fields)}")
         ph = make_phantom(tuple(int(v) for v in phantom_shape), seed=seed)
         box = _parse_roi(roi, ph.raw.shape)
-        return ph.raw[box], getattr(ph, field)[box]
+        return ph.raw[box], ph.labels(task)[box]
     if labels is None:
         raise ConfigError(f"raw {raw!r} given without labels: pass --labels SPEC")
     from ssl_em.data.volume import open_volume

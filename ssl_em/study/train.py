@@ -36,7 +36,10 @@ class Labelled:
 
 
 def _anisotropic(vs: Sequence[float] | None) -> bool:
-    return vs is None or vs[0] > 1.5 * min(vs[1:])
+    """In-plane augmentation unless the voxels say otherwise (ssTEM is the default)."""
+    from ssl_em.plan import is_anisotropic
+
+    return vs is None or is_anisotropic(vs)
 
 
 def build_module(method: str, cfg: StudyConfig, encoder_dir: str | Path | None, seed: int, lr: float,
