@@ -63,8 +63,7 @@ class FineTuning(L.LightningModule):
         grad_checkpointing: trade compute for activation memory in the encoder; None = on for the
             peft adapters (:func:`default_grad_checkpointing`), whose point is a small footprint: a
             frozen conv still saves its input for backward, so without it LoRA holds as many
-            activations as full fine-tuning (measured: U-Net LoRA 0.99x full's step memory, 2.3x
-            less with it; ``benchmarks/finetune_memory.py``).
+            activations as full fine-tuning (``benchmarks/finetune_memory.py`` measures both).
         export_on_fit_end: when ``fit`` ends, write a deployable folder (:meth:`export`) that
             ``ssl-em predict --model FOLDER`` runs.
         export_dir: that folder; None = ``<trainer.log_dir>/model``.

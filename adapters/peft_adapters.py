@@ -223,9 +223,10 @@ def add_adapter(
         modules_to_save: exact module names trained in full and saved with the adapter (new heads).
         train_decoder: U-Nets: adapters on the encoder path only, while the decoder path (the
             encoder's ``decoder_modules``) and the encoder path's normalisation layers train in full
-            and are saved with the adapter, as a ViT's UNETR decoder is. The study's and the recipes'
-            U-Net setting: VNC mitochondria, 1 labelled section, 45 s, 2 seeds: IoU 0.310 vs 0.178
-            for LoRA on every convolution (same on a random U-Net: 0.094).
+            and are saved with the adapter, as a ViT's UNETR decoder is: a few labels cannot retrain a
+            frozen decoder's view of the task through low-rank updates alone. The study's and the
+            recipes' U-Net setting (measured against LoRA everywhere with ``benchmarks/label_efficiency.py
+            --adapter-kwargs``; figures in README).
         method_kwargs: passed to the peft config (e.g. ``use_rslora=True``, ``feedforward_modules``).
 
     The model is modified in place (peft injects layers); use the returned wrapper from then on.

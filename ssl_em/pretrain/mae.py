@@ -28,13 +28,9 @@ from ssl_em.models.vit3d import init_weights
 
 __all__ = ["DEFAULT_TARGET", "MaskedAutoencoder3D", "gaussian_blur_3d"]
 
-# Measured 2026-11-25 on VNC stack 2 (ssTEM, z-scored, 2x in-plane pooled to 50 x 9.2 x 9.2 nm), 8x64x64
-# crops, (2, 8, 8) patches, ViT embed 96 / depth 2, decoder 64 / 1, batch 4, 600 AdamW steps, at lr 1e-3 | 3e-3.
-# Loss / predict-the-mean loss (mean of the last 20 steps): raw 0.994 | 0.994, normalized 1.000 | 1.000
-# (never left the predict-zero level, as the issue reported), lowpass 0.986 | 0.987. Ridge probe R^2 on
-# frozen patch tokens, VNC stack 1, patch membrane fraction: raw .384 | .375, normalized .326 | .327,
-# lowpass .379 | .382 (random init .413). Normalised is out; raw and lowpass tie on the probe, so the default
-# is the target with no extra hyper-parameter. At this budget no target beat random-init features yet.
+# On ssTEM a per-patch-normalised target never leaves the predict-zero level and raw and lowpass tie on a
+# probe of the frozen tokens (``benchmarks/mae_targets.py``; figures in README), so the default is the
+# target without an extra hyper-parameter.
 DEFAULT_TARGET = "raw"
 
 

@@ -14,7 +14,7 @@ ADAPTER = {"lora": ("lora", True), "frozen": ("frozen", True), "full": ("full", 
 # family -> encoder to pretrain, objective, pretraining rate
 FAMILIES: dict[str, dict[str, Any]] = {
     # U-Net lora: adapters on the encoder path, decoder path trained in full (like a ViT's UNETR
-    # decoder). VNC mito, 1 labelled section, 45 s, 2 seeds: IoU 0.310 vs 0.178 with LoRA everywhere
+    # decoder; why: add_adapter's train_decoder)
     "cnn": dict(encoder="unet3d_tiny", method="spark", method_kwargs={"mask_ratio": 0.6}, lr=2e-3,
                 adapter_kwargs={"train_decoder": True}),
     "vit": dict(encoder="vit3d_tiny_patch2x16", method="mae", method_kwargs={"mask_ratio": 0.75}, lr=1.5e-3),
