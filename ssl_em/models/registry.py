@@ -4,7 +4,7 @@
 :mod:`ssl_em.models` is imported. A variant is a few lines: defaults merged under the user's
 keyword arguments; the merged dict is recorded as ``model.encoder_config`` so an exported encoder
 can be rebuilt from its JSON sidecar alone. Names encode the patch (z x y x x voxels; one number =
-isotropic). Other encoder modules (``unet3d.py``) register with the same :func:`register_encoder`.
+isotropic). Each family registers its variants in its own module (``vit3d.py``, ``unet3d.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ssl_em.errors import ConfigError
-from ssl_em.models.pretrained import timm_default_cfgs
-from ssl_em.models.vit3d import VisionTransformer3D
 
 __all__ = ["build_encoder", "create_encoder", "list_encoders", "main", "register_encoder"]
 
@@ -71,86 +69,6 @@ def build_encoder(cls: Callable[..., nn.Module], name: str, defaults: dict[str, 
 
         load_encoder_weights(model, shipped)
     return model
-
-
-def _vit3d(name: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
-    return build_encoder(VisionTransformer3D, name, defaults, pretrained, **kwargs)
-
-
-# shipped weights as timm pretrained configs: timm.create_model("name.tag", pretrained=True) resolves them
-default_cfgs = timm_default_cfgs()
-_TEST = dict(embed_dim=32, depth=2, num_heads=2)
-_TINY = dict(embed_dim=192, depth=12, num_heads=3)
-_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
-_BASE = dict(embed_dim=768, depth=12, num_heads=12)
-
-
-@register_encoder
-def vit3d_test_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Test-size ViT (embed 32, depth 2): for unit tests and smoke runs only."""
-    return _vit3d("vit3d_test_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_TEST), kwargs)
-
-
-@register_encoder
-def vit3d_test_patch4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Test-size ViT with small isotropic (4, 4, 4) patches."""
-    return _vit3d("vit3d_test_patch4", pretrained, dict(img_size=(16, 32, 32), patch_size=4, **_TEST), kwargs)
-
-
-@register_encoder
-def vit3d_tiny_patch2x8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ViT-Ti, (2, 8, 8) patches: fine in-plane tokens for thin anisotropic ssTEM structures."""
-    return _vit3d("vit3d_tiny_patch2x8", pretrained, dict(patch_size=(2, 8, 8), **_TINY), kwargs)
-
-
-@register_encoder
-def vit3d_tiny_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ViT-Ti (5.5M), (2, 16, 16) patches: anisotropic ssTEM (~40-50 nm sections, 4-8 nm pixels)."""
-    return _vit3d("vit3d_tiny_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_TINY), kwargs)
-
-
-@register_encoder
-def vit3d_tiny_patch4x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ViT-Ti, (4, 16, 16) patches: mildly anisotropic data (e.g. 30 nm sections at 8 nm)."""
-    return _vit3d("vit3d_tiny_patch4x16", pretrained, dict(img_size=(32, 128, 128), patch_size=(4, 16, 16), **_TINY),
-                  kwargs)
-
-
-@register_encoder
-def vit3d_tiny_patch8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ViT-Ti, isotropic (8, 8, 8) patches: FIB-SEM."""
-    return _vit3d("vit3d_tiny_patch8", pretrained, dict(img_size=(64, 64, 64), patch_size=8, **_TINY), kwargs)
-
-
-@register_encoder
-def vit3d_small_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ViT-S (22M), (2, 16, 16) patches."""
-    return _vit3d("vit3d_small_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_SMALL), kwargs)
-
-
-@register_encoder
-def vit3d_small_patch4x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ViT-S, (4, 16, 16) patches."""
-    return _vit3d("vit3d_small_patch4x16", pretrained,
-                  dict(img_size=(32, 128, 128), patch_size=(4, 16, 16), **_SMALL), kwargs)
-
-
-@register_encoder
-def vit3d_small_patch8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ViT-S, isotropic (8, 8, 8) patches: FIB-SEM."""
-    return _vit3d("vit3d_small_patch8", pretrained, dict(img_size=(64, 64, 64), patch_size=8, **_SMALL), kwargs)
-
-
-@register_encoder
-def vit3d_base_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ViT-B (86M), (2, 16, 16) patches."""
-    return _vit3d("vit3d_base_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_BASE), kwargs)
-
-
-@register_encoder
-def vit3d_base_patch8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ViT-B, isotropic (8, 8, 8) patches: FIB-SEM."""
-    return _vit3d("vit3d_base_patch8", pretrained, dict(img_size=(64, 64, 64), patch_size=8, **_BASE), kwargs)
 
 
 def list_encoders(pattern: str = "*") -> list[str]:
