@@ -22,6 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from ssl_em.adapters.losses import dice_loss
 from ssl_em.baselines.unet import PlainUNet
 from ssl_em.errors import ConfigError
 from ssl_em.utils.optim import adamw_warmup_cosine
@@ -155,8 +156,7 @@ class FineTuning(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=n)
         self.log("val/iou", inter.float() / union.clamp(min=1).float(), prog_bar=True, batch_size=n)
         # soft Dice of the probabilities: still ranks runs (rates, checkpoints) before any voxel crosses 0.5
-        prob = torch.sigmoid(logits[:, :1]) * keep
-        soft = 2 * (prob * truth).sum() / (prob.sum() + (truth & keep).sum()).clamp(min=1e-6)
+        soft = 1 - dice_loss(logits[:, :1], target[:, :1], mask[:, :1], smooth=1e-6)
         self.log("val/soft_dice", soft, batch_size=n)
         return loss
 

@@ -105,13 +105,14 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
     from ssl_em.utils.plotting import pyplot, save_figure
 
     metrics = [m for m in METRICS[cfg.task] if any(r["metric"] == m for r in records)]
-    pre = (f"Pretraining: {pretraining.get('method', '-')} on {pretraining.get('architecture', pretraining.get('encoder'))}"
-           f", {pretraining.get('steps', 0)} steps in {pretraining.get('seconds', 0)} s (separate from the "
-           f"fine-tuning budget).")
     if "architecture" in pretraining and not pretraining.get("steps"):  # a given encoder: how it was pretrained
         pre = (f"Encoder {pretraining['encoder']} ({pretraining['architecture']}), pretrained before the study: "
                f"{pretraining.get('encoder_method', '-')}, {pretraining.get('encoder_steps', '?')} steps in "
                f"{pretraining.get('encoder_seconds', '?')} s on {', '.join(pretraining.get('encoder_data', ['?']))}.")
+    else:
+        pre = (f"Pretraining: {pretraining.get('method', '-')} on "
+               f"{pretraining.get('architecture', pretraining.get('encoder'))}, {pretraining.get('steps', 0)} steps in "
+               f"{pretraining.get('seconds', 0)} s (separate from the fine-tuning budget).")
     text = [f"# Label efficiency: {cfg.task}, {cfg.family} family", "",
             f"Fine-tuning budget {cfg.steps} steps per run (+ {cfg.sweep_share:.0%} per swept rate), best "
             f"validation weights (every {cfg.val_every} steps), {cfg.seeds} seed(s), patch {tuple(cfg.patch_shape)}, "

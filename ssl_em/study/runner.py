@@ -94,16 +94,17 @@ class Study:
         from ssl_em.plan import make_plan
 
         cfg = self.cfg
-        enc_vs, arch, kwargs = None, cfg.arch, dict(cfg.encoder_kwargs)
+        enc_vs, sidecar = None, None
         if cfg.encoder:
             from ssl_em.models.export import read_sidecar
 
             sidecar = read_sidecar(cfg.encoder)
-            enc_vs, arch, kwargs = sidecar["metadata"].get("voxel_size"), sidecar["architecture"], sidecar.get("kwargs") or {}
+            enc_vs = sidecar["metadata"].get("voxel_size")
         # the plain U-Net's 4 poolings in-plane; crops also divide by the encoder's patch (ViT patch, U-Net poolings)
         stride = (1, 16, 16)
         if any(m in ADAPTER for m in cfg.methods):
-            stride = tuple(math.lcm(a, int(b)) for a, b in zip(stride, _encoder_patch(arch, kwargs)))
+            patch = sidecar["patch_size"] if sidecar else _encoder_patch(cfg.arch, dict(cfg.encoder_kwargs))
+            stride = tuple(math.lcm(a, int(b)) for a, b in zip(stride, patch))
         fixed = {k: v for k, v in (("patch_shape", cfg.patch_shape), ("batch_size", cfg.batch_size)) if v is not None}
         plan = make_plan(cfg.voxel_size or (1.0, 1.0, 1.0), cfg.task, shape, encoder_voxel_size=enc_vs, stride=stride,
                          steps=cfg.steps, downsample=cfg.downsample if cfg.voxel_size else (cfg.downsample or 1),
@@ -179,15 +180,14 @@ class Study:
             from ssl_em.models.export import read_sidecar
             from ssl_em.models.pretrained import VoxelSizeWarning, check_voxel_size
 
+            sidecar = read_sidecar(cfg.encoder)
+            meta = sidecar["metadata"]
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", VoxelSizeWarning)
-                check_voxel_size(cfg.spacing, read_sidecar(cfg.encoder)["metadata"].get("voxel_size"),
-                                 what="the labelled volume's")
+                check_voxel_size(cfg.spacing, meta.get("voxel_size"), what="the labelled volume's")
             for w in caught:
                 self.log(f"warning: {w.message}")
-        if cfg.encoder and cfg.pretrain_steps <= 0:
-            sidecar = read_sidecar(cfg.encoder)
-            meta = sidecar["metadata"]  # the encoder's own pretraining, done before this study
+        if cfg.encoder and cfg.pretrain_steps <= 0:  # record the encoder's own pretraining, done before this study
             self.pretraining = {"encoder": cfg.encoder, "architecture": sidecar["architecture"], "steps": 0,
                                 **{f"encoder_{k}": meta[k] for k in ("method", "steps", "seconds", "data") if k in meta}}
             return cfg.encoder
