@@ -20,17 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 _LAZY = {
     "AdaptedModel": "peft_adapters", "METHODS": "peft_adapters", "add_adapter": "peft_adapters",
-    "base_weights_sha256": "peft_adapters", "count_trainable": "peft_adapters", "load_adapter": "peft_adapters",
-    "load_segmentation_model": "peft_adapters",
-    "merge_adapter": "peft_adapters", "read_adapter_sidecar": "peft_adapters", "resolve_targets": "peft_adapters",
-    "save_adapter": "peft_adapters",
+    "base_weights_sha256": "peft_adapters", "count_trainable": "peft_adapters", "merge_adapter": "peft_adapters",
+    "resolve_targets": "peft_adapters",
     "DenseHead": "heads", "LinearHead3D": "heads", "SegmentationModel": "heads", "UNETRDecoder3D": "heads",
     "build_segmentation_model": "heads",
     "BCEDiceLoss": "losses", "CLDiceLoss": "losses", "bce_loss": "losses", "cldice_loss": "losses",
     "dice_loss": "losses", "soft_skeleton": "losses",
     "Task": "tasks", "get_task": "tasks", "list_tasks": "tasks",
-    "FinetunedModel": "export", "export_finetuned": "export", "is_finetuned_folder": "export",
-    "load_finetuned": "export",
+    "save_adapter": "io", "load_adapter": "io", "read_adapter_sidecar": "io", "load_segmentation_model": "io",
+    "FinetunedModel": "io", "save_finetuned": "io", "is_finetuned_folder": "io", "load_finetuned": "io",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,16 +48,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ssl_em.adapters.peft_adapters import add_adapter as add_adapter
     from ssl_em.adapters.peft_adapters import base_weights_sha256 as base_weights_sha256
     from ssl_em.adapters.peft_adapters import count_trainable as count_trainable
-    from ssl_em.adapters.peft_adapters import load_adapter as load_adapter
-    from ssl_em.adapters.peft_adapters import load_segmentation_model as load_segmentation_model
     from ssl_em.adapters.peft_adapters import merge_adapter as merge_adapter
-    from ssl_em.adapters.peft_adapters import read_adapter_sidecar as read_adapter_sidecar
     from ssl_em.adapters.peft_adapters import resolve_targets as resolve_targets
-    from ssl_em.adapters.peft_adapters import save_adapter as save_adapter
-    from ssl_em.adapters.export import FinetunedModel as FinetunedModel
-    from ssl_em.adapters.export import export_finetuned as export_finetuned
-    from ssl_em.adapters.export import is_finetuned_folder as is_finetuned_folder
-    from ssl_em.adapters.export import load_finetuned as load_finetuned
+    from ssl_em.adapters.io import FinetunedModel as FinetunedModel
+    from ssl_em.adapters.io import is_finetuned_folder as is_finetuned_folder
+    from ssl_em.adapters.io import load_adapter as load_adapter
+    from ssl_em.adapters.io import load_finetuned as load_finetuned
+    from ssl_em.adapters.io import load_segmentation_model as load_segmentation_model
+    from ssl_em.adapters.io import read_adapter_sidecar as read_adapter_sidecar
+    from ssl_em.adapters.io import save_adapter as save_adapter
+    from ssl_em.adapters.io import save_finetuned as save_finetuned
     from ssl_em.adapters.tasks import Task as Task
     from ssl_em.adapters.tasks import get_task as get_task
     from ssl_em.adapters.tasks import list_tasks as list_tasks

@@ -235,9 +235,9 @@ class FineTuning(L.LightningModule):
     def export(self, out_dir: str | Path) -> Path:
         """Write a self-contained folder for ``ssl-em predict --model``: adapter + head weights
         (safetensors), a sidecar with task, head, normalisation, voxel size and the base encoder,
-        plus the base encoder itself for random-init runs (see :mod:`ssl_em.adapters.export`)."""
-        from ssl_em.adapters.export import export_finetuned
+        plus the base encoder itself for random-init runs (see :mod:`ssl_em.adapters.io`)."""
+        from ssl_em.adapters.io import save_finetuned
 
         if self.hparams.get("network"):
             raise ConfigError(f"network {self.hparams.network!r} is a baseline without an encoder: not exportable")
-        return export_finetuned(self, out_dir)
+        return save_finetuned(self, out_dir)

@@ -19,33 +19,26 @@ peft matches those names by suffix (``"head"`` would also catch a ViT's own ``en
 keeps a frozen copy of each. Here they are exact module names, trained in place and saved whole.
 
 Every method returns an :class:`AdaptedModel` so training code is uniform: ``model(x)``,
-``count_trainable(model)``, ``save_adapter``, ``merge_adapter``.
+``count_trainable(model)``, ``merge_adapter``; saving and loading are in :mod:`ssl_em.adapters.io`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ssl_em.errors import CheckpointError, ConfigError
-from ssl_em.utils.io import atomic_path, atomic_write_text
+from ssl_em.errors import ConfigError
 
 __all__ = [
-    "AdaptedModel", "METHODS", "add_adapter", "base_weights_sha256", "count_trainable", "load_adapter",
-    "load_segmentation_model", "merge_adapter", "read_adapter_sidecar", "resolve_targets", "save_adapter",
+    "AdaptedModel", "METHODS", "adapter_state", "add_adapter", "base_state", "base_weights_sha256", "count_trainable",
+    "merge_adapter", "resolve_targets",
 ]
 
-FORMAT = "ssl-em-adapter"
-FORMAT_VERSION = 1
-WEIGHTS_NAME = "adapter.safetensors"
-SIDECAR_NAME = "adapter.json"
 VIT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 # layer types each peft method can wrap (peft 0.21: LoHa/LoKr have no Conv3d layer)
 _SUPPORTED: dict[str, tuple[type[nn.Module], ...]] = {
@@ -151,7 +144,7 @@ def resolve_targets(
 
 
 # ---- base weights -----------------------------------------------------------------------------
-def _base_state(model: nn.Module, exclude: Sequence[str], adapter_prefix: str | None) -> dict[str, torch.Tensor]:
+def base_state(model: nn.Module, exclude: Sequence[str], adapter_prefix: str | None) -> dict[str, torch.Tensor]:
     """Base weights under their pre-injection names: adapter tensors and ``exclude`` (heads) dropped."""
     out = {}
     for key, value in model.state_dict().items():
@@ -180,8 +173,8 @@ def base_weights_sha256(model: nn.Module, exclude: Sequence[str] = ("head",)) ->
     names, so the value equals the hash taken before injection while the base is untouched.
     """
     if isinstance(model, AdaptedModel):
-        return _sha256(_base_state(model.base_model, model.spec["modules_to_save"], model.adapter_prefix))
-    return _sha256(_base_state(model, [n for n in exclude if n in dict(model.named_modules())], None))
+        return _sha256(base_state(model.base_model, model.spec["modules_to_save"], model.adapter_prefix))
+    return _sha256(base_state(model, [n for n in exclude if n in dict(model.named_modules())], None))
 
 
 # ---- inject -----------------------------------------------------------------------------------
@@ -238,7 +231,7 @@ def add_adapter(
     if train_decoder:
         modules_to_save = (*modules_to_save, *_decoder_path(model))
     heads = _resolve_modules_to_save(model, modules_to_save)
-    base_sha = _sha256(_base_state(model, heads, None))
+    base_sha = _sha256(base_state(model, heads, None))
     resolved = resolve_targets(model, targets, method, exclude=heads) if method in _SUPPORTED else []
     spec = dict(method=method, r=r, alpha=alpha, dropout=dropout, targets=resolved, modules_to_save=heads,
                 **method_kwargs)
@@ -275,8 +268,8 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-# ---- save / load / merge ----------------------------------------------------------------------
-def _adapter_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
+# ---- adapter tensors and merge (files: ssl_em.adapters.io) ----------------------------------------------------------------------
+def adapter_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
     """What a checkpoint holds: adapter tensors + whole ``modules_to_save`` (all tensors for ``full``)."""
     prefix, heads = model.adapter_prefix, model.spec["modules_to_save"]
     out = {}
@@ -286,140 +279,6 @@ def _adapter_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
         if keep:
             out[key] = value
     return out
-
-
-def _encoder_config(model: nn.Module) -> dict[str, Any] | None:
-    encoder = getattr(model, "encoder", model)
-    config = getattr(encoder, "encoder_config", None)
-    return dict(config) if isinstance(config, dict) else None
-
-
-def save_adapter(
-    model: AdaptedModel,
-    out_dir: str | Path,
-    base_encoder_name_or_path: str | Path,
-    metadata: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``out_dir/adapter.safetensors`` (adapter + head weights only) and ``adapter.json``.
-
-    The sidecar names the base encoder (``base_encoder_name_or_path``, its ``encoder_config``) and
-    the sha256 of the base weights, so :func:`load_adapter` can refuse any other base.
-    ``metadata`` (JSON-serialisable: task, voxel size, normalisation, ...) is stored as given.
-    Returns ``out_dir``.
-    """
-    from safetensors.torch import save_file
-
-    if not isinstance(model, AdaptedModel):
-        raise ConfigError(f"save_adapter needs the model returned by add_adapter, got {type(model).__name__}")
-    now = base_weights_sha256(model)
-    if model.method != "full" and now != model.base_sha256:
-        raise CheckpointError(
-            f"base weights changed after add_adapter (sha256 {model.base_sha256[:12]} -> {now[:12]}): "
-            "load pretrained weights before add_adapter, not after"
-        )
-    trainable, total = count_trainable(model)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in _adapter_state(model).items()}
-    sidecar = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "method": model.method,
-        "adapter": model.spec,
-        "base": {
-            "name_or_path": str(base_encoder_name_or_path),
-            "architecture": (_encoder_config(model.base_model) or {}).get("architecture"),
-            "encoder_config": _encoder_config(model.base_model),
-            "sha256": model.base_sha256,
-        },
-        "head": getattr(getattr(model.base_model, "head", None), "config", None),
-        "parameters": {"trainable": trainable, "total": total, "saved": sum(v.numel() for v in state.values())},
-        "metadata": metadata or {},
-    }
-    try:
-        text = json.dumps(sidecar, indent=2)
-    except TypeError as err:
-        raise ConfigError(f"adapter metadata is not JSON-serialisable: {err}") from None
-    out = Path(out_dir)
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT})
-    atomic_write_text(out / SIDECAR_NAME, text)  # last: a sidecar means the weights are complete
-    return out
-
-
-def read_adapter_sidecar(path: str | Path) -> tuple[dict[str, Any], Path]:
-    """``(sidecar dict, weights path)`` for an adapter folder or either of its two files."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    sidecar, weights = folder / SIDECAR_NAME, folder / WEIGHTS_NAME
-    if not sidecar.is_file() or not weights.is_file():
-        raise CheckpointError(f"{folder} is not an adapter folder: needs {SIDECAR_NAME} and {WEIGHTS_NAME}")
-    try:
-        info = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{sidecar} is not valid JSON: {err}") from None
-    if info.get("format") != FORMAT or info.get("format_version", 99) > FORMAT_VERSION:
-        raise CheckpointError(f"{sidecar} is not an ssl-em adapter of format version <= {FORMAT_VERSION}")
-    return info, weights
-
-
-def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
-    """Rebuild the saved adapter on ``base_model`` (with its pretrained weights already loaded).
-
-    Raises CheckpointError when ``base_model``'s base weights are not the ones the adapter was
-    trained on (the sidecar's sha256), naming both.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    info, weights = read_adapter_sidecar(path)
-    spec = dict(info["adapter"])
-    base = info["base"]
-    heads = [h for h in spec["modules_to_save"] if h in dict(base_model.named_modules())]
-    given = _sha256(_base_state(base_model, heads, None))
-    if given != base["sha256"]:
-        arch = (_encoder_config(base_model) or {}).get("architecture") or type(base_model).__name__
-        raise CheckpointError(
-            f"adapter {path} was trained on base {base['name_or_path']} (sha256 {base['sha256'][:12]}) "
-            f"but the given model is {arch} with base sha256 {given[:12]}; load that base before load_adapter"
-        )
-    adapted = add_adapter(base_model, **spec)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights} cannot be read: {err}") from None
-    expected = set(_adapter_state(adapted))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{weights} does not fit this adapter: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    try:
-        adapted.base_model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatch: e.g. a head with another number of outputs
-        raise CheckpointError(f"{weights} does not fit this model: {str(err).splitlines()[-1].strip()}") from None
-    return adapted
-
-
-def load_segmentation_model(path: str | Path, encoder: nn.Module | None = None) -> AdaptedModel:
-    """Everything from an adapter folder: base encoder + head (from the sidecar) + adapter weights.
-
-    ``encoder``: the base encoder with its pretrained weights; default ``ssl_em.load_encoder`` of
-    the sidecar's ``base.name_or_path`` (tried as given, then relative to the adapter folder).
-    The base hash is checked as in :func:`load_adapter`.
-    """
-    from ssl_em.adapters.heads import build_segmentation_model
-
-    info, weights = read_adapter_sidecar(path)
-    if encoder is None:
-        from ssl_em.models import load_encoder
-
-        name = info["base"]["name_or_path"]
-        beside = weights.parent / name
-        encoder = load_encoder(beside if not Path(name).exists() and beside.exists() else name)
-    head = dict(info.get("head") or {})
-    kind = head.pop("type", None)
-    if kind is None:
-        raise CheckpointError(f"{weights.parent / SIDECAR_NAME} does not record its head; use load_adapter")
-    return load_adapter(build_segmentation_model(encoder, kind, **head), path)
 
 
 def merge_adapter(model: AdaptedModel) -> nn.Module:

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("ssl_em.data.volume", "print shape, dtype, voxel size and chunks of a volume spec"),
     "download": ("ssl_em.datasets", "download a registered public EM dataset, verify it, convert to OME-Zarr"),
     "models": ("ssl_em.models.registry", "list registered encoders (or --info NAME)"),
-    "export-encoder": ("ssl_em.models.export", "export an encoder from a training checkpoint to safetensors + JSON"),
+    "export-encoder": ("ssl_em.pretrain.export_encoder", "export an encoder from a training checkpoint to safetensors + JSON"),
     "validate": ("ssl_em.pretrain.probe", "frozen-feature linear probe of an encoder on a labelled volume (AP, IoU)"),
     "predict": ("ssl_em.predict.cli", "blockwise prediction of a volume with a trained model"),
     "evaluate": ("ssl_em.metrics.evaluate", "score a segmentation against ground truth (IoU, VOI, ARAND, ...)"),

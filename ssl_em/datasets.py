@@ -12,7 +12,6 @@ paths, ``..`` traversal and links are refused), and converts every array to ``de
 from __future__ import annotations
 
 import argparse
-import shutil
 import tarfile
 import urllib.request
 import zipfile

@@ -197,7 +197,7 @@ def test_collapse_statistics_and_warning() -> None:
 
 
 def test_export_takes_the_student_encoder(tmp_path: Path) -> None:
-    from ssl_em.models.export import export_from_checkpoint
+    from ssl_em.pretrain.export_encoder import export_from_checkpoint
     from ssl_em.pretrain.module import Pretraining
 
     module = Pretraining(encoder="vit3d_test_patch4", method="dino",

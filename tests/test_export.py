@@ -11,7 +11,7 @@ import torch
 
 from ssl_em.errors import CheckpointError
 from ssl_em.models import create_encoder, load_encoder, save_encoder
-from ssl_em.models.export import export_from_checkpoint, main as export_main
+from ssl_em.pretrain.export_encoder import export_from_checkpoint, main as export_main
 from ssl_em.models.vit3d import VisionTransformer3D
 
 X = torch.randn(1, 1, 4, 32, 48)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ssl_em
-from ssl_em.adapters.export import load_finetuned
+from ssl_em.adapters.io import load_finetuned
 from ssl_em.adapters.finetune import FineTuning
 from ssl_em.adapters.peft_adapters import base_weights_sha256
 from ssl_em.cli import main as cli_main

@@ -82,7 +82,7 @@ def test_validate_cli_random_and_exported(tmp_path: Path, capsys: pytest.Capture
     assert 0 < record["chance_ap"] < record["ap"] <= 1 and record["n_train"] == 2000
     assert main(["--encoder", "unet3d_test", *common, "--json", str(out)]) == 0  # the baseline is reproducible
     assert json.loads(out.read_text())["ap"] == record["ap"]
-    from ssl_em.models.export import save_encoder
+    from ssl_em.models.weights_io import save_encoder
 
     save_encoder(ssl_em.create_encoder("unet3d_test"), tmp_path / "enc")
     raw, mito = load_labelled(phantom_shape=(24, 64, 64))

@@ -6,8 +6,8 @@ Importing this package registers every ssl-em encoder in timm's registry, so
 
 from ssl_em.models import unet3d as unet3d  # noqa: F401  (model modules: importing registers their variants)
 from ssl_em.models import vit3d as vit3d  # noqa: F401
-from ssl_em.models.export import load_encoder as load_encoder
-from ssl_em.models.export import save_encoder as save_encoder
+from ssl_em.models.registry import load_encoder as load_encoder
+from ssl_em.models.weights_io import save_encoder as save_encoder
 from ssl_em.models.registry import create_encoder as create_encoder
 from ssl_em.models.registry import list_encoders as list_encoders
 from ssl_em.models.registry import register_encoder as register_encoder

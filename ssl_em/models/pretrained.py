@@ -1,7 +1,7 @@
 """Encoders that ship with ssl-em: weights inside the package, loaded offline by name.
 
 Each lives in ``ssl_em/weights/<architecture>.<tag>/`` as ``encoder.safetensors`` + ``encoder.json``
-(the export format of :mod:`ssl_em.models.export`), its model card ``README.md`` and loss curve
+(the export format of :mod:`ssl_em.models.weights_io`), its model card ``README.md`` and loss curve
 ``loss.png``. Three ways in, all reading the same files, none touching the network::
 
     ssl_em.load_encoder("unet3d_tiny.spark_vnc")

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import fnmatch
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
-from ssl_em.errors import ConfigError
+from ssl_em.errors import CheckpointError, ConfigError
+from ssl_em.models.weights_io import SIDECAR, check_state, load_encoder_weights, read_verified
 
-__all__ = ["build_encoder", "create_encoder", "list_encoders", "main", "register_encoder"]
+__all__ = ["build_encoder", "create_encoder", "list_encoders", "load_encoder", "main", "register_encoder"]
 
 _ENCODERS: list[str] = []  # names registered through register_encoder, in registration order
 # Arguments timm.create_model passes to every entrypoint (the config names the shipped weights' tag).
@@ -65,8 +68,6 @@ def build_encoder(cls: Callable[..., nn.Module], name: str, defaults: dict[str, 
     model = cls(**merged)
     model.encoder_config = {"architecture": name, "kwargs": {k: _to_json(v) for k, v in merged.items()}}
     if shipped is not None:
-        from ssl_em.models.export import load_encoder_weights
-
         load_encoder_weights(model, shipped)
     return model
 
@@ -90,8 +91,31 @@ def create_encoder(name: str, **overrides: Any) -> nn.Module:
     return timm.create_model(name, **overrides)
 
 
+def load_encoder(path_or_name: str | os.PathLike, *, strict: bool = True,
+                 map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an encoder from ``encoder.json`` and load ``encoder.safetensors``; returned in eval mode.
+
+    ``path_or_name``: the folder, either file, the name of an encoder shipped with ssl-em
+    (``ssl-em models --pretrained``, e.g. ``"unet3d_tiny.spark_vnc"``), or a bare name looked up under
+    ``$SSL_EM_ENCODERS`` (default ``~/.cache/ssl-em/encoders/NAME``). The sidecar dict is attached as
+    ``model.pretrained_metadata`` (``["metadata"]["voxel_size"]`` etc.).
+    """
+    record, tensors, weights = read_verified(path_or_name)
+    arch = record.get("architecture")
+    if arch not in _ENCODERS:
+        raise CheckpointError(f"{weights.parent / SIDECAR} names unknown architecture {arch!r}; "
+                              f"known: {', '.join(list_encoders())}")
+    try:
+        model = create_encoder(arch, **record.get("kwargs", {}))
+    except ConfigError as err:
+        raise CheckpointError(f"{weights.parent}: cannot rebuild {arch}: {err}") from None
+    check_state(model.state_dict(), tensors, str(weights), strict)
+    model.load_state_dict(tensors, strict=strict)
+    model.pretrained_metadata = record
+    return model.to(map_location).eval()
+
+
 def _summary(name: str) -> dict[str, Any]:
-    import torch
     from timm.models import model_entrypoint
 
     with torch.device("meta"):  # shapes only: no memory, no init cost even for ViT-B

@@ -21,7 +21,7 @@ from ssl_em.errors import CheckpointError, ConfigError
 
 def load_model(spec: str) -> Any:
     """An ``nn.Module`` from ``spec``: a fine-tuned folder (``adapter.json`` + ``adapter.safetensors``,
-    see :mod:`ssl_em.adapters.export`; returns logits), a TorchScript file, a ``torch.export``
+    see :mod:`ssl_em.adapters.io`; returns logits), a TorchScript file, a ``torch.export``
     archive (``*.pt2``), or ``package.module:function`` (a factory returning a module).
     """
     finetuned = _load_finetuned(spec)
@@ -52,8 +52,8 @@ def load_model(spec: str) -> Any:
 
 
 def _load_finetuned(spec: str) -> Any:
-    """The :class:`~ssl_em.adapters.export.FinetunedModel` of a fine-tuned folder, else None."""
-    from ssl_em.adapters.export import is_finetuned_folder, load_finetuned
+    """The :class:`~ssl_em.adapters.io.FinetunedModel` of a fine-tuned folder, else None."""
+    from ssl_em.adapters.io import is_finetuned_folder, load_finetuned
 
     return load_finetuned(spec) if is_finetuned_folder(spec) else None
 

@@ -202,7 +202,7 @@ class Pretraining(L.LightningModule):
             self.data_description = datamodule.describe()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # what export-encoder needs to write a self-describing encoder (see ssl_em.models.export)
+        # what export-encoder needs to write a self-describing encoder (see ssl_em.pretrain.export_encoder)
         checkpoint["ssl_em"] = {
             "encoder_config": self.encoder.encoder_config,
             "encoder_prefix": "objective.encoder.",

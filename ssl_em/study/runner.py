@@ -96,7 +96,7 @@ class Study:
         cfg = self.cfg
         enc_vs, sidecar = None, None
         if cfg.encoder:
-            from ssl_em.models.export import read_sidecar
+            from ssl_em.models.weights_io import read_sidecar
 
             sidecar = read_sidecar(cfg.encoder)
             enc_vs = sidecar["metadata"].get("voxel_size")
@@ -177,7 +177,7 @@ class Study:
         if cfg.encoder:
             import warnings
 
-            from ssl_em.models.export import read_sidecar
+            from ssl_em.models.weights_io import read_sidecar
             from ssl_em.models.pretrained import VoxelSizeWarning, check_voxel_size
 
             sidecar = read_sidecar(cfg.encoder)
@@ -201,7 +201,7 @@ class Study:
             return self.pretraining["encoder"]
         regions = self._pretraining_regions()  # opens self.unlabeled
         enc = pretrain(self.unlabeled, regions, cfg, self.out / "pretrain", log=self.log)
-        from ssl_em.models.export import read_sidecar
+        from ssl_em.models.weights_io import read_sidecar
 
         sidecar = read_sidecar(enc)
         meta = sidecar["metadata"]

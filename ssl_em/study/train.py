@@ -49,7 +49,7 @@ def build_module(method: str, cfg: StudyConfig, encoder_dir: str | Path | None, 
     import torch
 
     from ssl_em.adapters.finetune import FineTuning
-    from ssl_em.models.export import read_sidecar
+    from ssl_em.models.weights_io import read_sidecar
 
     task_kwargs = {"voxel_size": list(cfg.spacing)} if cfg.task == "mito" and cfg.spacing else {}
     common = dict(task=cfg.task, task_kwargs=task_kwargs, lr=lr, warmup_steps=max(1, steps // 20),
