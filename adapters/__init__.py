@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
-    "AdaptedModel": "peft_adapters", "METHODS": "peft_adapters", "add_adapter": "peft_adapters",
+    "AdaptedModel": "peft_adapters", "ADAPTER_METHODS": "peft_adapters", "add_adapter": "peft_adapters",
     "base_weights_sha256": "peft_adapters", "count_trainable": "peft_adapters", "merge_adapter": "peft_adapters",
     "resolve_targets": "peft_adapters",
     "DenseHead": "heads", "LinearHead3D": "heads", "SegmentationModel": "heads", "UNETRDecoder3D": "heads",
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ssl_em.adapters.losses import cldice_loss as cldice_loss
     from ssl_em.adapters.losses import dice_loss as dice_loss
     from ssl_em.adapters.losses import soft_skeleton as soft_skeleton
-    from ssl_em.adapters.peft_adapters import METHODS as METHODS
+    from ssl_em.adapters.peft_adapters import ADAPTER_METHODS as ADAPTER_METHODS
     from ssl_em.adapters.peft_adapters import AdaptedModel as AdaptedModel
     from ssl_em.adapters.peft_adapters import add_adapter as add_adapter
     from ssl_em.adapters.peft_adapters import base_weights_sha256 as base_weights_sha256

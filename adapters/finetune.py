@@ -27,17 +27,6 @@ from ssl_em.baselines.unet import PlainUNet
 from ssl_em.errors import ConfigError
 from ssl_em.utils.optim import adamw_warmup_cosine
 
-# study method -> (adapter method, use pretrained weights)
-STUDY_METHODS: dict[str, tuple[str, bool]] = {
-    "lora": ("lora", True),
-    "dora": ("dora", True),
-    "frozen": ("frozen", True),
-    "full": ("full", True),
-    "scratch": ("full", False),
-    "lora_random": ("lora", False),
-}
-
-
 NETWORKS = {"unet": PlainUNet}  # whole networks trained in full, instead of encoder + head + adapter
 
 
@@ -185,7 +174,7 @@ class FineTuning(L.LightningModule):
         """Raise LabelError (one line) when ``labels`` (a volume spec or array) hold values outside
         the task's set; read ``slab`` z-sections at a time (bounded memory). Labels with no foreground
         where training draws crops are CropDataset's LabelError."""
-        from ssl_em.data.crops import as_volume, volume_name
+        from ssl_em.data.volume import as_volume, volume_name
         from ssl_em.errors import LabelError
 
         vol = as_volume(labels, fill_missing=fill_missing)

@@ -29,7 +29,7 @@ from ssl_em.adapters.peft_adapters import (
     AdaptedModel, adapter_state, add_adapter, base_state, base_weights_sha256, count_trainable, merge_adapter,
 )
 from ssl_em.adapters.tasks import Task, get_task
-from ssl_em.data.crops import Normalization
+from ssl_em.data.normalize import Normalization
 from ssl_em.errors import CheckpointError, ConfigError
 from ssl_em.models import create_encoder, load_encoder, save_encoder
 from ssl_em.utils.io import atomic_path, atomic_write_text

@@ -35,7 +35,7 @@ from torch import nn
 from ssl_em.errors import ConfigError
 
 __all__ = [
-    "AdaptedModel", "METHODS", "adapter_state", "add_adapter", "base_state", "base_weights_sha256", "count_trainable",
+    "AdaptedModel", "ADAPTER_METHODS", "adapter_state", "add_adapter", "base_state", "base_weights_sha256", "count_trainable",
     "merge_adapter", "resolve_targets",
 ]
 
@@ -48,7 +48,7 @@ _SUPPORTED: dict[str, tuple[type[nn.Module], ...]] = {
     "lokr": (nn.Linear,),
     "ia3": (nn.Linear, nn.Conv3d),
 }
-METHODS = (*_SUPPORTED, "frozen", "full")
+ADAPTER_METHODS = (*_SUPPORTED, "frozen", "full")
 
 
 class AdaptedModel(nn.Module):
@@ -56,7 +56,7 @@ class AdaptedModel(nn.Module):
 
     Attributes:
         model: a ``peft.PeftModel`` (peft methods) or the original module (``frozen`` / ``full``).
-        method: one of :data:`METHODS`.
+        method: one of :data:`ADAPTER_METHODS`.
         spec: the ``add_adapter`` arguments (targets resolved to full names), JSON-serialisable,
             enough to rebuild the same adapter on the same base.
         base_sha256: hash of the base weights at injection (heads excluded).
@@ -226,8 +226,8 @@ def add_adapter(
     """
     if isinstance(model, AdaptedModel):
         raise ConfigError("model already has an adapter; call merge_adapter first or start from the base model")
-    if method not in METHODS:
-        raise ConfigError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in ADAPTER_METHODS:
+        raise ConfigError(f"unknown adapter method {method!r}; choose one of {', '.join(ADAPTER_METHODS)}")
     if train_decoder:
         modules_to_save = (*modules_to_save, *_decoder_path(model))
     heads = _resolve_modules_to_save(model, modules_to_save)

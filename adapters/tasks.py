@@ -176,7 +176,7 @@ class MitoTask(Task):
     def _targets(self, labels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from skimage.segmentation import find_boundaries
 
-        from ssl_em.predict.instances import connected_components
+        from ssl_em.utils.labels import connected_components
 
         if self.split == "distance":
             return (labels > 0)[None], mask[None].copy()
@@ -215,7 +215,7 @@ class SynapseTask(Task):
         return (labels > 0)[None], mask[None].copy()
 
     def postprocess(self, probs: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
-        from ssl_em.predict.instances import connected_components, relabel_sequential, remove_small_objects
+        from ssl_em.utils.labels import connected_components, relabel_sequential, remove_small_objects
 
         labels = connected_components(probs[0] > self.threshold)
         if self.min_volume_nm3 > 0:

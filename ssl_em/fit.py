@@ -79,6 +79,10 @@ class SslEmCLI(LightningCLI):
             "--precision", default="auto",
             help="auto (bf16-mixed only where native, else 32-true), 32 or bf16; overrides trainer.precision",
         )
+        # values that must agree are set once: the data's task is the model's, the method decides two views
+        parser.link_arguments("data.init_args.task", "model.init_args.task", apply_on="parse")
+        parser.link_arguments("model.init_args.method", "data.init_args.two_views", compute_fn=_needs_two_views,
+                              apply_on="parse")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -111,6 +115,12 @@ class SslEmCLI(LightningCLI):
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins.append(SafetensorsCheckpointIO())
         return super().instantiate_trainer(plugins=plugins, **kwargs)
+
+
+def _needs_two_views(method: str) -> bool:
+    from ssl_em.pretrain.module import needs_two_views
+
+    return needs_two_views(method)
 
 
 def _measured_precision_of(model: Any, datamodule: Any, device_type: str) -> str | None:
@@ -146,7 +156,7 @@ def _expand_data_shortcut(argv: list[str]) -> list[str]:
 def build_cli(argv: list[str], run: bool = True) -> SslEmCLI:
     args = _expand_data_shortcut(list(argv))
     subcommands = {"fit", "validate", "test", "predict"}
-    if not args or args[0] not in subcommands:
+    if run and (not args or args[0] not in subcommands):  # run=False parses and instantiates only
         args = ["fit", *args]
     return SslEmCLI(
         LightningModule,

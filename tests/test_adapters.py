@@ -11,7 +11,7 @@ import torch
 import ssl_em
 import ssl_em.models.unet3d  # noqa: F401  (registers the U-Net variants)
 from ssl_em.adapters import (
-    METHODS, add_adapter, base_weights_sha256, build_segmentation_model, count_trainable, get_task, load_adapter,
+    ADAPTER_METHODS, add_adapter, base_weights_sha256, build_segmentation_model, count_trainable, get_task, load_adapter,
     merge_adapter, save_adapter,
 )
 from ssl_em.errors import CheckpointError, ConfigError
@@ -97,7 +97,7 @@ def test_unet_train_decoder_adapts_the_encoder_path_and_trains_the_decoder(tmp_p
         add_adapter(_model(), "lora", train_decoder=True)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_each_method_trains_adapter_only_and_merges(method):
     model = add_adapter(_model(), method, r=2)
     before = {k: v.clone() for k, v in model.base_model.state_dict().items()}

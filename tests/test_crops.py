@@ -10,20 +10,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_em.data import augment as A
-from ssl_em.data.crops import (
-    CropDataset,
-    EpochSampler,
-    ForegroundSampler,
-    LabelledSliceSampler,
-    Normalization,
-    SliceMask,
-    TwoViewDataset,
-    UniformSampler,
-    check_disjoint,
-    sparse_slice_mask,
-    sparse_slices,
-    split_regions,
-)
+from ssl_em.data.crops import CropDataset, TwoViewDataset
+from ssl_em.data.labels import SliceMask, check_disjoint, sparse_slice_mask, sparse_slices, split_regions
+from ssl_em.data.normalize import Normalization
+from ssl_em.data.samplers import EpochSampler, ForegroundSampler, LabelledSliceSampler, UniformSampler
 from ssl_em.errors import ConfigError, LabelError, VolumeError
 
 

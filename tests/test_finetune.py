@@ -144,7 +144,7 @@ def test_predict_cli_instances_are_blockwise_with_global_ids(tmp_path, capsys):
     ids must give exactly the whole volume's components of the same probabilities."""
     import zarr
 
-    from ssl_em.predict.instances import connected_components
+    from ssl_em.utils.labels import connected_components
 
     module = _perturb(FineTuning(task="synapse", encoder="unet3d_test", adapter="full"))
     with torch.no_grad():  # a bias that puts the threshold inside the output's range: many objects

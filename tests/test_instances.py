@@ -10,13 +10,11 @@ from ssl_em.metrics import average_precision, variation_of_information
 from ssl_em.predict.instances import (
     affinity_agglomeration,
     affinity_boundary,
-    connected_components,
     mito_instances,
     region_graph,
-    relabel_sequential,
-    remove_small_objects,
     seeded_watershed,
 )
+from ssl_em.utils.labels import connected_components, relabel_sequential, remove_small_objects
 
 OFFSETS = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (-2, 0, 0), (0, -4, 0), (0, 0, -4)]
 

@@ -12,7 +12,8 @@ from scipy import ndimage
 from ssl_em.data.volume import open_volume
 from ssl_em.errors import ConfigError
 from ssl_em.predict import stitch
-from ssl_em.predict.instances import affinity_agglomeration, connected_components, mito_instances, seeded_watershed
+from ssl_em.predict.instances import affinity_agglomeration, mito_instances, seeded_watershed
+from ssl_em.utils.labels import connected_components
 from ssl_em.predict.stitch import blockwise_instances
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ssl_em.data.crops import check_disjoint
+from ssl_em.data.labels import check_disjoint
 from ssl_em.errors import ConfigError
 from ssl_em.study import (
     METRICS,
@@ -149,7 +149,8 @@ def test_tiny_study_end_to_end(tmp_path):
 
 
 def test_labelled_sampler_moves_crops_onto_rare_labelled_foreground():
-    from ssl_em.data.crops import LabelledSliceSampler, SliceMask
+    from ssl_em.data.labels import SliceMask
+    from ssl_em.data.samplers import LabelledSliceSampler
 
     labels = np.zeros((8, 128, 128), np.uint8)
     labels[:, 100:110, 20:30] = 1  # one small object; sections 2 and 5 are labelled
@@ -183,7 +184,7 @@ def test_sweep_keeps_the_grid_centre_when_validation_sections_hold_no_foreground
 
 
 def test_painted_patches_hold_foreground_on_distinct_sections():
-    from ssl_em.study.regions import paint_patches
+    from ssl_em.data.labels import paint_patches
 
     labels = np.zeros((10, 300, 400), np.uint8)
     labels[2:9, 250:260, 350:360] = 1  # rare foreground, far from where a uniform patch would land

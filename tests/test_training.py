@@ -24,12 +24,26 @@ TINY_DATA = [
 
 def _tiny_model(recipe: str) -> list[str]:
     if "vit3d" in recipe:
-        return ["--model.init_args.encoder", "vit3d_test_patch2x16", "--model.init_args.encoder_kwargs",
-                '{"img_size": [8, 32, 32]}', "--data.init_args.patch_shape", "[8, 32, 32]"]
+        return ["--model.init_args.encoder", "vit3d_test_patch2x16", "--data.init_args.patch_shape", "[8, 32, 32]"]
     return ["--model.init_args.encoder", "unet3d_test", "--data.init_args.patch_shape", "[8, 32, 32]"]
 
 
 RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize(("recipe", "extra", "task", "two_views"), [
+    ("recipes/finetune/mito_lora.yaml", ["--data.init_args.task", "neuron"], "neuron", False),
+    ("recipes/pretrain/spark_unet3d_tiny.yaml", ["--model.init_args.method", "spark_simclr"], None, True),
+    ("recipes/pretrain/spark_unet3d_tiny.yaml", [], None, False),
+])
+def test_values_that_must_agree_are_set_once(recipe, extra, task, two_views):
+    """The data's task is the model's; the pretraining method decides whether the data gives two views:
+    one setting each, so a model and its data cannot disagree (they did when both were set by hand)."""
+    from ssl_em.fit import build_cli
+
+    cli = build_cli(["--config", str(REPO / recipe), *TINY_DATA, *extra], run=False)
+    assert getattr(cli.model.hparams, "task", None) == task == cli.datamodule.hparams.get("task")
+    assert cli.datamodule.hparams["two_views"] is two_views
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ssl_em.data.volume import _parse_voxel, open_volume, spec_path
+from ssl_em.data.formats import parse_voxel
+from ssl_em.data.volume import open_volume, spec_path
 from ssl_em.errors import VolumeError
 from ssl_em.utils.io import atomic_path, check_output, writer_attrs
 
@@ -204,7 +205,7 @@ def main(argv: list[str]) -> int:
                    help="read chunks absent from a zarr SRC as its fill value (default: an error)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    vs = _parse_voxel(a.voxel_size, "--voxel-size") if a.voxel_size else None
+    vs = parse_voxel(a.voxel_size, "--voxel-size") if a.voxel_size else None
     out = convert(a.src, a.dst, voxel_size=vs, chunks=_parse_chunks(a.chunks), levels=a.levels, dtype=a.dtype,
                   labels=a.labels, progress=not a.no_progress, compression=a.compression,
                   overwrite=a.overwrite, fill_missing=a.fill_missing)

@@ -23,25 +23,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_em.data.augment import default_em_augment
-from ssl_em.data.crops import (
-    Box,
-    CropDataset,
+from ssl_em.data.crops import CropDataset, TwoViewDataset
+from ssl_em.data.labels import SliceMask, check_disjoint, sparse_slices, split_regions
+from ssl_em.data.normalize import Normalization
+from ssl_em.data.samplers import (
     EpochSampler,
     ForegroundSampler,
     LabelledSliceSampler,
-    Normalization,
-    Region,
-    SliceMask,
-    TwoViewDataset,
     UniformSampler,
-    as_volume,
-    check_disjoint,
     labelled_slices,
-    sparse_slices,
-    split_regions,
-    volume_name,
-    voxel_size_of,
 )
+from ssl_em.data.volume import Box, Region, as_volume, volume_name, voxel_size_of
 from ssl_em.errors import ConfigError
 
 FORMAT_VERSION = 1

@@ -19,9 +19,9 @@ def centroids(labels_or_mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
     """
     arr = np.asarray(labels_or_mask)
     if arr.dtype == bool or (arr.size and arr.max() <= 1):
-        import cc3d
+        from ssl_em.utils.labels import connected_components
 
-        arr = cc3d.connected_components(arr.astype(bool), connectivity=connectivity if arr.ndim == 3 else 8)
+        arr = connected_components(arr.astype(bool), connectivity if arr.ndim == 3 else 8)
     flat = arr.reshape(-1)
     fg = np.flatnonzero(flat)
     if fg.size == 0:

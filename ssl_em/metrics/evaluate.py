@@ -15,8 +15,12 @@ from typing import Literal
 import numpy as np
 
 from ssl_em.errors import ConfigError, LabelError
+from ssl_em.metrics.contingency import adapted_rand_error, contingency_table, variation_of_information
+from ssl_em.metrics.detection import average_precision, synapse_f1
+from ssl_em.metrics.overlap import dice, iou, precision_recall
+from ssl_em.metrics.topology import erl as expected_run_length
 
-Task = Literal["mito", "synapse", "neuron", "membrane"]
+TaskName = Literal["mito", "synapse", "neuron", "membrane"]
 TASKS: tuple[str, ...] = ("mito", "synapse", "neuron", "membrane")
 
 
@@ -27,7 +31,7 @@ def _binary(x: np.ndarray, threshold: float) -> np.ndarray:
 
 def _instances(x: np.ndarray, threshold: float) -> np.ndarray:
     """Instance ids: given ids kept, binary masks / probabilities split into 26-connected components."""
-    from ssl_em.predict.instances import connected_components
+    from ssl_em.utils.labels import connected_components
 
     if x.dtype.kind == "f" or x.dtype == bool or (x.size and x.max() <= 1):
         return connected_components(_binary(x, threshold))
@@ -37,7 +41,7 @@ def _instances(x: np.ndarray, threshold: float) -> np.ndarray:
 def evaluate(
     pred: np.ndarray,
     gt: np.ndarray,
-    task: Task,
+    task: TaskName,
     voxel_size: Sequence[float] | None = None,
     mask: np.ndarray | None = None,
     *,
@@ -57,7 +61,6 @@ def evaluate(
     Float predictions are probabilities, thresholded at ``threshold``. Voxels where ``mask`` is
     False are ignored (instance / detection / ERL scores see them as background).
     """
-    from ssl_em import metrics as M
 
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
@@ -72,37 +75,35 @@ def evaluate(
     out: dict[str, float] = {}
     if task != "neuron":
         p, g = _binary(pred, threshold), _binary(gt, 0.5)
-        out["iou"], out["dice"] = M.iou(p, g, mask), M.dice(p, g, mask)
-        out["precision"], out["recall"] = M.precision_recall(p, g, mask)
+        out["iou"], out["dice"] = iou(p, g, mask), dice(p, g, mask)
+        out["precision"], out["recall"] = precision_recall(p, g, mask)
     if task == "mito":
         pi, gi = _instances(pred, threshold), _instances(gt, 0.5)
-        ap = M.average_precision(pi, gi, mask=mask)
+        ap = average_precision(pi, gi, mask=mask)
         out.update({k: float(v) for k, v in ap.items()})
     elif task == "synapse":
         pi, gi = _instances(pred, threshold), _instances(gt, 0.5)
         if mask is not None:
             pi, gi = np.where(mask, pi, 0), np.where(mask, gi, 0)
-        det = M.synapse_f1(pi, gi, vs, synapse_distance_nm)
+        det = synapse_f1(pi, gi, vs, synapse_distance_nm)
         out.update({f"detection_{k}": float(v) for k, v in det.items()})
     elif task == "neuron":
         if pred.dtype.kind not in "biu" or gt.dtype.kind not in "biu":
             raise LabelError(f"neuron evaluation needs integer label volumes, got {pred.dtype} and {gt.dtype}")
-        table = M.contingency_table(pred, gt, ignore_b=(0,), mask=mask)  # rows pred, cols gt
-        merge, split = M.variation_of_information(None, None, table=table)
-        are, rand_split, rand_merge = M.adapted_rand_error(None, None, table=table)
+        table = contingency_table(pred, gt, ignore_b=(0,), mask=mask)  # rows pred, cols gt
+        merge, split = variation_of_information(None, None, table=table)
+        are, rand_split, rand_merge = adapted_rand_error(None, None, table=table)
         out.update(voi_merge=merge, voi_split=split, voi=merge + split, arand=are,
                    arand_split_score=rand_split, arand_merge_score=rand_merge)
         if erl and gt.ndim == 3:
             g = gt if mask is None else np.where(mask, gt, 0)
-            out["erl_nm"], out["erl_normalized"] = M.erl(pred, g, vs)
+            out["erl_nm"], out["erl_normalized"] = expected_run_length(pred, g, vs)
     return out
 
 
 def error_map(pred: np.ndarray, gt: np.ndarray, task: str, threshold: float = 0.5) -> np.ndarray:
     """Boolean (z, y, x) map of erroneous voxels: foreground disagreement, or for neurons the voxels
     whose gt id is not the majority gt of their pred segment (merge) or vice versa (split)."""
-    from ssl_em.metrics.contingency import contingency_table
-
     if task != "neuron":
         return _binary(pred, threshold) != _binary(gt, 0.5)
     t = contingency_table(pred, gt, ignore_b=(0,))

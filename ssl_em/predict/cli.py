@@ -58,32 +58,6 @@ def _load_finetuned(spec: str) -> Any:
     return load_finetuned(spec) if is_finetuned_folder(spec) else None
 
 
-class CroppedSource:
-    """A lazy (z, y, x) box of an array-like source ((z, y, x) or (c, z, y, x)): the same slicing
-    interface, coordinates relative to the box. Only what is sliced is read."""
-
-    def __init__(self, src: Any, box: tuple[slice, slice, slice]) -> None:
-        self.src, self.box = src, box
-        lead = tuple(src.shape[:-3])
-        self.shape = (*lead, *(b.stop - b.start for b in box))
-        self.dtype = src.dtype
-        self.voxel_size = getattr(src, "voxel_size", None)
-        self.voxel_size_known = getattr(src, "voxel_size_known", self.voxel_size is not None)
-
-    def __getitem__(self, key: Any) -> Any:
-        key = key if isinstance(key, tuple) else (key,)
-        key = (*key, *[slice(None)] * (len(self.shape) - len(key)))
-        nlead = len(self.shape) - 3
-        lead, spatial = key[:nlead], key[nlead:]
-        moved = []
-        for k, b, n in zip(spatial, self.box, self.shape[-3:]):
-            if not isinstance(k, slice):
-                raise TypeError("CroppedSource takes slices along z, y, x")
-            start, stop, step = k.indices(n)
-            moved.append(slice(b.start + start, b.start + stop, step))
-        return self.src[(*lead, *moved)]
-
-
 def parse_roi(text: str, shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
     """``"z0:z1,y0:y1,x0:x1"`` (empty ends allowed, e.g. ``"10:20,:,:"``) -> three slices inside ``shape``."""
     parts = text.split(",")
@@ -115,7 +89,7 @@ def write_overlay(src: Any, out: Any, png: Path, normalization: Any = None, labe
     import numpy as np
     from skimage.color import label2rgb
 
-    from ssl_em.predict.blockwise import default_normalization
+    from ssl_em.data.normalize import default_normalization
 
     z = out.shape[1] // 2
     raw = np.asarray(src[z : z + 1] if len(src.shape) == 3 else src[0, z : z + 1])
@@ -212,8 +186,8 @@ def main(argv: list[str]) -> int:
                    help="write DST.png: middle section of input and output (fine-tuned: mask / instance overlay)")
     args = p.parse_args(argv)
 
-    from ssl_em.data.volume import spec_path
-    from ssl_em.predict.blockwise import open_source, predict_volume
+    from ssl_em.data.volume import Region, as_volume, spec_path
+    from ssl_em.predict.blockwise import predict_volume
     from ssl_em.utils.io import check_output
 
     inputs = [p for p in (spec_path(args.input), spec_path(args.mask) if args.mask else None) if p is not None]
@@ -225,9 +199,9 @@ def main(argv: list[str]) -> int:
     activation = args.activation
     if activation == "auto":
         activation = "sigmoid" if finetuned is not None else "none"
-    src = open_source(args.input, fill_missing=args.fill_missing)
+    src = as_volume(args.input, fill_missing=args.fill_missing)
     if args.roi:
-        src = CroppedSource(src, parse_roi(args.roi, tuple(src.shape)))
+        src = Region(src, parse_roi(args.roi, tuple(src.shape)))
     normalization = finetuned.normalization if finetuned is not None else None
     if finetuned is not None and getattr(src, "voxel_size_known", False):
         from ssl_em.models.pretrained import check_voxel_size
@@ -235,12 +209,10 @@ def main(argv: list[str]) -> int:
         check_voxel_size(src.voxel_size, finetuned.voxel_size, what=f"input {args.input}", reference="model's training")
     mask = args.mask
     if mask is not None and args.roi:
-        from ssl_em.data.volume import open_volume
-
-        mask_vol = open_volume(mask, fill_missing=args.fill_missing)
-        if tuple(mask_vol.shape) != tuple(src.src.shape[-3:]):
-            raise ConfigError(f"--mask with --roi needs the mask at the input's shape {tuple(src.src.shape[-3:])}")
-        mask = CroppedSource(mask_vol, src.box)
+        mask_vol = as_volume(mask, fill_missing=args.fill_missing, what="mask")
+        if tuple(mask_vol.shape) != tuple(src.vol.shape[-3:]):
+            raise ConfigError(f"--mask with --roi needs the mask at the input's shape {tuple(src.vol.shape[-3:])}")
+        mask = Region(mask_vol, src.box)
     out = predict_volume(
         model, src, args.output, args.block, args.overlap, window_shape=args.window,
         blend=args.blend, batch_size=args.batch_size, precision=args.precision, device=args.device,

@@ -8,12 +8,14 @@ not pickle, travel as their serialised bytes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ssl_em.predict.blockwise import BlockId, BlockJob
+from ssl_em.predict.blocks import BlockJob
+from ssl_em.predict.store import BlockId
 from ssl_em.utils.precision import resolve_device
 
 
@@ -66,24 +68,13 @@ def run_dask(job: BlockJob, model: Any, groups: Sequence[list[BlockId]], schedul
              on_done: Callable[[int], Any], max_in_flight: int | None = None) -> None:
     """Submit one task per group of blocks; at most ``max_in_flight`` (default 2x threads) at once.
 
-    ``scheduler``: None -> a LocalCluster with 2 worker processes of 1 thread (closed afterwards);
-    a scheduler address string -> a Client connected to it; or an existing ``Client`` (left open).
+    ``scheduler``: as :func:`dask_client`.
     """
     if not groups:  # everything done already: do not start a cluster
         return
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
-    owned: list[Any] = []
-    if scheduler is None:
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
-        owned = [client, cluster]
-    elif isinstance(scheduler, str):
-        client = Client(scheduler)
-        owned = [client]
-    else:
-        client = scheduler
-    try:
+    with dask_client(scheduler) as client:
         model_f = client.scatter(ModelPayload(model.cpu() if hasattr(model, "cpu") else model), broadcast=True)
         job_f = client.scatter(job, broadcast=True)  # the source (e.g. a numpy array) travels once
         if max_in_flight is None:
@@ -100,6 +91,27 @@ def run_dask(job: BlockJob, model: Any, groups: Sequence[list[BlockId]], schedul
             nxt = next(pending, None)
             if nxt is not None:
                 ac.add(client.submit(_task, job_f, model_f, nxt, pure=False))
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: Any) -> Iterator[Any]:
+    """The ``distributed.Client`` for ``scheduler``: None -> a LocalCluster of 2 worker processes with one
+    thread each (closed afterwards); an address string -> a Client connected to it (closed afterwards);
+    an existing ``Client`` -> itself (left open)."""
+    from distributed import Client, LocalCluster
+
+    owned: list[Any] = []
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        owned = [Client(cluster), cluster]
+        client = owned[0]
+    elif isinstance(scheduler, str):
+        client = Client(scheduler)
+        owned = [client]
+    else:
+        client = scheduler
+    try:
+        yield client
     finally:
         for obj in owned:
             obj.close()

@@ -37,6 +37,7 @@ settings segments only the missing blocks. The work folder is removed once ``dst
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -49,15 +50,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ssl_em.data.volume import spec_path
+from ssl_em.data.normalize import default_normalization
+from ssl_em.data.volume import as_volume, spec_path
 from ssl_em.errors import ConfigError, VolumeError
 from ssl_em.predict import instances as inst
-from ssl_em.predict.blockwise import (BlockId, BlockPlan, Triple, _describe, _triple, default_normalization,
-                                     open_source)
-from ssl_em.utils.io import check_output, writer_attrs
+from ssl_em.predict.blocks import BlockPlan, Triple, as_triple, describe
+from ssl_em.predict.dask_backend import dask_client
+from ssl_em.predict.store import BlockId, array_folder, create_output_array
+from ssl_em.utils.io import atomic_path, check_output, writer_attrs
 
 Method = Literal["components", "watershed", "mito", "affinities"]
-METHODS = ("components", "watershed", "mito", "affinities")
+INSTANCE_METHODS = ("components", "watershed", "mito", "affinities")
 LOCAL_BITS = 32  # global fragment id = block key << 32 | local id
 LOCAL_MASK = np.uint64(2**LOCAL_BITS - 1)
 
@@ -125,8 +128,6 @@ class StitchJob:
     # --- pass 1 ------------------------------------------------------------------------------
     def segment(self, idx: BlockId) -> None:
         """Segment block + halo; write core ids; save halo ids and core counts (the done marker)."""
-        from ssl_em.utils.io import atomic_path
-
         ext, core = self.ext(idx), self.plan.core(idx)
         raw = np.asarray(self.src[ext] if len(self.src.shape) == 3 else self.src[(slice(None), *ext)])
         x = default_normalization(raw)  # uint8 probabilities (predict_volume's out_dtype) -> [0, 1]
@@ -261,26 +262,6 @@ def _global_ids(matched: list, n_blocks: int, min_voxels: float) -> tuple[np.nda
     return np.concatenate([[0], np.cumsum(own)[:-1]]).astype(np.int64), n_own + int(keep.sum()), faces
 
 
-def _create_labels(folder: Path, name: str, shape: tuple, chunks: tuple, dtype: str, voxel_size: tuple) -> Path:
-    """An empty (z, y, x) label array in ``folder``: zarr v3, or an OME-Zarr 0.5 image (array ``0``)
-    when ``name`` ends in ``.ome.zarr``. Returns the array's folder."""
-    import zarr
-
-    kw = dict(shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=["z", "y", "x"],
-              attributes={"resolution": list(voxel_size), **writer_attrs("ssl_em.predict.stitch", sparse=True)})
-    if not name.endswith(".ome.zarr"):
-        zarr.create_array(str(folder), overwrite=True, **kw)
-        return folder
-    root = zarr.open_group(str(folder), mode="w", zarr_format=3)
-    root.attrs["ome"] = {"version": "0.5", "multiscales": [{
-        "name": name.removesuffix(".ome.zarr"),
-        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(voxel_size)}]}],
-    }]}
-    root.create_array("0", **kw)
-    return folder / "0"
-
-
 def _run(fn: Callable, job: StitchJob, items: Sequence[tuple], backend: str, client: Any, desc: str,
          progress: bool) -> list:
     """``[fn(job, *item) for item in items]`` here or on dask workers, in order, with a progress bar.
@@ -366,26 +347,24 @@ def blockwise_instances(
     """
     import zarr
 
-    from ssl_em.utils.io import atomic_path
-
-    if method not in METHODS:
-        raise ConfigError(f"method={method!r} is not one of {METHODS}")
+    if method not in INSTANCE_METHODS:
+        raise ConfigError(f"method={method!r} is not one of {INSTANCE_METHODS}")
     if backend not in ("local", "dask"):
         raise ConfigError(f"backend={backend!r} is not one of 'local', 'dask'")
     if method == "affinities" and "offsets" not in method_kwargs:
         raise ConfigError("method='affinities' needs offsets=[(dz, dy, dx), ...] (one per channel)")
-    source = open_source(src, fill_missing=fill_missing)
+    source = as_volume(src, fill_missing=fill_missing)
     if len(source.shape) not in (3, 4):
-        raise VolumeError(f"input {_describe(src)} has shape {tuple(source.shape)}; "
+        raise VolumeError(f"input {describe(src)} has shape {tuple(source.shape)}; "
                           "expected (z, y, x) or (c, z, y, x)")
     vs_known = voxel_size is not None or getattr(source, "voxel_size_known", False)
     vs = tuple(float(v) for v in (voxel_size or getattr(source, "voxel_size", None) or (1.0, 1.0, 1.0)))
     if min_volume_nm3 > 0 and not vs_known:
-        raise ConfigError(f"min_volume_nm3={min_volume_nm3} needs a voxel size: {_describe(src)} has none, "
+        raise ConfigError(f"min_volume_nm3={min_volume_nm3} needs a voxel size: {describe(src)} has none, "
                           "pass voxel_size=(z, y, x) nm")
     shape = tuple(int(s) for s in source.shape[-3:])
-    block = _triple(block_shape, "block_shape")
-    h = (1, 1, 1) if method == "components" else _triple(halo, "halo")
+    block = as_triple(block_shape, "block_shape")
+    h = (1, 1, 1) if method == "components" else as_triple(halo, "halo")
     region = tuple(b + 2 * v for b, v in zip(block, h))
     plan = BlockPlan(shape, block, tuple(2 * v for v in h), region)  # type: ignore[arg-type]
     dst = Path(dst)
@@ -393,7 +372,7 @@ def blockwise_instances(
                  writer="ssl_em.predict.stitch")
 
     min_voxels = min_volume_nm3 / float(np.prod(vs))
-    params = {"src": _describe(src), "shape": shape, "plan": [block, h], "method": method, "threshold": threshold,
+    params = {"src": describe(src), "shape": shape, "plan": [block, h], "method": method, "threshold": threshold,
               "voxel_size": vs, "kwargs": method_kwargs}
     digest = hashlib.blake2b(json.dumps(params, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
     work = dst.parent / f".{dst.name}.work"
@@ -407,20 +386,10 @@ def blockwise_instances(
     job = StitchJob(source, plan, method, float(threshold), vs, min_voxels,  # type: ignore[arg-type]
                     dict(method_kwargs), str(work))
 
-    client, owned, job_run = None, [], job
-    if backend == "dask":
-        from distributed import Client, LocalCluster
-
-        if scheduler is None:
-            cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-            client = Client(cluster)
-            owned = [client, cluster]
-        else:
-            client = Client(scheduler) if isinstance(scheduler, str) else scheduler
-            owned = [client] if isinstance(scheduler, str) else []
-    try:
-        if client is not None:  # ship the job (and an in-memory source) once; keep it until the end
-            job_run = client.scatter(job, broadcast=True, hash=False)
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(dask_client(scheduler)) if backend == "dask" else None
+        # ship the job (and an in-memory source) once; keep it until the end
+        job_run = client.scatter(job, broadcast=True, hash=False) if client is not None else job
         blocks = list(plan.blocks())
         todo = [(idx,) for idx in blocks if not os.path.exists(job._path(idx, "counts.npy"))]
         _run(_segment_task, job_run, todo, backend, client, f"segment {dst.name}", progress)
@@ -429,12 +398,11 @@ def blockwise_instances(
 
         offsets, n_total, faces = _global_ids(matched, len(blocks), min_voxels)
         with atomic_path(dst, is_dir=True) as tmp:
-            arr = _create_labels(tmp, dst.name, shape, block, "uint32" if n_total < 2**32 else "uint64", vs)
+            attrs = {"resolution": list(vs), **writer_attrs("ssl_em.predict.stitch", sparse=True)}
+            dtype = "uint32" if n_total < 2**32 else "uint64"
+            arr = create_output_array(tmp, dst.name, shape, block, dtype, attrs, vs)
             items = [(idx, str(arr), int(off), *face) for idx, off, face in zip(blocks, offsets, faces)]
             _run(_relabel_task, job_run, items, backend, client, f"relabel {dst.name}", progress)
             zarr.open_array(str(arr), mode="r+").attrs["num_instances"] = int(n_total)
-    finally:
-        for obj in owned:
-            obj.close()
     shutil.rmtree(work, ignore_errors=True)
-    return zarr.open_array(str(dst / "0" if dst.name.endswith(".ome.zarr") else dst), mode="r")
+    return zarr.open_array(str(array_folder(dst)), mode="r")

@@ -34,11 +34,20 @@ OBJECTIVES: dict[str, str] = {
 }
 
 
-def build_objective(method: str, encoder: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+def objective_class(method: str) -> type[torch.nn.Module]:
     if method not in OBJECTIVES:
         raise ConfigError(f"pretraining method {method!r} is not one of {sorted(OBJECTIVES)}")
     module_name, class_name = OBJECTIVES[method].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(encoder, **kwargs)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_objective(method: str, encoder: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+    return objective_class(method)(encoder, **kwargs)
+
+
+def needs_two_views(method: str) -> bool:
+    """Whether ``method`` trains on two views of each crop (the data module's ``two_views``)."""
+    return bool(getattr(objective_class(method), "two_views", False))
 
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:

@@ -145,7 +145,7 @@ def sample_features(encoder: nn.Module, raw: np.ndarray, points: np.ndarray, *, 
 
 def _normalise(raw: np.ndarray, encoder: nn.Module) -> np.ndarray:
     """The encoder's recorded training normalisation where its export has one, else percentiles of ``raw``."""
-    from ssl_em.data.crops import Normalization
+    from ssl_em.data.normalize import Normalization
 
     meta = (getattr(encoder, "pretrained_metadata", None) or {}).get("metadata", {}) or {}
     record = meta.get("normalization") or (meta.get("data") or {}).get("normalization")

@@ -13,7 +13,7 @@ One engine for ``ssl-em demo`` and ``benchmarks/label_efficiency.py``:
    last weights and reuse the rate swept at the smallest fraction. Every other voxel is unlabelled.
 3. **Pretraining** (once per study, ``pretrain_steps``) of the family's encoder on the unlabelled
    volumes (never on the evaluation region) with the ``Pretraining`` module, exported with ``save_encoder``.
-4. **Methods** (``METHODS``), each with the same labels, the same step budget and its own learning
+4. **Methods** (``STUDY_METHODS``), each with the same labels, the same step budget and its own learning
    rate from a short sweep scored on the validation slab:
    ``lora`` / ``frozen`` / ``full`` start from the pretrained encoder; ``scratch`` is the same
    network from random init, all trained; ``lora_random`` is LoRA + head on a random encoder (the
@@ -40,12 +40,13 @@ from ssl_em.study.config import (
     FAMILIES as FAMILIES,
     LOWER_IS_BETTER as LOWER_IS_BETTER,
     LR_GRID as LR_GRID,
-    METHODS as METHODS,
+    STUDY_METHODS as STUDY_METHODS,
     METRICS as METRICS,
     StudyConfig as StudyConfig,
     budget_units as budget_units,
 )
-from ssl_em.study.regions import Regions as Regions, label_sections as label_sections, plan_regions as plan_regions
+from ssl_em.data.labels import label_sections as label_sections
+from ssl_em.study.regions import Regions as Regions, plan_regions as plan_regions
 from ssl_em.study.report import headline as headline, markdown_table as markdown_table, summarize as summarize
 from ssl_em.study.runner import Study as Study
 from ssl_em.study.train import (

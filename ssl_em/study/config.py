@@ -7,10 +7,11 @@ from typing import Any
 
 from ssl_em.errors import ConfigError
 
-METHODS = ("lora", "frozen", "full", "scratch", "lora_random", "unet", "rf")
+STUDY_METHODS = ("lora", "frozen", "full", "scratch", "lora_random", "unet", "rf")
 NOT_TRAINED = ("rf",)  # baselines without an optimiser: no rate, no step budget
+# study method -> (adapter method, starts from the pretrained encoder)
 ADAPTER = {"lora": ("lora", True), "frozen": ("frozen", True), "full": ("full", True),
-           "scratch": ("full", False), "lora_random": ("lora", False)}  # as adapters.finetune.STUDY_METHODS
+           "scratch": ("full", False), "lora_random": ("lora", False)}
 # family -> encoder to pretrain, objective, pretraining rate
 FAMILIES: dict[str, dict[str, Any]] = {
     # U-Net lora: adapters on the encoder path, decoder path trained in full (like a ViT's UNETR
@@ -65,7 +66,7 @@ class StudyConfig:
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     encoder: str | None = None  # an exported encoder (path or name) to start from
     adapter_kwargs: dict[str, Any] | None = None  # add_adapter options of lora / lora_random; None: the family's
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = STUDY_METHODS
     fractions: tuple[float, ...] = (0.05, 1.0)
     patches: tuple[int, ...] = ()  # painted-patch regimes (numbers of patches), beside the fractions
     patch_size: int = 256  # painted patch side at the working spacing (clipped to the training region)
@@ -96,9 +97,9 @@ class StudyConfig:
             raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.task not in METRICS:
             raise ConfigError(f"task {self.task!r} is not one of {', '.join(METRICS)}")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in STUDY_METHODS]
         if unknown:
-            raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+            raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(STUDY_METHODS)}")
         if "rf" in self.methods and self.task == "neuron":
             raise ConfigError("method rf (a foreground pixel classifier) has no neuron affinities: "
                               "drop it for --task neuron")

@@ -1,4 +1,4 @@
-"""Disjoint training / validation / evaluation regions and reproducible sparse z-labels."""
+"""Disjoint training / validation / evaluation regions of the study's labelled volume."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 
-from ssl_em.data.crops import Box, check_disjoint, sparse_slices, split_regions
+from ssl_em.data.labels import check_disjoint, split_regions
+from ssl_em.data.volume import Box
 from ssl_em.errors import ConfigError
 
 
@@ -44,11 +44,6 @@ def plan_regions(shape: Sequence[int], patch_shape: Sequence[int], eval_fraction
     return Regions(train, ev, fit, val)
 
 
-def label_sections(n_sections: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted z indices that keep labels: ``fraction`` of ``n_sections`` (at least one), per ``seed``."""
-    return sparse_slices(int(n_sections), fraction=float(fraction), seed=int(seed))
-
-
 def _trim(box: Box, max_voxels: int, axis: int = 2, at_least: int = 1) -> Box:
     """Centre-crop ``box`` along ``axis`` (x) to at most ``max_voxels`` (evaluation cost bound), but
     never below ``at_least`` voxels there (a crop or window must still fit)."""
@@ -60,27 +55,3 @@ def _trim(box: Box, max_voxels: int, axis: int = 2, at_least: int = 1) -> Box:
     out = list(box)
     out[axis] = slice(start, start + keep)
     return tuple(out)
-
-
-def paint_patches(labels: np.ndarray, region: Box, n: int, size: int, seed: int) -> np.ndarray:
-    """A mask (z, y, x) uint8 of ``n`` painted patches, as a person paints them in a viewer: ``size`` x
-    ``size`` squares (clipped to ``region``) inside ``region``, each on a different z-section, each
-    centred (as far as the region allows) on a foreground pixel drawn at random: people paint around
-    the objects they see, not at a random place that happens to clip one. Drawn per ``seed``. Raises
-    ConfigError when ``region`` has fewer than ``n`` sections with foreground."""
-    rng = np.random.default_rng(int(seed) + 7919 * int(n))
-    zs, ys, xs = region
-    sy, sx = min(size, ys.stop - ys.start), min(size, xs.stop - xs.start)
-    fg = np.asarray(labels[region]) > 0
-    sections = [int(zs.start + z) for z in np.flatnonzero(fg.reshape(fg.shape[0], -1).any(1))]
-    if len(sections) < n:
-        raise ConfigError(f"{n} painted patches need {n} sections with foreground in the training region; "
-                          f"it has {len(sections)}")
-    mask = np.zeros(labels.shape, np.uint8)
-    for z in rng.choice(sections, size=n, replace=False):
-        plane = fg[z - zs.start]
-        fy, fx = np.argwhere(plane)[rng.integers(0, int(plane.sum()))]
-        y = int(np.clip(fy - sy // 2, 0, plane.shape[0] - sy))
-        x = int(np.clip(fx - sx // 2, 0, plane.shape[1] - sx))
-        mask[z, ys.start + y: ys.start + y + sy, xs.start + x: xs.start + x + sx] = 1
-    return mask

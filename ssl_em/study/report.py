@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ssl_em.study.config import _NAMES, ADAPTER, LOWER_IS_BETTER, METHODS, METRICS, StudyConfig
+from ssl_em.study.config import _NAMES, ADAPTER, LOWER_IS_BETTER, METRICS, STUDY_METHODS, StudyConfig
 
 
 def regime_of(record: dict[str, Any]) -> str:
@@ -58,7 +58,7 @@ def markdown_table(records: Sequence[dict[str, Any]], metric: str) -> str:
 
 PRETRAINED = tuple(m for m, (_, pretrained) in ADAPTER.items() if pretrained)  # start from the pretrained encoder
 # what the pretrained ones must beat: the same networks at random init, and what users pick instead
-CONTROLS = tuple(m for m in METHODS if m not in PRETRAINED)
+CONTROLS = tuple(m for m in STUDY_METHODS if m not in PRETRAINED)
 
 
 def headline(records: Sequence[dict[str, Any]], task: str) -> str:

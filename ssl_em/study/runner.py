@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ssl_em.data.crops import Box
+from ssl_em.data.volume import Box
 from ssl_em.errors import ConfigError, LabelError
 from ssl_em.study.config import ADAPTER, Regime, StudyConfig, _lrs
-from ssl_em.study.regions import Regions, _trim, label_sections, paint_patches, plan_regions
+from ssl_em.data.labels import label_sections, paint_patches
+from ssl_em.study.regions import Regions, _trim, plan_regions
 from ssl_em.study.report import shown_section, write_reports
 from ssl_em.plan import downsample, upsample
 from ssl_em.study.train import Labelled, build_data, build_module, evaluate, fit, monitor_of, pretrain, score
@@ -49,7 +50,9 @@ class Study:
 
     def __init__(self, raw: Any, labels: Any, unlabeled: Sequence[Any] | None, cfg: StudyConfig,
                  out: str | Path, log: Callable[[str], None] = print) -> None:
-        from ssl_em.data.crops import Normalization, Region, as_volume, check_same_grid, voxel_size_of
+        from ssl_em.data.crops import check_same_grid
+        from ssl_em.data.normalize import Normalization
+        from ssl_em.data.volume import Region, as_volume, voxel_size_of
         from ssl_em.data.volume import spec_path
         from ssl_em.utils.io import claim_output_folder
 
@@ -164,7 +167,7 @@ class Study:
     def _pretraining_regions(self) -> list[Box | None]:
         """The labelled raw, where it is among the unlabelled volumes, only contributes its training
         region: the evaluation region is never seen, not even without labels."""
-        from ssl_em.data.crops import as_volume, volume_name
+        from ssl_em.data.volume import as_volume, volume_name
 
         vols = [as_volume(v, self.cfg.voxel_size, self.cfg.fill_missing) for v in self.unlabeled]
         self.unlabeled = vols

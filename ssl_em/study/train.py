@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from lightning.pytorch import Callback
 
-from ssl_em.data.crops import Box
+from ssl_em.data.volume import Box
 from ssl_em.study.config import ADAPTER, FAMILIES, METRICS, StudyConfig
 
 
@@ -238,7 +238,9 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     from torch.utils.data import DataLoader
 
     from ssl_em.data.augment import default_em_augment
-    from ssl_em.data.crops import CropDataset, Normalization, TwoViewDataset, as_volume, volume_name
+    from ssl_em.data.crops import CropDataset, TwoViewDataset
+    from ssl_em.data.normalize import Normalization
+    from ssl_em.data.volume import as_volume, volume_name
     from ssl_em.models import save_encoder
     from ssl_em.pretrain.module import Pretraining
     from ssl_em.pretrain.panels import save_curve, save_reconstruction_panel

@@ -97,7 +97,7 @@ _LEGACY_KEYS = ("ssl_em_predict",)  # predictions written before WRITER_KEY
 def writer_attrs(writer: str, sparse: bool = False) -> dict:
     """The attribute that marks a store as ssl-em's own (so ``--overwrite`` may replace it); ``sparse``
     stores leave chunks out on purpose (read as the fill value, not as a missing-chunk error)."""
-    from ssl_em import __version__
+    from ssl_em._version import __version__
 
     return {WRITER_KEY: {"writer": writer, "version": __version__, **({"absent_chunks": "fill"} if sparse else {})}}
 
