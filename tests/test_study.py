@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ssl_em.data.labels import check_disjoint
+from ssl_em.data.labels import check_disjoint, label_sections
 from ssl_em.errors import ConfigError
 from ssl_em.study import (
     METRICS,
@@ -15,7 +15,6 @@ from ssl_em.study import (
     StudyConfig,
     budget_units,
     headline,
-    label_sections,
     markdown_table,
     plan_regions,
 )

@@ -40,12 +40,11 @@ from ssl_em.study.config import (
     FAMILIES as FAMILIES,
     LOWER_IS_BETTER as LOWER_IS_BETTER,
     LR_GRID as LR_GRID,
-    STUDY_METHODS as STUDY_METHODS,
     METRICS as METRICS,
+    STUDY_METHODS as STUDY_METHODS,
     StudyConfig as StudyConfig,
     budget_units as budget_units,
 )
-from ssl_em.data.labels import label_sections as label_sections
 from ssl_em.study.regions import Regions as Regions, plan_regions as plan_regions
 from ssl_em.study.report import headline as headline, markdown_table as markdown_table, summarize as summarize
 from ssl_em.study.runner import Study as Study

@@ -148,6 +148,12 @@ class StudyConfig:
         return (self.voxel_size[0], self.voxel_size[1] * d, self.voxel_size[2] * d)
 
     @property
+    def task_kwargs(self) -> dict[str, Any]:
+        """The task's settings at the working spacing (mitochondria: boundaries and sizes in nm), the same
+        for every method: all of them train and predict on the working grid."""
+        return {"voxel_size": list(self.spacing)} if self.task == "mito" and self.spacing else {}
+
+    @property
     def arch(self) -> str:
         return self.architecture or FAMILIES[self.family]["encoder"]
 

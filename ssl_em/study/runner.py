@@ -282,8 +282,7 @@ class Study:
         from ssl_em.baselines import PixelClassifier
 
         cfg = self.cfg
-        task_kwargs = {"voxel_size": list(cfg.voxel_size)} if cfg.task == "mito" and cfg.voxel_size else {}
-        task = get_task(cfg.task, **task_kwargs)
+        task = get_task(cfg.task, **cfg.task_kwargs)
         fit = self.regions.fit
         raw, labels, mask = self.data.raw[fit], self.data.labels[fit], mask[fit]
         if time.perf_counter() > self.deadline:

@@ -51,8 +51,7 @@ def build_module(method: str, cfg: StudyConfig, encoder_dir: str | Path | None, 
     from ssl_em.adapters.finetune import FineTuning
     from ssl_em.models.weights_io import read_sidecar
 
-    task_kwargs = {"voxel_size": list(cfg.spacing)} if cfg.task == "mito" and cfg.spacing else {}
-    common = dict(task=cfg.task, task_kwargs=task_kwargs, lr=lr, warmup_steps=max(1, steps // 20),
+    common = dict(task=cfg.task, task_kwargs=cfg.task_kwargs, lr=lr, warmup_steps=max(1, steps // 20),
                   export_on_fit_end=False)
     torch.manual_seed(seed)
     if method == "unet":
@@ -242,11 +241,10 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     from ssl_em.data.normalize import Normalization
     from ssl_em.data.volume import as_volume, volume_name
     from ssl_em.models import save_encoder
+    from ssl_em.plan import DownsampledVolume
     from ssl_em.pretrain.module import Pretraining
     from ssl_em.pretrain.panels import save_curve, save_reconstruction_panel
     from ssl_em.utils.precision import lightning_precision, resolve_precision
-
-    from ssl_em.plan import DownsampledVolume
 
     fam = FAMILIES[cfg.family]
     steps = int(cfg.pretrain_steps)
@@ -270,10 +268,6 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
           else CropDataset(list(volumes), cfg.patch_shape, **common))
     losses: list[float] = []
 
-    class Losses(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
-
     log(f"pretraining {module.hparams.encoder} with {method} for {steps} steps on {len(volumes)} "
         f"volume(s)" + (f", starting from {cfg.encoder}" if cfg.encoder else ""))
     device = cfg.device.split(":")[0]
@@ -286,7 +280,12 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
         losses[:] = saved["losses"]
         log(f"pretraining: resuming from {last} at step {len(losses)}")
 
-    class KeepLosses(Callback):  # the curve so far, beside each checkpoint
+    class LossCurve(Callback):
+        """Every step's loss, and the curve so far beside each checkpoint (a resumed run keeps all of it)."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
         def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
             from ssl_em.utils.io import atomic_write_text
 
@@ -302,7 +301,7 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
                         precision=lightning_precision(precision, device), logger=False, enable_checkpointing=True,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         plugins=[SafetensorsCheckpointIO()],
-                        callbacks=[Losses(), KeepLosses(), checkpoint, Progress("pretraining", steps)],
+                        callbacks=[LossCurve(), checkpoint, Progress("pretraining", steps)],
                         default_root_dir=str(out_dir))
     before = float(saved["seconds"]) if saved is not None else 0.0
     start = time.perf_counter()
