@@ -25,7 +25,7 @@ import torch
 from ssl_em.adapters.losses import dice_loss
 from ssl_em.baselines.unet import PlainUNet
 from ssl_em.errors import ConfigError
-from ssl_em.utils.optim import adamw_warmup_cosine
+from ssl_em.utils.optim import adamw_warmup_cosine, check_optimizer_settings
 
 NETWORKS = {"unet": PlainUNet}  # whole networks trained in full, instead of encoder + head + adapter
 
@@ -83,6 +83,7 @@ class FineTuning(L.LightningModule):
         network_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        check_optimizer_settings(lr, weight_decay, warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         from ssl_em.adapters import add_adapter, build_segmentation_model, get_task
         from ssl_em.models import create_encoder, load_encoder

@@ -27,6 +27,7 @@ import ssl_em
 from ssl_em.data.datamodule import EMDataModule
 from ssl_em.pretrain.module import build_objective
 from ssl_em.pretrain.probe import load_labelled, run_probe
+from ssl_em.errors import ArgumentParser, run_main
 
 SIMCLR_HEAD = dict(hidden_dim=256, out_dim=128, temperature=0.1)
 SMALL_HEADS = {"simclr": SIMCLR_HEAD, "mae_simclr": SIMCLR_HEAD, "spark_simclr": SIMCLR_HEAD,
@@ -70,8 +71,8 @@ def pretrain(encoder_name: str, method: str, args: argparse.Namespace, device: t
     return encoder.eval(), 1000 * sum(times) / max(len(times), 1), loss
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="test-size encoders, few steps (< 1 min)")
     parser.add_argument("--vit", default="vit3d_test_patch4")
     parser.add_argument("--unet", default="unet3d_tiny")
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--probe-labels", metavar="SPEC", help="its labels (> 0 = the structure)")
     parser.add_argument("--probe-roi", help="box 'z0:z1,y0:y1,x0:x1' of the probe volume")
     parser.add_argument("--families", nargs="+", choices=["vit", "unet"], default=["vit", "unet"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.unet, args.steps, args.batch_size, args.crop = "unet3d_test", 6, 2, [8, 32, 32]
         args.phantom_shape, args.probe_samples = [16, 64, 64], 2000
@@ -125,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main("contrastive_vs_mae.py", main))

@@ -12,7 +12,6 @@ the headline ratio: best OME-Zarr DataLoader crops/s over in-memory memcpy crops
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ssl_em.errors import ArgumentParser, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SSL_EM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -101,7 +102,7 @@ def amplification(chunks: tuple[int, ...]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer crops, < 1 min")
     p.add_argument("--crops", type=int, default=None)
     p.add_argument("--workers", default="0,2")
@@ -164,4 +165,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main("data_throughput.py", main))

@@ -28,6 +28,7 @@ import torch
 import ssl_em
 from ssl_em.adapters import add_adapter, build_segmentation_model, count_trainable, get_task
 from ssl_em.adapters.finetune import default_grad_checkpointing
+from ssl_em.errors import ArgumentParser, run_main
 
 MiB = 2**20
 
@@ -104,7 +105,7 @@ def measure(encoder: str, method: str, patch: tuple[int, int, int], batch: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny encoders, small crop (< 1 min on CPU)")
     p.add_argument("--encoders", nargs="+", default=None)
     p.add_argument("--patch", type=int, nargs=3, default=None, help="crop z y x")
@@ -163,4 +164,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main("finetune_memory.py", main))

@@ -27,12 +27,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ssl_em.errors import ArgumentParser, run_main
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK_SHAPE = (8, 160, 64)  # (z, y, x) crop of the labelled volume in --quick
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--unlabeled", nargs="+", metavar="SPEC", help="pretraining volumes (default: --raw itself)")
     p.add_argument("--raw", metavar="SPEC", help="labelled raw volume (default: a phantom)")
     p.add_argument("--labels", metavar="SPEC", help="its labels")
@@ -144,4 +146,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main("label_efficiency.py", main))

@@ -10,12 +10,13 @@ in this run (fp32 and bf16 separately); times are best-of-N steps. Last line: th
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import resource
 import time
+
+from ssl_em.errors import ArgumentParser, run_main
 
 
 def _matmul_peak(dtype_name: str, threads: int, n: int = 1024, reps: int = 20) -> float:
@@ -105,7 +106,7 @@ def _run(which: str, precision: str, cfg: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mae_throughput", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="mae_throughput", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model and crop, few steps (< 1 min)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precisions", default="32,bf16")
@@ -167,4 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main("mae_throughput.py", main))

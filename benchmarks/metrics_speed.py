@@ -8,11 +8,12 @@ Run: ``python benchmarks/metrics_speed.py [--quick]``; the last line is the head
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 from scipy import ndimage
+
+from ssl_em.errors import ArgumentParser, run_main
 
 
 def voronoi_pair(shape: tuple[int, int, int], n_seeds: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -44,11 +45,11 @@ def voronoi_pair(shape: tuple[int, int, int], n_seeds: int, seed: int = 0) -> tu
     return pred, gt
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32x256x256 instead of 128x512x512")
     parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from skimage.metrics import adapted_rand_error as sk_arand
     from skimage.metrics import variation_of_information as sk_voi
 
@@ -92,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main("metrics_speed.py", main))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_em.errors import ArgumentParser, run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -145,14 +147,14 @@ def run(method: str, cfg: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on the shared, oversubscribed 2-core machine 2 threads were slower)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--cfg", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, json.loads(args.cfg))))
         return
@@ -212,4 +214,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main("predict_throughput.py", main))

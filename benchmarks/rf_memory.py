@@ -14,13 +14,14 @@ Last line: peak RSS / the whole-volume feature stack in float32.
 
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ssl_em.errors import ArgumentParser, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 VNC = ROOT.parent / "shared" / "data" / "vnc_gerhard2013.npz"
@@ -33,7 +34,7 @@ def peak_rss_gb() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a 4 x 512 x 512 corner (< 1 min)")
     args = p.parse_args(argv)
     from ssl_em.baselines import PixelClassifier
@@ -71,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main("rf_memory.py", main))

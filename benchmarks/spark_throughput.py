@@ -15,13 +15,14 @@ loss leaves the predict-the-mean plateau (running mean over 5 steps of loss / pr
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ssl_em.errors import ArgumentParser, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "vnc_gerhard2013_stack2.npz"
@@ -61,7 +62,7 @@ def plateau_exit(ratios: list[float], times: list[float], level: float, window: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small crops and few steps (< 1 min)")
     p.add_argument("--model", default="unet3d_tiny")
     p.add_argument("--crop", type=int, nargs=3, default=(16, 128, 128), metavar=("D", "H", "W"))
@@ -155,4 +156,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main("spark_throughput.py", main))

@@ -15,12 +15,13 @@ The last line: ``PlainUNet IoU / MONAI UNet IoU``.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ssl_em.errors import ArgumentParser, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 VNC = ROOT.parent / "shared" / "data" / "vnc_gerhard2013.npz"
@@ -74,7 +75,7 @@ def train_and_score(name: str, study, steps: int, lr: float, seed: int) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -119,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main("unet_baseline.py", main))

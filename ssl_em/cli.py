@@ -1,7 +1,8 @@
 """``ssl-em`` command line: each subcommand lives beside the code it drives.
 
 Every subcommand is ``main(argv: list[str]) -> int`` in its module, imported only when used so
-``ssl-em --help`` is instant. Library errors (:class:`ssl_em.errors.SslEmError`) print one line.
+``ssl-em --help`` is instant. Any failure prints one line (:func:`ssl_em.errors.run_main`); ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -34,33 +35,30 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``ssl-em [--debug] <command> ...``: a user error is one line on stderr and exit code 2 (``--debug``,
+    anywhere on the line, or ``SSL_EM_DEBUG=1`` prints the traceback instead)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"}:
+    from ssl_em.errors import debug_requested, run_main
+
+    debug, rest = debug_requested(argv)
+    if not rest or rest[0] in {"-h", "--help"}:
         print(_usage())
         return 0
-    if argv[0] == "--version":
-        from ssl_em import __version__
+    if rest[0] == "--version":
+        from ssl_em._version import __version__
 
         print(f"ssl-em {__version__}")
         return 0
-    name, rest = argv[0], argv[1:]
+    name, args = rest[0], rest[1:]
     if name not in COMMANDS:
-        print(f"ssl-em: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"ssl-em: error: unknown command {name!r}; one of {', '.join(COMMANDS)} (see 'ssl-em --help')",
+              file=sys.stderr)
         return 2
-    from ssl_em.errors import SslEmError
 
-    try:
-        module = importlib.import_module(COMMANDS[name][0])
-        return int(module.main(rest) or 0)
-    except SslEmError as err:
-        print(f"ssl-em {name}: error: {err}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # output piped into `head` and closed early: not an error
-        sys.stderr.close()
-        return 0
-    except KeyboardInterrupt:
-        print(f"ssl-em {name}: interrupted", file=sys.stderr)
-        return 130
+    def command(command_argv: list[str]) -> int | None:
+        return importlib.import_module(COMMANDS[name][0]).main(command_argv)
+
+    return run_main(f"ssl-em {name}", command, args + (["--debug"] if debug else []))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,14 +11,13 @@ paths, ``..`` traversal and links are refused), and converts every array to ``de
 
 from __future__ import annotations
 
-import argparse
 import tarfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssl_em.errors import SslEmError, VolumeError
+from ssl_em.errors import ArgumentParser, SslEmError, VolumeError
 from ssl_em.utils.io import atomic_path, sha256_file
 
 
@@ -261,7 +260,7 @@ def download(name: str, dest: str | Path, *, url: str | None = None, convert: bo
 
 def main(argv: list[str]) -> int:
     """``ssl-em download NAME DEST [--url URL] [--no-convert]`` or ``ssl-em download --list``."""
-    p = argparse.ArgumentParser(prog="ssl-em download", description="Download a registered public EM dataset, "
+    p = ArgumentParser(prog="ssl-em download", description="Download a registered public EM dataset, "
                                 "verify its sha256, extract it safely and convert it to OME-Zarr.")
     p.add_argument("name", nargs="?", help="dataset name (see --list)")
     p.add_argument("dest", nargs="?", default="data", help="destination folder (default: ./data)")

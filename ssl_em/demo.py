@@ -21,7 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ssl_em.errors import ConfigError
+from ssl_em.errors import ArgumentParser, ConfigError
 
 
 
@@ -43,7 +43,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def build_parser(prog: str = "ssl-em demo") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Pretrain an encoder, fine-tune it with LoRA on a few "
+    p = ArgumentParser(prog=prog, description="Pretrain an encoder, fine-tune it with LoRA on a few "
                                 "labelled sections and compare with baselines under the same labels and budget, "
                                 "scored on a disjoint region: on the built-in phantom, or on --data/--labels.")
     p.add_argument("--data", nargs="+", metavar="SPEC", help="unlabelled (and the labelled raw) volume specs")

@@ -19,6 +19,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from ssl_em.errors import ConfigError
 from ssl_em.utils.checkpoint import SafetensorsCheckpointIO, load_checkpoint
 from ssl_em.utils.precision import lightning_precision
 
@@ -153,8 +154,29 @@ def _expand_data_shortcut(argv: list[str]) -> list[str]:
     return [*argv[:i], "--data.init_args.unlabeled", f"[{quoted}]", *argv[j:]]
 
 
+def _check_config_files(argv: list[str]) -> None:
+    """A recipe that is not valid YAML is named with the line at fault (jsonargparse's message names
+    neither the file nor the setting)."""
+    import yaml
+
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--config" and Path(value).is_file():
+            try:
+                yaml.safe_load(Path(value).read_text())
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ConfigError(f"{value}:{where}: not valid YAML ({problem})") from None
+
+
 def build_cli(argv: list[str], run: bool = True) -> SslEmCLI:
+    import warnings
+
+    # `ssl-em fit ...` passes its own argv on purpose; Lightning warns when sys.argv holds arguments too
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     args = _expand_data_shortcut(list(argv))
+    _check_config_files(args)
     subcommands = {"fit", "validate", "test", "predict"}
     if run and (not args or args[0] not in subcommands):  # run=False parses and instantiates only
         args = ["fit", *args]
@@ -166,7 +188,8 @@ def build_cli(argv: list[str], run: bool = True) -> SslEmCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "ssl-em fit"},
+        # a mistake in the command line or config raises (one line from ssl_em.errors.run_main), no usage dump
+        parser_kwargs={"prog": "ssl-em fit", "exit_on_error": False},
     )
 
 

@@ -191,6 +191,10 @@ def test_open_volume_reads_phantom_output(tmp_path):
     assert np.array_equal(vol[2:4, :10, 5:9], make_phantom((8, 48, 48), (30, 6, 6)).raw[2:4, :10, 5:9])
 
 
-def test_bad_cli_arguments_exit_cleanly(tmp_path):
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "x.zarr"), "--shape", "a,b,c"])
+def test_bad_cli_arguments_exit_cleanly(tmp_path, capsys):
+    from ssl_em.cli import main as cli_main
+
+    assert cli_main(["phantom", str(tmp_path / "x.zarr"), "--shape", "a,b,c"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--shape" in err and "comma-separated integers" in err
+    assert not (tmp_path / "x.zarr").exists()

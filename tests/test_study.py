@@ -39,7 +39,7 @@ def test_regions_are_disjoint_with_a_half_patch_gap():
 
 
 def test_regions_refuse_a_volume_too_small():
-    with pytest.raises(ConfigError, match="too small"):
+    with pytest.raises(ConfigError, match="eval_fraction=0.3 cannot split its 150 voxels along y"):
         plan_regions((16, 150, 128), (8, 64, 64))
     with pytest.raises(ConfigError, match="smaller than the patch"):
         plan_regions((4, 256, 128), (8, 64, 64))

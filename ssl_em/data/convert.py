@@ -16,7 +16,6 @@ sibling and renamed into place only when complete.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from ssl_em.data.formats import parse_voxel
 from ssl_em.data.volume import open_volume, spec_path
-from ssl_em.errors import VolumeError
+from ssl_em.errors import ArgumentParser, VolumeError
 from ssl_em.utils.io import atomic_path, check_output, writer_attrs
 
 DEFAULT_CHUNKS = (32, 128, 128)
@@ -189,7 +188,7 @@ def _parse_chunks(value: Any) -> tuple[int, int, int]:
 
 def main(argv: list[str]) -> int:
     """``ssl-em convert SRC DST.ome.zarr [--voxel-size 50,4,4] [--chunks 32,128,128] [--levels N] [--labels]``."""
-    p = argparse.ArgumentParser(prog="ssl-em convert", description="Convert a volume spec to OME-Zarr "
+    p = ArgumentParser(prog="ssl-em convert", description="Convert a volume spec to OME-Zarr "
                                 "(NGFF 0.4, zarr v2) with an anisotropy-aware pyramid.")
     p.add_argument("src", help="any volume spec: f.h5:/raw, stack.tif, slices/, f.npz:raw, a.zarr/arr, ...")
     p.add_argument("dst", help="output folder, e.g. out.ome.zarr (written atomically: complete or absent)")

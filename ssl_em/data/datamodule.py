@@ -34,7 +34,7 @@ from ssl_em.data.samplers import (
     labelled_slices,
 )
 from ssl_em.data.volume import Box, Region, as_volume, volume_name, voxel_size_of
-from ssl_em.errors import ConfigError
+from ssl_em.errors import ConfigError, check_fraction, check_positive
 
 FORMAT_VERSION = 1
 
@@ -132,8 +132,13 @@ class EMDataModule(L.LightningDataModule):
             self.hparams[name] = f"<array {tuple(getattr(value, 'shape', ()))} {getattr(value, 'dtype', '')}>"
         if labels is not None and raw is None:
             raise ConfigError(f"labels {labels!r} given without raw: set raw to the matching EM volume")
-        if not 0 <= val_fraction < 1:
-            raise ConfigError(f"val_fraction {val_fraction} must be in [0, 1)")
+        check_fraction(val_fraction, "val_fraction", allow_zero=True)
+        check_positive(batch_size, "batch_size")
+        check_positive(samples_per_epoch, "samples_per_epoch")
+        check_positive(val_samples, "val_samples", allow_zero=True)
+        check_positive(num_workers, "num_workers", allow_zero=True)
+        if len(tuple(patch_shape)) != 3 or min(int(p) for p in patch_shape) < 1:
+            raise ConfigError(f"patch_shape={list(patch_shape)} must be three sizes >= 1 (z, y, x)")
         lo, hi = normalization_range if normalization_range is not None else (None, None)
         self.norm_template = Normalization(normalization, low=lo, high=hi)  # validates the mode
         self.patch_shape = tuple(int(p) for p in patch_shape)
@@ -193,7 +198,8 @@ class EMDataModule(L.LightningDataModule):
         if hp.get("train_region") is not None:
             train_boxes, val_boxes = self._given_regions(raws)
         else:
-            splits = [split_regions(r.shape, frac, min_size=pz) if frac > 0 else (None, None) for r in raws]
+            splits = [split_regions(r.shape, frac, min_size=pz, what=volume_name(r), setting="val_fraction")
+                      if frac > 0 else (None, None) for r in raws]
             train_boxes, val_boxes = [s[0] for s in splits], [s[1] for s in splits]
         # one fit per volume, on its training part, shared by its validation crops; a resumed run
         # keeps the checkpoint's values (load_state_dict) instead of refitting

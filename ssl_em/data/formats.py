@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -389,8 +390,8 @@ def open_npz(file: str, key: str | None) -> Backend:
         with np.load(file, allow_pickle=False) as d:
             keys = list(d.files)
             res = np.asarray(d["resolution_nm"], dtype=float) if "resolution_nm" in keys else None
-    except (OSError, ValueError) as err:
-        raise VolumeError(f"{file}: not a readable .npz archive ({err})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise VolumeError(f"{file}: not a readable .npz archive, truncated or corrupt ({err})") from None
     arrays = [k for k in keys if k != "resolution_nm"]
     if not key:
         if len(arrays) != 1:
@@ -400,12 +401,10 @@ def open_npz(file: str, key: str | None) -> Backend:
         raise VolumeError(f"{file}: no array {key!r}; available: {arrays}")
     mtime = os.path.getmtime(file)
     # shape/dtype from the member header without decompressing the data
-    import zipfile
-
     with zipfile.ZipFile(file) as zf, zf.open(f"{key}.npy") as fh:
         version = np.lib.format.read_magic(fh)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(fh)
     vs = parse_voxel(res, f"{file}:resolution_nm") if res is not None else None
-    return Backend(tuple(shape), np.dtype(dtype), lambda box: _npz_member(file, key, mtime)[box], None, vs,
-                    extra={"voxel_size_source": "resolution_nm" if vs else None})
+    return Backend(tuple(shape), np.dtype(dtype), wrap_read(lambda box: _npz_member(file, key, mtime)[box], file),
+                   None, vs, extra={"voxel_size_source": "resolution_nm" if vs else None})

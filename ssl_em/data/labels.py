@@ -70,19 +70,23 @@ def check_disjoint(a: Box, b: Box, names: tuple[str, str] = ("train", "eval")) -
 
 
 def split_regions(shape: Sequence[int], eval_fraction: float, axis: int = 0, min_size: int = 1,
-                  gap: int = 0) -> tuple[Box, Box]:
+                  gap: int = 0, *, what: str = "volume", setting: str = "eval_fraction") -> tuple[Box, Box]:
     """Split ``shape`` along ``axis`` into (train_box, eval_box); eval is the last part, ``gap``
     slices (e.g. half a patch: no training crop reaches into the scored region's context) between.
 
-    Each part has at least ``min_size`` slices (e.g. the patch depth); the boxes never overlap.
+    Each part has at least ``min_size`` slices (e.g. the patch depth); the boxes never overlap. Errors
+    name ``what`` (the volume) and ``setting`` (the fraction's name where the user set it).
     """
     n = shape[axis]
     if not 0 < eval_fraction < 1:
-        raise ConfigError(f"eval fraction {eval_fraction} must be between 0 and 1")
+        raise ConfigError(f"{setting}={eval_fraction} must lie in (0, 1)")
     n_eval = max(min_size, math.ceil(n * eval_fraction))
     if n - n_eval - gap < min_size:
-        raise ConfigError(f"axis {axis} of {n} voxels is too small to hold two parts of at least {min_size} "
-                          f"with a gap of {gap}")
+        name = "zyx"[axis] if len(shape) == 3 else f"axis {axis}"
+        raise ConfigError(
+            f"{what}: {setting}={eval_fraction} cannot split its {n} voxels along {name} into two parts of at "
+            f"least {min_size} (the patch){f' with a gap of {gap}' if gap else ''}: use a smaller patch_shape, "
+            f"a smaller {setting} or a larger volume")
     full = [slice(0, m) for m in shape]
     train, ev = list(full), list(full)
     train[axis], ev[axis] = slice(0, n - n_eval - gap), slice(n - n_eval, n)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from ssl_em.errors import ConfigError
+from ssl_em.errors import ArgumentParser, ConfigError
 
 _TASKS = {"mito": "mito", "mitochondria": "mito", "synapse": "synapse", "synapses": "synapse",
           "cleft": "synapse", "clefts": "synapse", "neuron": "neurons", "neurons": "neurons",
@@ -679,7 +679,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """``ssl-em phantom OUT``: write a phantom (zarr group, or npz if OUT ends in .npz) and a preview PNG."""
-    ap = argparse.ArgumentParser(prog="ssl-em phantom", description="Write the synthetic ssTEM neuropil phantom "
+    ap = ArgumentParser(prog="ssl-em phantom", description="Write the synthetic ssTEM neuropil phantom "
                                  "(raw + neurons, membrane, mito, synapse, vesicles) and OUT-stem_preview.png.")
     ap.add_argument("out", help="output: DIR.zarr (zarr v3 group) or FILE.npz")
     ap.add_argument("--shape", type=_ints, default=(64, 256, 256), help="z,y,x voxels (default 64,256,256)")

@@ -29,7 +29,6 @@ process (and after a fork), so it can go to DataLoader workers of either start m
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ import numpy as np
 from ssl_em.data.formats import (
     Backend, array_backend, open_h5, open_n5, open_npz, open_slices, open_tiff, open_zarr, parse_voxel,
 )
-from ssl_em.errors import ConfigError, VolumeError
+from ssl_em.errors import ArgumentParser, ConfigError, VolumeError
 
 Box = tuple[slice, ...]
 
@@ -326,7 +325,7 @@ class Region:
 # -- CLI ---------------------------------------------------------------------------------------------------
 def main(argv: list[str]) -> int:
     """``ssl-em info SPEC [--voxel-size Z,Y,X]``: print what a volume spec resolves to."""
-    parser = argparse.ArgumentParser(prog="ssl-em info", description="Print shape, dtype, axes, voxel size "
+    parser = ArgumentParser(prog="ssl-em info", description="Print shape, dtype, axes, voxel size "
                                      "and chunks of a volume spec (see ssl_em.data.volume for spec forms).")
     parser.add_argument("spec", nargs="+", help="volume spec(s), e.g. a.ome.zarr@1, f.h5:/raw, f.npz:raw")
     parser.add_argument("--voxel-size", default=None, help="override, nm as Z,Y,X")

@@ -6,7 +6,6 @@ spec, prints the table, writes ``metrics.json`` and a PNG of the three z-slices 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from ssl_em.errors import ConfigError, LabelError
+from ssl_em.errors import ArgumentParser, ConfigError, LabelError
 from ssl_em.metrics.contingency import adapted_rand_error, contingency_table, variation_of_information
 from ssl_em.metrics.detection import average_precision, synapse_f1
 from ssl_em.metrics.overlap import dice, iou, precision_recall
@@ -168,7 +167,7 @@ def _read(spec: str, voxel_size: Sequence[float] | None):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ssl-em evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="ssl-em evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--pred", required=True, help="prediction volume spec (labels or probabilities)")
     parser.add_argument("--gt", required=True, help="ground-truth volume spec")
     parser.add_argument("--task", required=True, choices=TASKS)

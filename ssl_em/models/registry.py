@@ -9,7 +9,6 @@ isotropic). Each family registers its variants in its own module (``vit3d.py``, 
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import os
 import fnmatch
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ssl_em.errors import CheckpointError, ConfigError
+from ssl_em.errors import ArgumentParser, CheckpointError, ConfigError
 from ssl_em.models.weights_io import SIDECAR, check_state, load_encoder_weights, read_verified
 
 __all__ = ["build_encoder", "create_encoder", "list_encoders", "load_encoder", "main", "register_encoder"]
@@ -137,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     one encoder's configuration (and model card, for shipped weights ``arch.tag``)."""
     from ssl_em.models.pretrained import list_pretrained, model_card, pretrained_dir
 
-    parser = argparse.ArgumentParser(prog="ssl-em models", description="List registered encoders and shipped weights.")
+    parser = ArgumentParser(prog="ssl-em models", description="List registered encoders and shipped weights.")
     parser.add_argument("pattern", nargs="?", default="*", help="shell-style name filter, e.g. 'vit3d_small*'")
     parser.add_argument("--info", metavar="NAME", help="one encoder's configuration; for shipped weights "
                         "(e.g. unet3d_tiny.spark_vnc) also its model card")

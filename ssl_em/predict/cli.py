@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ssl_em.errors import CheckpointError, ConfigError
+from ssl_em.errors import ArgumentParser, CheckpointError, ConfigError
 
 
 def load_model(spec: str) -> Any:
@@ -149,7 +149,7 @@ def write_preview(src: Any, out: Any, png: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="ssl-em predict", description=__doc__,
+    p = ArgumentParser(prog="ssl-em predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="fine-tuned folder (adapter.json), TorchScript file, *.pt2 or 'package.module:factory'")

@@ -7,7 +7,6 @@ are found by its own key set, rebuilt by its registered name and written by
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl_em.errors import CheckpointError, ConfigError
+from ssl_em.errors import ArgumentParser, CheckpointError, ConfigError
 from ssl_em.models.registry import create_encoder
 from ssl_em.models.weights_io import SIDECAR, WEIGHTS, check_state, save_encoder
 from ssl_em.pretrain.panels import save_curve
@@ -115,7 +114,7 @@ def export_from_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``ssl-em export-encoder CKPT OUT_DIR [--prefix P]``."""
-    parser = argparse.ArgumentParser(prog="ssl-em export-encoder",
+    parser = ArgumentParser(prog="ssl-em export-encoder",
                                      description="Export the encoder of a training checkpoint to safetensors + JSON.")
     parser.add_argument("ckpt", help="Lightning checkpoint (.ckpt), read with weights_only=True")
     parser.add_argument("out_dir", help="folder for encoder.safetensors and encoder.json")

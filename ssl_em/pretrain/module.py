@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from ssl_em.errors import ConfigError
-from ssl_em.utils.optim import adamw_warmup_cosine
+from ssl_em.utils.optim import adamw_warmup_cosine, check_optimizer_settings
 
 # method name -> "module:Class"; each class takes the encoder as first argument
 OBJECTIVES: dict[str, str] = {
@@ -88,6 +88,7 @@ class Pretraining(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_optimizer_settings(lr, weight_decay, warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         from ssl_em.models import create_encoder, load_encoder
 

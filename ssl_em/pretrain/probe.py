@@ -15,7 +15,6 @@ voxels from the first ``1 - test_fraction`` of z-sections and scored on the rest
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ssl_em.errors import ConfigError
+from ssl_em.errors import ArgumentParser, ConfigError
 
 __all__ = ["ProbeCallback", "ProbeResult", "ranking_average_precision", "fit_logistic", "main", "run_probe",
            "sample_features"]
@@ -355,7 +354,7 @@ def load_any_encoder(path_or_name: str, seed: int = 0) -> tuple[nn.Module, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``ssl-em validate --encoder PATH_OR_NAME [--raw SPEC --labels SPEC] [--task mito]``: linear-probe scores."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="ssl-em validate",
         description="Frozen-feature linear probe (logistic regression) of an encoder on a labelled volume: "
                     "average precision and IoU on held-out z-sections. Without --raw: the phantom.")

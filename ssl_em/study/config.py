@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ssl_em.errors import ConfigError
+from ssl_em.errors import ConfigError, check_fraction, check_positive
 
 STUDY_METHODS = ("lora", "frozen", "full", "scratch", "lora_random", "unet", "rf")
 NOT_TRAINED = ("rf",)  # baselines without an optimiser: no rate, no step budget
@@ -126,6 +126,15 @@ class StudyConfig:
                                   f"{', '.join(LR_GRID)}")
         if self.lrs is not None:
             self.lrs = {m: tuple(float(r) for r in rates) for m, rates in self.lrs.items()}
+        check_positive(self.seeds, "seeds")
+        check_fraction(self.eval_fraction, "eval_fraction")
+        check_fraction(self.val_fraction, "val_fraction")
+        check_fraction(self.sweep_share, "sweep_share", allow_zero=True, allow_one=True)
+        for name in ("batch_size", "downsample", "max_minutes"):
+            if getattr(self, name) is not None:
+                check_positive(getattr(self, name), name)
+        if self.patch_shape is not None and (len(self.patch_shape) != 3 or min(self.patch_shape) < 1):
+            raise ConfigError(f"patch_shape={list(self.patch_shape)} must be three sizes >= 1 (z, y, x)")
         if self.patch_shape is not None:
             self.patch_shape = tuple(int(p) for p in self.patch_shape)  # type: ignore[assignment]
         from ssl_em.utils.precision import resolve_device

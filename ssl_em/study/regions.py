@@ -36,10 +36,11 @@ def plan_regions(shape: Sequence[int], patch_shape: Sequence[int], eval_fraction
     p = int(patch_shape[axis])
     if len(shape) != 3 or any(int(s) < int(q) for s, q in zip(shape, patch_shape)):
         raise ConfigError(f"volume {tuple(shape)} is smaller than the patch {tuple(patch_shape)} (z, y, x)")
-    train, ev = split_regions(shape, eval_fraction, axis=axis, min_size=p, gap=-(-p // 2))
+    train, ev = split_regions(shape, eval_fraction, axis=axis, min_size=p, gap=-(-p // 2), what="the labelled volume",
+                              setting="eval_fraction")
     n_train = train[axis].stop
     fit, val = split_regions([n_train if a == axis else int(n) for a, n in enumerate(shape)], val_fraction,
-                             axis=axis, min_size=p)
+                             axis=axis, min_size=p, what="the training region", setting="val_fraction")
     check_disjoint(fit, val, ("validation", "fine-tuning"))
     return Regions(train, ev, fit, val)
 

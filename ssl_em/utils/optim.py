@@ -8,6 +8,16 @@ from typing import Any
 
 import torch
 
+from ssl_em.errors import check_fraction, check_positive
+
+
+def check_optimizer_settings(lr: float, weight_decay: float, warmup_steps: int, min_lr_ratio: float) -> None:
+    """One-line errors naming the setting, at construction rather than inside torch at the first step."""
+    check_positive(lr, "lr")
+    check_positive(weight_decay, "weight_decay", allow_zero=True)
+    check_positive(warmup_steps, "warmup_steps", allow_zero=True)
+    check_fraction(min_lr_ratio, "min_lr_ratio", allow_zero=True, allow_one=True)
+
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
     """Multiplier of the peak rate at each step: linear warm-up, then cosine down to ``min_lr_ratio``."""
