@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         cfg = dict(crop=(8, 64, 64), patch=(2, 16, 16), dim=192, depth=4, heads=3, dec_dim=96, dec_depth=2,
-                   dec_heads=4, batch=2, steps=3, warmup=1)
+                   dec_heads=4, batch=2, steps=20, warmup=3)
     else:
         cfg = dict(crop=(16, 128, 128), patch=(2, 16, 16), dim=384, depth=12, heads=6, dec_dim=192, dec_depth=4,
                    dec_heads=6, batch=2, steps=8, warmup=2)

@@ -288,3 +288,36 @@ def test_info_cli(specs, capsys):
     assert "not in the file" in capsys.readouterr().out
     assert cli(["info", "/nonexistent/x.zarr"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_uncompressed_zarr_reads_chunk_files_directly_and_equals_zarr(tmp_path, fmt):
+    """Uncompressed stores skip zarr's per-chunk machinery (8x the crops/s in benchmarks/data_throughput.py):
+    the bytes read must be zarr's, edge chunks and dtypes included; a missing chunk is still an error
+    unless fill_missing, and a truncated chunk file is named."""
+    import zarr
+
+    from ssl_em.data.formats import _stored_raw
+
+    rng = np.random.default_rng(fmt)
+    data = rng.integers(0, 60000, (10, 37, 45)).astype(np.uint16)
+    kw = {"chunk_key_encoding": {"name": "v2", "separator": "/"}} if fmt == 2 else {}
+    path = tmp_path / "raw.zarr"
+    arr = zarr.create_array(str(path), shape=data.shape, chunks=(4, 16, 16), dtype=data.dtype, compressors=None,
+                            zarr_format=fmt, fill_value=7, config={"write_empty_chunks": True}, **kw)
+    arr[:] = data
+    assert _stored_raw(zarr.open_array(str(path), mode="r"))
+    vol = open_volume(str(path))
+    for box in [(slice(0, 10), slice(0, 37), slice(0, 45)), (slice(3, 9), slice(15, 33), slice(1, 44)),
+                (slice(8, 10), slice(32, 37), slice(40, 45))]:
+        np.testing.assert_array_equal(vol[box], data[box])
+    key = "1/0/2" if fmt == 2 else "c/1/0/2"
+    chunk = path / key
+    chunk.unlink()
+    with pytest.raises(VolumeError, match="is missing from the store"):
+        vol[4:8, 0:16, 32:45]
+    filled = open_volume(str(path), fill_missing=True)[4:8, 0:16, 30:45]
+    assert (filled[:, :, 2:] == 7).all() and np.array_equal(filled[:, :, :2], data[4:8, 0:16, 30:32])
+    chunk.write_bytes(b"\0" * 10)
+    with pytest.raises(VolumeError, match="holds 10 bytes"):
+        open_volume(str(path))[4:8, 0:16, 32:45]
