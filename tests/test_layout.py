@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("ssl_em.utils",),
     ("ssl_em.plan", "ssl_em.data", "ssl_em.metrics", "ssl_em.models"),
     ("ssl_em.pretrain", "ssl_em.adapters", "ssl_em.baselines", "ssl_em.predict"),
-    ("ssl_em.study", "ssl_em.fit", "ssl_em.demo", "ssl_em.datasets", "ssl_em.cli", "ssl_em.predict.cli"),
+    ("ssl_em.study", "ssl_em.fit", "ssl_em.demo", "ssl_em.datasets", "ssl_em.cli", "ssl_em.predict.cli",
+     "ssl_em.napari_plugin"),
 ]
 
 

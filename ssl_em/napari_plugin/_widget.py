@@ -1,0 +1,177 @@
+"""The fine-tuning widget: image + painted Labels layer -> LoRA fine-tune in a worker thread (progress,
+cancel) -> probability and instance layers; predict the whole volume blockwise to a zarr opened lazily;
+save the adapter; train again after corrections from the adapter trained so far."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton, SpinBox
+
+from ssl_em.errors import SslEmError, describe_error
+from ssl_em.napari_plugin.session import DEFAULT_ENCODER, PAINT_BACKGROUND, PAINT_OBJECT, FineTuneSession
+
+
+class FineTuneWidget(Container):
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.image = ComboBox(label="image", choices=self._layers("Image"))
+        self.labels = ComboBox(label="painted labels", choices=self._layers("Labels"))
+        self.encoder = LineEdit(label="encoder", value=DEFAULT_ENCODER)
+        self.steps = SpinBox(label="steps", value=100, min=1, max=100_000)
+        self.train_button = PushButton(text="Fine-tune (LoRA)")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="progress", value=0, min=0, max=100)
+        self.predict_button = PushButton(text="Predict whole volume", enabled=False)
+        self.save_path = FileEdit(label="adapter folder", mode="d", value=str(Path.home() / "ssl_em_adapter"))
+        self.save_button = PushButton(text="Save adapter", enabled=False)
+        self.status = Label(value=f"paint {PAINT_BACKGROUND} = background, {PAINT_OBJECT} = structure, then fine-tune")
+        self.status.native.setWordWrap(True)
+        self.extend([self.image, self.labels, self.encoder, self.steps, self.train_button, self.cancel_button,
+                     self.progress, self.predict_button, self.save_path, self.save_button, self.status])
+        self.session: FineTuneSession | None = None
+        self.worker: Any = None
+        self.busy = False
+        self._stop = threading.Event()
+        self.train_button.changed.connect(self.start_fine_tune)
+        self.cancel_button.changed.connect(self.cancel)
+        self.predict_button.changed.connect(self.predict_whole_volume)
+        self.save_button.changed.connect(self.save_adapter)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+
+    # ------------------------------------------------------------------ layers
+    def _layers(self, kind: str) -> list[str]:
+        return [layer.name for layer in self.viewer.layers if type(layer).__name__ == kind]
+
+    def _refresh_layers(self, _event: Any = None) -> None:
+        self.image.choices, self.labels.choices = self._layers("Image"), self._layers("Labels")
+
+    def _session_for(self, image: Any) -> FineTuneSession:
+        """The session of this image and encoder; a new one when either changed (else: train on)."""
+        key = (image.name, self.encoder.value)
+        if self.session is None or getattr(self.session, "key", None) != key:
+            scale = tuple(float(s) for s in image.scale[-3:])
+            voxel = (image.metadata or {}).get("voxel_size") or (scale if scale != (1.0, 1.0, 1.0) else None)
+            self.session = FineTuneSession(image.data[0] if image.multiscale else image.data, voxel,
+                                           encoder=self.encoder.value)
+            self.session.key = key  # type: ignore[attr-defined]
+        return self.session
+
+    def _fail(self, err: BaseException) -> None:
+        message, _ = describe_error(err)
+        self.status.value = f"error: {message}"
+        self._set_busy(False)
+
+    def _set_busy(self, busy: bool) -> None:
+        self.busy = busy
+        self.train_button.enabled = not busy
+        self.cancel_button.enabled = busy
+        trained = self.session is not None and self.session.module is not None
+        self.predict_button.enabled = self.save_button.enabled = trained and not busy
+
+    # ------------------------------------------------------------------ actions
+    def start_fine_tune(self, _value: Any = None) -> Any:
+        """Fine-tune in a worker thread; returns the napari worker (already started)."""
+        from napari.qt.threading import thread_worker
+
+        try:
+            image, painted = self.viewer.layers[self.image.value], self.viewer.layers[self.labels.value]
+            session = self._session_for(image)
+        except (KeyError, SslEmError) as err:
+            self._fail(err)
+            return None
+        steps, labels = int(self.steps.value), painted.data.copy()  # the painting as it was when started
+        self._stop.clear()
+        self.progress.max, self.progress.value = steps, 0
+
+        @thread_worker
+        def run():
+            events: queue.Queue = queue.Queue()
+            result: dict[str, Any] = {}
+
+            def train() -> None:
+                try:
+                    result["train"] = session.fine_tune(labels, steps, lambda i, n, loss: events.put((i, loss)),
+                                                        self._stop.is_set)
+                    result["probs"] = probs = session.predict()
+                    result["instances"] = session.instances(probs[:])
+                except BaseException as err:  # noqa: BLE001 - reported in the widget, the viewer stays usable
+                    result["error"] = err
+                finally:
+                    events.put(None)
+
+            threading.Thread(target=train, daemon=True).start()
+            while (event := events.get()) is not None:
+                yield event
+            return result
+
+        def show(result: dict[str, Any]) -> None:
+            if "error" in result:
+                self._fail(result["error"])
+                return
+            self._show_results(image, result)
+            run_ = result["train"]
+            self.status.value = (f"{'cancelled after' if run_.cancelled else 'trained'} {run_.steps} steps "
+                                 f"({run_.total_steps} in all), loss {run_.last_loss:.3f}; correct and train again")
+            self._set_busy(False)
+
+        def step(event: tuple[int, float]) -> None:
+            self.progress.value = min(event[0], self.progress.max)
+            self.status.value = f"step {event[0]}/{steps}, loss {event[1]:.3f}"
+
+        self._set_busy(True)
+        self.worker = run()
+        self.worker.yielded.connect(step)
+        self.worker.returned.connect(show)
+        self.worker.errored.connect(self._fail)
+        self.worker.start()
+        return self.worker
+
+    def _show_results(self, image: Any, result: dict[str, Any]) -> None:
+        probs, inst = result["probs"], result["instances"]
+        kw = {"scale": image.scale[-3:], "translate": image.translate[-3:]}
+        name_p, name_i = f"{image.name} probability", f"{image.name} instances"
+        for name in (name_p, name_i):
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        self.viewer.add_image(probs[0], name=name_p, colormap="magma", blending="additive", opacity=0.6,
+                              contrast_limits=(0, 1), **kw)
+        self.viewer.add_labels(inst, name=name_i, **kw)
+
+    def cancel(self, _value: Any = None) -> None:
+        """Stop after the current step; the model keeps its last complete step and nothing is written."""
+        self._stop.set()
+        self.status.value = "cancelling after this step ..."
+
+    def predict_whole_volume(self, _value: Any = None, dst: str | Path | None = None) -> Any:
+        """Blockwise prediction to a zarr next to the data (or ``dst``), opened lazily as a layer."""
+        import dask.array as da
+
+        image = self.viewer.layers[self.image.value]
+        spec = (image.metadata or {}).get("ssl_em_spec")
+        if dst is None and spec:
+            base = Path(str(spec).split("@")[0].rstrip("/"))
+            dst = base.with_name(base.name.removesuffix(".zarr").removesuffix(".ome") + "_probabilities.zarr")
+        try:
+            out = self.session.predict(dst)  # type: ignore[union-attr]
+        except BaseException as err:  # noqa: BLE001
+            self._fail(err)
+            return None
+        self.viewer.add_image(da.from_zarr(out)[0], name=f"{image.name} probability (whole volume)",
+                              colormap="magma", blending="additive", scale=image.scale[-3:])
+        self.status.value = f"wrote {out.store_path if hasattr(out, 'store_path') else dst}"
+        return out
+
+    def save_adapter(self, _value: Any = None) -> Path | None:
+        try:
+            folder = self.session.save(self.save_path.value)  # type: ignore[union-attr]
+        except BaseException as err:  # noqa: BLE001
+            self._fail(err)
+            return None
+        self.status.value = f"saved {folder} (ssl-em predict --model {folder} runs it)"
+        return folder

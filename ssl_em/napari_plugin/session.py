@@ -1,0 +1,155 @@
+"""Paint, fine-tune, look, correct: the plugin's logic without a GUI (the widget only wires it to layers).
+
+Painting follows ilastik: label 1 = background, 2 = the structure (mitochondria), 0 = not painted (no
+loss there). A session trains the same pipeline as ``ssl-em fit`` and the study (``FineTuning`` with LoRA
+on an encoder, ``EMDataModule``, a Lightning ``Trainer`` with a step budget) on the painted voxels only.
+Training again after corrections continues from the adapter trained so far. ``should_stop`` cancels
+between steps: the model keeps its last complete step and nothing is written unless :meth:`save` is
+called (which writes to a temporary name and renames).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssl_em.errors import ConfigError, LabelError
+
+PAINT_BACKGROUND, PAINT_OBJECT = 1, 2
+DEFAULT_ENCODER = "unet3d_tiny.spark_vnc"  # shipped with ssl-em: no download
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimiser steps this call took
+    total_steps: int  # over the session
+    cancelled: bool
+    last_loss: float
+
+
+def training_targets(painted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(instance labels, supervision mask) from a painted Labels array: objects are the connected
+    components of label 2; the mask is every painted voxel."""
+    from ssl_em.utils.labels import connected_components
+
+    painted = np.asarray(painted)
+    if not (painted == PAINT_OBJECT).any():
+        raise LabelError(f"paint some of the structure with label {PAINT_OBJECT} before training")
+    if not (painted == PAINT_BACKGROUND).any():
+        raise LabelError(f"paint some background with label {PAINT_BACKGROUND} before training")
+    return connected_components(painted == PAINT_OBJECT), (painted > 0).astype(np.uint8)
+
+
+class FineTuneSession:
+    """Few-label fine-tuning of one volume, as the plugin drives it."""
+
+    def __init__(self, raw: Any, voxel_size: Any = None, task: str = "mito", encoder: str = DEFAULT_ENCODER,
+                 patch_shape: tuple[int, int, int] | None = None, lr: float = 2e-2, seed: int = 0) -> None:
+        self.raw = np.ascontiguousarray(np.asarray(raw))
+        if self.raw.ndim != 3:
+            raise ConfigError(f"the image layer must be one (z, y, x) volume, got shape {self.raw.shape}")
+        self.voxel_size = tuple(float(v) for v in voxel_size) if voxel_size is not None else None
+        self.task, self.encoder, self.lr, self.seed = task, encoder, lr, seed
+        self.patch_shape = patch_shape
+        self.module: Any = None
+        self.normalization: Any = None
+        self.total_steps = 0
+
+    # ------------------------------------------------------------------ training
+    def _build(self) -> Any:
+        from ssl_em.adapters.finetune import FineTuning
+        from ssl_em.models import load_encoder
+
+        arch = load_encoder(self.encoder).encoder_config["architecture"]
+        module = FineTuning(task=self.task, encoder=arch, pretrained=self.encoder, adapter="lora",
+                            adapter_kwargs={"train_decoder": True}, lr=self.lr, warmup_steps=5,
+                            export_on_fit_end=False)
+        if self.patch_shape is None:
+            stride = module.model.base_model.encoder.patch_size
+            want = (8, 64, 64)
+            self.patch_shape = tuple(max(s, min(w, (n // s) * s)) for w, n, s in zip(want, self.raw.shape, stride))
+        return module
+
+    def fine_tune(self, painted: np.ndarray, steps: int = 100, progress: Callable[[int, int, float], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> TrainResult:
+        """Train ``steps`` steps on the painted voxels; ``progress(step, steps, loss)`` after each step,
+        ``should_stop()`` checked after each step (True: stop after this step)."""
+        import lightning as L
+        import torch
+
+        from ssl_em.data.datamodule import EMDataModule
+
+        if steps < 1:
+            raise ConfigError(f"steps={steps} must be >= 1")
+        labels, mask = training_targets(painted)
+        if labels.shape != self.raw.shape:
+            raise LabelError(f"labels layer shape {labels.shape} differs from the image's {self.raw.shape}")
+        torch.manual_seed(self.seed + self.total_steps)
+        if self.module is None:
+            self.module = self._build()
+        self.module.train()  # predict() left it in eval mode
+        dm = EMDataModule(raw=self.raw, labels=labels, mask=mask, task=self.task, patch_shape=self.patch_shape,
+                          batch_size=2, num_workers=0, samples_per_epoch=2 * steps, val_fraction=0,
+                          voxel_size=self.voxel_size, sampler="labelled", seed=self.seed + self.total_steps)
+        state = {"loss": float("nan"), "cancelled": False}
+
+        class Hook(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+                state["loss"] = float(loss)
+                if progress is not None:
+                    progress(trainer.global_step, steps, state["loss"])
+                if should_stop is not None and should_stop():
+                    state["cancelled"] = True
+                    trainer.should_stop = True
+
+        from ssl_em.study.train import quiet_lightning
+
+        with quiet_lightning():
+            trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Hook()])
+            trainer.fit(self.module, datamodule=dm)
+        self.normalization = dm.normalization
+        self.total_steps += trainer.global_step
+        return TrainResult(trainer.global_step, self.total_steps, state["cancelled"], state["loss"])
+
+    # ------------------------------------------------------------------ looking
+    def _check_trained(self) -> None:
+        if self.module is None:
+            raise ConfigError("fine-tune first: there is no trained model in this session yet")
+
+    def predict(self, dst: str | Path | None = None, block: tuple[int, int, int] = (16, 128, 128)) -> Any:
+        """Foreground probabilities (C, z, y, x) of the whole volume, blockwise (``predict_volume``) into the
+        zarr ``dst`` (default: a temporary folder); returned as the zarr array, read lazily."""
+        from ssl_em.predict import predict_volume
+
+        self._check_trained()
+        model = self.module.model.eval()
+        if dst is None:
+            dst = Path(tempfile.mkdtemp(prefix="ssl_em_napari_")) / "probabilities.zarr"
+        halo = tuple(min(2 * (p // 4), 32) for p in self.patch_shape)
+        block = tuple(max(p, b - h) for p, b, h in zip(self.patch_shape, block, halo))
+        return predict_volume(model, self.raw, dst, block, halo, activation="sigmoid",
+                              normalization=self.normalization.to_dict(), progress=False, overwrite=True)
+
+    def instances(self, probabilities: Any) -> np.ndarray:
+        """Instance labels from the probabilities, the task's own post-processing (mitochondria: seeded
+        watershed of foreground and boundary)."""
+        self._check_trained()
+        return self.module.task.postprocess(np.asarray(probabilities), self.voxel_size or (1.0, 1.0, 1.0))
+
+    def save(self, folder: str | Path) -> Path:
+        """The trained adapter as a fine-tuned model folder (``ssl-em predict --model`` runs it)."""
+        from ssl_em.adapters.io import save_finetuned
+
+        self._check_trained()
+        self.module.data_description = {"normalization": self.normalization.to_dict(),
+                                        "voxel_size": list(self.voxel_size) if self.voxel_size else None,
+                                        "patch_shape": list(self.patch_shape)}
+        return save_finetuned(self.module, folder)
