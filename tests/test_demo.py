@@ -12,7 +12,12 @@ def test_demo_runs_through_the_cli_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli_main(["demo", "--tiny", "--steps", "12", "--pretrain-steps", "6", "--val-every", "4", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| lora |" in printed and printed.strip().splitlines()[-1].startswith("lora vs best of scratch")
+    last = [line for line in printed.strip().splitlines() if line.strip()]
+    assert "| lora |" in printed and last[-4].startswith("lora vs best of scratch")
+    # the three lines a person reads first: the winner, whether pretraining paid beyond the spread, the files
+    assert last[-3].startswith("winner on 25% sections: ") and " ± " in last[-3]
+    assert last[-2].startswith(("pretraining pays here", "pretraining is ahead", "pretraining does not pay"))
+    assert last[-1].startswith("files: ") and str(out / "overlays.png") in last[-1]
     doc = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in doc["records"]} == {"lora", "scratch"}
     for name in ("results.md", "label_efficiency.png", "overlays.png", "pretrain/reconstruction.png"):

@@ -418,3 +418,20 @@ def test_plan_crops_divide_by_the_encoders_patch(tmp_path, arch, z_stride):
     study = Study(ph.raw, ph.mito, None, cfg, tmp_path / "out", log=lambda _: None)
     z, y, x = study.cfg.patch_shape
     assert z == z_stride and y % 16 == 0 and x % 16 == 0, study.cfg.patch_shape
+
+
+def test_summary_lines_name_the_winner_and_whether_pretraining_paid_beyond_the_spread(tmp_path):
+    from ssl_em.study import summary_lines
+
+    def rec(method, seed, value):
+        return {"method": method, "regime": "4 patches", "seed": seed, "metric": "iou", "value": value}
+
+    close = [rec("lora", 0, 0.50), rec("lora", 1, 0.40), rec("scratch", 0, 0.42), rec("scratch", 1, 0.40),
+             rec("rf", 0, 0.30), rec("rf", 1, 0.30)]
+    lines = summary_lines(close, "mito", tmp_path)
+    assert lines[0].startswith("winner on 4 patches: lora, IoU 0.450 ± ")
+    assert lines[1].startswith("pretraining is ahead, but within the seed spread: lora 0.450")
+    clear = [rec("lora", 0, 0.70), rec("lora", 1, 0.71), *close[2:]]
+    assert summary_lines(clear, "mito", tmp_path)[1].startswith("pretraining pays here, beyond the seed spread")
+    worse = [rec("lora", 0, 0.10), rec("lora", 1, 0.12), *close[2:]]
+    assert summary_lines(worse, "mito", tmp_path)[1].startswith("pretraining does not pay here: lora 0.110")

@@ -46,7 +46,12 @@ from ssl_em.study.config import (
     budget_units as budget_units,
 )
 from ssl_em.study.regions import Regions as Regions, plan_regions as plan_regions
-from ssl_em.study.report import headline as headline, markdown_table as markdown_table, summarize as summarize
+from ssl_em.study.report import (
+    headline as headline,
+    markdown_table as markdown_table,
+    summarize as summarize,
+    summary_lines as summary_lines,
+)
 from ssl_em.study.runner import Study as Study
 from ssl_em.study.train import (
     Labelled as Labelled,

@@ -91,6 +91,36 @@ def headline(records: Sequence[dict[str, Any]], task: str) -> str:
             f"{', lower is better' if sign < 0 else ''})")
 
 
+def summary_lines(records: Sequence[dict[str, Any]], task: str, out: Path) -> list[str]:
+    """Three lines a person reads first: who won at the scarcest label regime (mean ± std over seeds),
+    whether pretraining paid there beyond the seed spread, and where the files are."""
+    metric = METRICS[task][0]
+    stats = summarize(records)
+    sign = -1 if metric in LOWER_IS_BETTER else 1
+    name = _NAMES.get(metric, metric)
+    g = regimes(records)[0] if regimes(records) else None
+    here = {m: stats[(m, g, metric)] for m in {r["method"] for r in records} if (m, g, metric) in stats}
+    if not here:
+        return [f"no {name} results yet", "", f"files: {out}"]
+    winner = max(here, key=lambda m: sign * here[m][0])
+    mean, std, n = here[winner]
+    first = f"winner on {g}: {winner}, {name} {mean:.3f} ± {std:.3f} over {n} seed(s)"
+    ours = [m for m in PRETRAINED if m in here]
+    controls = [m for m in CONTROLS if m in here]
+    if ours and controls:
+        mine = max(ours, key=lambda m: sign * here[m][0])
+        theirs = max(controls, key=lambda m: sign * here[m][0])
+        (a, sa, _), (b, sb, _) = here[mine], here[theirs]
+        margin = sign * (a - b)
+        verdict = ("pretraining pays here, beyond the seed spread" if margin > sa + sb else
+                   "pretraining is ahead, but within the seed spread" if margin > 0 else
+                   "pretraining does not pay here")
+        second = f"{verdict}: {mine} {a:.3f} ± {sa:.3f} vs best control {theirs} {b:.3f} ± {sb:.3f} ({margin:+.3f})"
+    else:
+        second = "no pretrained method and control to compare"
+    return [first, second, f"files: {out / 'results.md'}, {out / 'overlays.png'}, {out / 'label_efficiency.png'}"]
+
+
 def shown_section(gt: np.ndarray) -> int:
     """The evaluation section the overlays show: the one with the most labelled objects (foreground
     voxels), so a reader sees the task, not an empty section."""
