@@ -109,9 +109,11 @@ class FineTuneSession:
                     trainer.should_stop = True
 
         from ssl_em.study.train import quiet_lightning
+        from ssl_em.utils.precision import resolve_device
 
+        accelerator = "gpu" if resolve_device("auto").startswith("cuda") else "cpu"  # a GPU when one is visible
         with quiet_lightning():
-            trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+            trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                 limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Hook()])
             trainer.fit(self.module, datamodule=dm)
