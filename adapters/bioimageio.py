@@ -155,11 +155,9 @@ def export_bioimageio(model_folder: str | Path, out_zip: str | Path, *, license:
     with tempfile.TemporaryDirectory(prefix="ssl_em_bioimageio_") as tmp_dir:
         tmp = Path(tmp_dir)
         x = _test_input(minimum, finetuned.normalization)
+        scaled = finetuned.normalization(x)  # what the package's scale_linear (+ clip) preprocessing does
         with torch.no_grad():
-            scaled = (x - float(finetuned.normalization.low)) / (
-                float(finetuned.normalization.high) - float(finetuned.normalization.low))
-            scaled = np.clip(scaled, 0, 1) if finetuned.normalization.clip else scaled
-            y = torch.sigmoid(net(torch.from_numpy(scaled.astype(np.float32)))).numpy()
+            y = torch.sigmoid(net(torch.from_numpy(scaled))).numpy()
         np.save(tmp / "test_input.npy", x)
         np.save(tmp / "test_output.npy", y.astype(np.float32))
         _write_cover(x, y, tmp / "cover.png")
@@ -173,7 +171,7 @@ def export_bioimageio(model_folder: str | Path, out_zip: str | Path, *, license:
             try:
                 with warnings.catch_warnings():  # TorchScript is deprecated in torch >= 2.9 but consumers read it
                     warnings.simplefilter("ignore")
-                    traced = torch.jit.trace(net, torch.from_numpy(scaled.astype(np.float32)), check_trace=False)
+                    traced = torch.jit.trace(net, torch.from_numpy(scaled), check_trace=False)
                     # a trace that baked in the test size would be wrong elsewhere: check one step larger
                     other = torch.rand(1, 1, *(m + s for m, s in zip(minimum, stride)))
                     with torch.no_grad():

@@ -140,8 +140,8 @@ def describe_error(err: BaseException) -> tuple[str, int]:
         if isinstance(e, SslEmError):
             return _clean(str(e)), USER_ERROR
     for e in chain:
-        if isinstance(e, OSError) and _os_message(e):
-            return _os_message(e), USER_ERROR  # type: ignore[return-value]
+        if isinstance(e, OSError) and (message := _os_message(e)):
+            return message, USER_ERROR
         if isinstance(e, (zipfile.BadZipFile, EOFError)):
             return f"a file is truncated or not the archive it claims to be ({_clean(str(e)) or type(e).__name__})", \
                 USER_ERROR

@@ -181,6 +181,12 @@ def open_zarr(root: str, key: str, level: int | None, fill_missing: bool = False
                     extra={"voxel_size_source": source, "levels": n_levels})
 
 
+def _missing_chunk(where: str, key: str, index: tuple[int, ...], grid: tuple[int, ...]) -> VolumeError:
+    return VolumeError(f"{where}: chunk {key} (box {tuple(i * g for i, g in zip(index, grid))}) is missing from the "
+                       "store; if absent chunks mean the fill value (zarr's write_empty_chunks=False), pass "
+                       "--fill-missing (fill_missing=True)")
+
+
 def _stored_raw(arr: Any) -> bool:
     """Chunks stored as plain C-order bytes of the full chunk shape (no compressor, filter or sharding,
     native byte order), so one file read is one chunk: zarr's per-chunk machinery costs ~10x a memcpy."""
@@ -221,9 +227,7 @@ def _read_raw_chunks(arr: Any, folder: Path, where: str, fill: bool) -> Callable
                 fd = os.open(prefix + key, flags)
             except FileNotFoundError:
                 if not fill:
-                    raise VolumeError(f"{where}: chunk {key} (box {tuple(i * c for i, c in zip(index, chunks))}) is "
-                                      "missing from the store; if absent chunks mean the fill value (zarr's "
-                                      "write_empty_chunks=False), pass --fill-missing (fill_missing=True)") from None
+                    raise _missing_chunk(where, key, index, chunks) from None
                 out[tuple(dst)] = fill_value
                 continue
             try:
@@ -259,9 +263,7 @@ def _read_present(arr: Any, root: str, where: str) -> Callable[[Box], np.ndarray
                 continue
             key = arr.metadata.encode_chunk_key(index)
             if not (folder / key).exists():
-                raise VolumeError(f"{where}: chunk {key} (box {tuple(i * g for i, g in zip(index, grid))}) is missing "
-                                  "from the store; if absent chunks mean the fill value (zarr's write_empty_chunks="
-                                  "False), pass --fill-missing (fill_missing=True)")
+                raise _missing_chunk(where, key, index, grid)
             present.add(index)
         return arr[box]
 
