@@ -3,8 +3,9 @@
 A thin LightningCLI: the typed constructors of the LightningModule and the data module are the
 config, recipes are YAML with ``class_path``/``init_args``. What this adds to LightningCLI:
 
-* ``precision: auto`` (the default) -> a few steps of this model on this device timed in fp32 and bf16,
-  the faster that stays finite (cached per machine, model and crop; ``ssl_em.utils.precision``);
+* ``precision: auto`` (the default) -> a few steps of this model on this device timed in fp32 and bf16
+  (bf16 in a child process, where a crashing kernel costs nothing), the faster that stays finite
+  (cached per machine, model and crop; ``ssl_em.utils.precision``);
 * checkpoints are safetensors (:class:`SafetensorsCheckpointIO`), with a
   ``last.ckpt`` so ``--ckpt_path last`` resumes an interrupted run;
 * ``--data`` accepts volume specs directly: ``ssl-em fit --config r.yaml --data a.zarr b.h5:/raw``.
@@ -126,15 +127,12 @@ def _needs_two_views(method: str) -> bool:
 
 def _measured_precision_of(model: Any, datamodule: Any, device_type: str) -> str | None:
     """Lightning precision for ``precision: auto``, timed on one batch (None: nothing to time)."""
-    from ssl_em.utils.precision import lightning_precision, measure_datamodule_precision
+    from ssl_em.utils.precision import describe_record, lightning_precision, measure_datamodule_precision
 
     if not hasattr(model, "probe_loss") or datamodule is None or not hasattr(datamodule, "train_dataloader"):
         return None
     record = measure_datamodule_precision(model, datamodule, device_type)
-    ms = record["ms_per_step"]
-    print(f"ssl-em fit: precision auto -> {record['precision']} (fp32 {ms.get('32')} ms, bf16 {ms.get('bf16')} ms per "
-          f"step{', bf16 not finite' if not record['finite'].get('bf16') else ''}"
-          f"{', cached' if record['cached'] else ''})", file=sys.stderr)
+    print(f"ssl-em fit: {describe_record(record)}", file=sys.stderr)
     return lightning_precision(record["precision"], device_type)
 
 

@@ -40,6 +40,9 @@ def test_session_trains_on_painted_voxels_continues_after_corrections_and_cancel
     first = s.fine_tune(paint(phantom), steps=12, progress=lambda i, n, loss: seen.append((i, n, loss)))
     assert first.steps == 12 and not first.cancelled and [i for i, _, _ in seen] == list(range(1, 13))
     assert all(np.isfinite(loss) for _, _, loss in seen)
+    # precision "auto" went through the measurement (bf16 tried in a child process), once per session
+    assert s.precision_record is not None and s.precision_record["precision"] in ("32", "bf16")
+    assert s.precision_record["reason"] and "FineTuning" in s.precision_record["key"]
     lora_a = {k: v.clone() for k, v in s.module.model.state_dict().items() if "lora_A" in k}
     assert lora_a
     probs = s.predict(tmp_path / "p.zarr")

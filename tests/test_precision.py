@@ -4,45 +4,104 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from ssl_em.utils.precision import measure_module_precision, measure_precision, resolve_precision
+from ssl_em.utils.precision import measure_module_precision, resolve_precision, time_step
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _step(ms: dict[str, float], loss: dict[str, float], calls: list[str]):
-    def step(precision: str) -> float:
-        calls.append(precision)
-        time.sleep(ms[precision] / 1000)
-        return loss[precision]
-    return step
+class ScriptedStep(torch.nn.Module):
+    """A model whose training step takes ``ms[precision]`` milliseconds and returns ``loss[precision]``;
+    under bf16 it can instead crash its process (a real SIGSEGV) or hang, as oneDNN's AMX bf16 kernels do
+    for some Conv3d shapes. It is pickled into the child process that tries bf16."""
+
+    def __init__(self, ms: dict[str, float], loss: dict[str, float] | None = None, on_bf16: str | None = None) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.ms, self.loss, self.on_bf16 = ms, loss or {"32": 1.0, "bf16": 1.0}, on_bf16
+
+    def probe_loss(self, batch: dict) -> torch.Tensor:
+        precision = "bf16" if torch.is_autocast_enabled("cpu") else "32"
+        if precision == "bf16" and self.on_bf16 == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if precision == "bf16" and self.on_bf16 == "hang":
+            threading.Event().wait()
+        if precision == "bf16" and self.on_bf16 == "raise":
+            raise RuntimeError("no bf16 kernel for this op")
+        time.sleep(self.ms[precision] / 1000)
+        return (self.weight * batch["raw"]).sum() * self.loss[precision]
+
+
+BATCH = {"raw": torch.ones(2, 1, 4, 8, 8)}
+
+
+def batch_of(n: int) -> dict:
+    """A batch of ``n`` crops: the cache tells models apart by their input's shape."""
+    return {"raw": torch.ones(n, 1, 4, 8, 8)}
 
 
 def test_bf16_only_when_measured_faster_and_finite(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("SSL_EM_CACHE", str(tmp_path))
-    calls: list[str] = []
-    fast = measure_precision(_step({"32": 30, "bf16": 5}, {"32": 1.0, "bf16": 1.0}, calls), "a", "cpu")
-    assert fast["precision"] == "bf16" and not fast["cached"] and fast["ms_per_step"]["bf16"] < 20
-    assert calls == ["32"] * 4 + ["bf16"] * 4  # a warm-up and three timed steps each
-    slow_calls: list[str] = []
-    slow = measure_precision(_step({"32": 5, "bf16": 40}, {"32": 1.0, "bf16": 1.0}, slow_calls), "b", "cpu")
-    assert slow["precision"] == "32"  # slower bf16 (an emulating CPU, or one whose bf16 kernels lose) is not taken
-    assert slow_calls.count("bf16") == 1  # 8x slower already in its warm-up: not timed further
-    diverging = measure_precision(_step({"32": 30, "bf16": 5}, {"32": 1.0, "bf16": math.nan}, []), "c", "cpu")
+    fast = measure_module_precision(ScriptedStep({"32": 60, "bf16": 5}), batch_of(1), "cpu")
+    assert fast["precision"] == "bf16" and not fast["cached"] and fast["ms_per_step"]["bf16"] < 30
+    assert "faster" in fast["reason"]
+    slow = measure_module_precision(ScriptedStep({"32": 5, "bf16": 40}), batch_of(2), "cpu")
+    assert slow["precision"] == "32" and "not faster" in slow["reason"]  # an emulating CPU, or slower kernels
+    diverging = measure_module_precision(ScriptedStep({"32": 60, "bf16": 5}, {"32": 1.0, "bf16": math.nan}), batch_of(3),
+                                         "cpu")
     assert diverging["precision"] == "32" and diverging["finite"] == {"32": True, "bf16": False}
-    calls.clear()
-    again = measure_precision(_step({"32": 30, "bf16": 5}, {"32": 1.0, "bf16": 1.0}, calls), "a", "cpu")
-    assert again["cached"] and again["precision"] == "bf16" and calls == []  # from the cache: nothing run
+    again = measure_module_precision(ScriptedStep({"32": 60, "bf16": 5}), batch_of(1), "cpu")
+    assert again["cached"] and again["precision"] == "bf16"  # the same model and crop: from the cache
     cache = json.loads((tmp_path / "precision.json").read_text())
     assert len(cache) == 3 and all("torch" in key and key.startswith("cpu:") for key in cache)
     assert resolve_precision("auto", "cpu") == "32"  # unmeasured: never bf16 from CPU flags
+
+
+def test_an_emulated_bf16_warm_up_is_not_timed_further() -> None:
+    calls: list[str] = []
+
+    def step(precision: str) -> float:
+        calls.append(precision)
+        time.sleep(0.04)
+        return 1.0
+
+    ms, finite = time_step(step, "bf16", "cpu", repeats=3, give_up_ms=10)
+    assert calls == ["bf16"] and ms >= 40 and finite
+    ms, finite = time_step(step, "32", "cpu", repeats=3)
+    assert len(calls) == 5  # a warm-up and three timed steps
+
+
+@pytest.mark.parametrize("failure", ["crash", "hang"])
+def test_a_bf16_step_that_crashes_or_hangs_costs_nothing(failure: str, tmp_path: Path, monkeypatch) -> None:
+    """The bf16 step runs in a child: its crash (SIGSEGV) or hang leaves this process training in fp32,
+    with the reason recorded, and the cache keeps the verdict so the next run does not try again."""
+    monkeypatch.setenv("SSL_EM_CACHE", str(tmp_path))
+    model = ScriptedStep({"32": 60, "bf16": 5}, on_bf16=failure)  # bf16 would be "faster" if it returned
+    record = measure_module_precision(model, BATCH, "cpu", timeout_s=5)
+    assert record["precision"] == "32" and not record["cached"]
+    expected = "crashed with SIGSEGV" if failure == "crash" else "hung"
+    assert expected in record["reason"] and record["ms_per_step"]["bf16"] is None
+    assert record["ms_per_step"]["32"] >= 60 and torch.equal(model.weight.detach(), torch.ones(1))
+    again = measure_module_precision(model, BATCH, "cpu", timeout_s=5)
+    assert again["cached"] and again["precision"] == "32" and again["reason"] == record["reason"]
+    assert expected in json.loads((tmp_path / "precision.json").read_text()).popitem()[1]["reason"]
+
+
+def test_a_bf16_step_that_raises_is_a_recorded_fallback(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SSL_EM_CACHE", str(tmp_path))
+    record = measure_module_precision(ScriptedStep({"32": 5, "bf16": 5}, on_bf16="raise"), BATCH, "cpu",
+                                      use_cache=False)
+    assert record["precision"] == "32" and record["reason"] == "bf16 step raised no bf16 kernel for this op"
 
 
 def test_measuring_a_module_leaves_its_weights_and_the_rng_as_they_were(tmp_path: Path, monkeypatch) -> None:

@@ -49,7 +49,8 @@ class FineTuneSession:
     """Few-label fine-tuning of one volume, as the plugin drives it."""
 
     def __init__(self, raw: Any, voxel_size: Any = None, task: str = "mito", encoder: str = DEFAULT_ENCODER,
-                 patch_shape: tuple[int, int, int] | None = None, lr: float = 2e-2, seed: int = 0) -> None:
+                 patch_shape: tuple[int, int, int] | None = None, lr: float = 2e-2, seed: int = 0,
+                 precision: str = "auto") -> None:
         self.raw = np.ascontiguousarray(np.asarray(raw))
         if self.raw.ndim != 3:
             raise ConfigError(f"the image layer must be one (z, y, x) volume, got shape {self.raw.shape}")
@@ -59,6 +60,8 @@ class FineTuneSession:
         self.module: Any = None
         self.normalization: Any = None
         self.total_steps = 0
+        self.precision = precision
+        self.precision_record: dict[str, Any] | None = None  # what "auto" measured, once per session
 
     # ------------------------------------------------------------------ training
     def _build(self) -> Any:
@@ -111,15 +114,30 @@ class FineTuneSession:
         from ssl_em.study.train import quiet_lightning
         from ssl_em.utils.precision import resolve_device
 
-        accelerator = "gpu" if resolve_device("auto").startswith("cuda") else "cpu"  # a GPU when one is visible
+        device = resolve_device("auto")  # a GPU when one is visible
+        accelerator = "gpu" if device.startswith("cuda") else "cpu"
         with quiet_lightning():
             trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1, logger=False,
+                                precision=self._lightning_precision(dm, device.split(":")[0]),
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                 limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Hook()])
             trainer.fit(self.module, datamodule=dm)
         self.normalization = dm.normalization
         self.total_steps += trainer.global_step
         return TrainResult(trainer.global_step, self.total_steps, state["cancelled"], state["loss"])
+
+    def _lightning_precision(self, datamodule: Any, device_type: str) -> str:
+        """``self.precision``; ``"auto"`` is measured once per session (bf16 tried in a child process)."""
+        import sys
+
+        from ssl_em.utils.precision import describe_record, lightning_precision, measure_datamodule_precision
+
+        if str(self.precision).lower() != "auto":
+            return lightning_precision(self.precision, device_type)
+        if self.precision_record is None:
+            self.precision_record = measure_datamodule_precision(self.module, datamodule, device_type)
+            print(f"ssl-em napari: {describe_record(self.precision_record)}", file=sys.stderr)
+        return lightning_precision(self.precision_record["precision"], device_type)
 
     # ------------------------------------------------------------------ looking
     def _check_trained(self) -> None:

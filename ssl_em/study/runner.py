@@ -239,11 +239,10 @@ class Study:
 
             return resolve_precision(self.cfg.precision, self.cfg.device.split(":")[0]), None
         if method not in self.precisions:
-            from ssl_em.utils.precision import measure_datamodule_precision
+            from ssl_em.utils.precision import describe_record, measure_datamodule_precision
 
             record = measure_datamodule_precision(module, dm, self.cfg.device.split(":")[0])
-            self.log(f"    precision auto for {method}: {record['precision']} ({record['ms_per_step']} ms per step"
-                     f"{', cached' if record['cached'] else ''})")
+            self.log(f"    {method}: {describe_record(record)}")
             self.precisions[method] = record
         return self.precisions[method]["precision"], self.precisions[method]
 
