@@ -104,6 +104,17 @@ def test_a_bf16_step_that_raises_is_a_recorded_fallback(tmp_path: Path, monkeypa
     assert record["precision"] == "32" and record["reason"] == "bf16 step raised no bf16 kernel for this op"
 
 
+def test_a_model_that_cannot_be_pickled_trains_in_fp32_without_trying_bf16(tmp_path: Path, monkeypatch) -> None:
+    """Weight-norm parametrizations (DINO's head) cannot be pickled into the probe process: bf16 is not
+    tried where training runs either."""
+    monkeypatch.setenv("SSL_EM_CACHE", str(tmp_path))
+    model = ScriptedStep({"32": 5, "bf16": 1})
+    model.proj = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(2, 2))
+    record = measure_module_precision(model, BATCH, "cpu")
+    assert record["precision"] == "32" and "cannot be sent to a probe process" in record["reason"]
+    assert record["ms_per_step"]["bf16"] is None
+
+
 def test_measuring_a_module_leaves_its_weights_and_the_rng_as_they_were(tmp_path: Path, monkeypatch) -> None:
     from ssl_em.adapters.finetune import FineTuning
     from ssl_em.data.datamodule import EMDataModule

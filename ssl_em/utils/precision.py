@@ -168,6 +168,7 @@ def measure_module_precision(module, batch: dict, device_type: str, use_cache: b
     "finite", "machine", "key", "cached"}``."""
     import copy
     import math
+    import pickle
 
     import torch
 
@@ -180,7 +181,10 @@ def measure_module_precision(module, batch: dict, device_type: str, use_cache: b
         return {**cache[cache_key], "cached": True}
 
     state = copy.deepcopy(module.state_dict())
-    probe = pickle_probe(module, batch)  # before any step here: the child starts from the same weights
+    try:  # before any step here: the child starts from the same weights
+        probe, unpicklable = pickle_probe(module, batch), None
+    except (RuntimeError, TypeError, AttributeError, pickle.PicklingError) as err:  # e.g. weight-norm parametrizations
+        probe, unpicklable = None, str(err).splitlines()[0][:120]
     device_batch = {k: v.to(device_type) if hasattr(v, "to") else v for k, v in batch.items()}
     module.to(device_type).train()
     devices = [torch.cuda.current_device()] if device_type == "cuda" else []
@@ -192,7 +196,10 @@ def measure_module_precision(module, batch: dict, device_type: str, use_cache: b
             module.zero_grad(set_to_none=True)
             module.load_state_dict(state)
     give_up_ms = 5 * fp32_ms  # bf16 slower than this in its warm-up is emulated: not timed further
-    bf16 = probe_in_child(probe, device_type, repeats, give_up_ms, timeout_s)
+    if probe is None:  # never tried where training runs: fp32
+        bf16 = {"failure": f"not tried: the model cannot be sent to a probe process ({unpicklable})"}
+    else:
+        bf16 = probe_in_child(probe, device_type, repeats, give_up_ms, timeout_s)
     ms = {"32": fp32_ms, "bf16": bf16.get("ms")}
     finite = {"32": fp32_finite, "bf16": bool(bf16.get("finite"))}
     if bf16.get("failure"):
