@@ -23,11 +23,8 @@ import numpy as np
 import torch
 
 from ssl_em.adapters.losses import dice_loss
-from ssl_em.baselines.unet import PlainUNet
-from ssl_em.errors import ConfigError
+from ssl_em.errors import ConfigError, check_fraction
 from ssl_em.utils.optim import adamw_warmup_cosine, check_optimizer_settings
-
-NETWORKS = {"unet": PlainUNet}  # whole networks trained in full, instead of encoder + head + adapter
 
 
 def default_grad_checkpointing(adapter: str) -> bool:
@@ -50,6 +47,9 @@ class FineTuning(L.LightningModule):
         adapter_kwargs: rank ``r``, ``alpha``, ``targets``, ... (see ``add_adapter``).
         task_kwargs: the task's constructor arguments (thresholds, offsets, ...).
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with warm-up then cosine decay.
+        encoder_lr_scale: the encoder path's own weights (a U-Net's contracting half, a ViT's blocks;
+            not adapters, heads or the decoder path) train at ``lr * encoder_lr_scale``: below 1 a
+            pretrained encoder moves less than the layers that learn the task.
         grad_checkpointing: trade compute for activation memory in the encoder; None = on for the
             peft adapters (:func:`default_grad_checkpointing`), whose point is a small footprint: a
             frozen conv still saves its input for backward, so without it LoRA holds as many
@@ -57,9 +57,6 @@ class FineTuning(L.LightningModule):
         export_on_fit_end: when ``fit`` ends, write a deployable folder (:meth:`export`) that
             ``ssl-em predict --model FOLDER`` runs.
         export_dir: that folder; None = ``<trainer.log_dir>/model``.
-        network, network_kwargs: a whole network from :data:`NETWORKS` (``unet``: the plain U-Net
-            baseline, :class:`ssl_em.baselines.unet.PlainUNet`) instead of encoder + head + adapter;
-            trained in full from random init, not exportable for ``ssl-em predict``.
     """
 
     def __init__(
@@ -76,14 +73,14 @@ class FineTuning(L.LightningModule):
         weight_decay: float = 1e-4,
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.05,
+        encoder_lr_scale: float = 1.0,
         grad_checkpointing: bool | None = None,
         export_on_fit_end: bool = True,
         export_dir: str | None = None,
-        network: str | None = None,
-        network_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_optimizer_settings(lr, weight_decay, warmup_steps, min_lr_ratio)
+        check_fraction(encoder_lr_scale, "encoder_lr_scale", allow_zero=False, allow_one=True)
         self.save_hyperparameters()
         from ssl_em.adapters import add_adapter, build_segmentation_model, get_task
         from ssl_em.models import create_encoder, load_encoder
@@ -91,12 +88,6 @@ class FineTuning(L.LightningModule):
         self.task = get_task(task, **(task_kwargs or {}))
         self.encoder_voxel_size: list[float] | None = None  # what the pretrained encoder saw (z, y, x) nm
         self.data_description: dict[str, Any] = {}
-        if network is not None:
-            if network not in NETWORKS:
-                raise ConfigError(f"network {network!r} is not one of {', '.join(NETWORKS)}")
-            self.encoder_config: dict[str, Any] = {}
-            self.model = NETWORKS[network](self.task.num_outputs, **(network_kwargs or {}))
-            return
         if pretrained:
             net = load_encoder(pretrained).train()  # load_encoder returns eval mode (drop-path, norms)
             self.encoder_voxel_size = (net.pretrained_metadata.get("metadata") or {}).get("voxel_size")
@@ -154,8 +145,23 @@ class FineTuning(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError(f"adapter {self.hparams.adapter!r} left no trainable parameter")
+        scale = float(self.hparams.get("encoder_lr_scale", 1.0))
+        if scale != 1.0:
+            slow = {id(p) for p in self.encoder_path_parameters()}
+            params = [{"params": [p for p in params if id(p) not in slow]},
+                      {"params": [p for p in params if id(p) in slow], "lr": self.hparams.lr * scale}]
         return adamw_warmup_cosine(self.trainer, params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                    warmup_steps=self.hparams.warmup_steps, min_lr_ratio=self.hparams.min_lr_ratio)
+
+    def encoder_path_parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable weights of the encoder path itself: the encoder's parameters outside its
+        ``decoder_modules``, adapter layers and modules peft trains in full."""
+        base = getattr(self.model, "base_model", self.model)
+        encoder = base.encoder
+        decoder = tuple(getattr(encoder, "decoder_modules", ()))
+        return [p for n, p in encoder.named_parameters()
+                if p.requires_grad and not n.startswith(tuple(f"{d}." for d in decoder))
+                and "lora_" not in n and "modules_to_save" not in n and "original_module" not in n]
 
     def setup(self, stage: str) -> None:
         # after the data module's setup (shapes checked there): check label values before step 1
@@ -196,7 +202,7 @@ class FineTuning(L.LightningModule):
             self.data_description = datamodule.describe()
 
     def on_fit_end(self) -> None:
-        if not self.hparams.export_on_fit_end or self.hparams.get("network"):
+        if not self.hparams.export_on_fit_end:
             return
         # trainer.log_dir broadcasts rank 0's value under DDP (a collective): every rank reads it
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
@@ -228,6 +234,4 @@ class FineTuning(L.LightningModule):
         plus the base encoder itself for random-init runs (see :mod:`ssl_em.adapters.io`)."""
         from ssl_em.adapters.io import save_finetuned
 
-        if self.hparams.get("network"):
-            raise ConfigError(f"network {self.hparams.network!r} is a baseline without an encoder: not exportable")
         return save_finetuned(self, out_dir)

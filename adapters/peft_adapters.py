@@ -258,7 +258,8 @@ def _decoder_path(model: nn.Module) -> list[str]:
         raise ConfigError(f"train_decoder needs an encoder with a decoder path (a U-Net); "
                           f"{type(encoder).__name__} has none")
     norms = [n for n, m in encoder.named_modules()
-             if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm3d)) and not _under(n, decoder)]
+             if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm3d, nn.modules.batchnorm._BatchNorm))
+             and not _under(n, decoder)]
     return [f"encoder.{n}" for n in (*decoder, *norms)]
 
 

@@ -1,7 +1,7 @@
 """Label efficiency: pretrained encoder + LoRA vs the controls, under the same labels and step budget.
 
 The peers are what users otherwise do: train the same network from scratch (``scratch``), or a
-plain U-Net from scratch (``unet``, :class:`ssl_em.baselines.PlainUNet`), or an ilastik-style random
+plain U-Net from scratch (``unet``, ssl-em's ``unet_small`` from random init), or an ilastik-style random
 forest (``rf``); ``lora_random`` (LoRA + head on a random encoder)
 controls for optimisation speed: if it matches ``lora``, pretraining is not what helps. Every
 method gets its own learning rate from a short sweep on a validation slab of the training region,
@@ -67,6 +67,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help='peak rates per method instead of sweeping, e.g. \'{"full": [2e-3], "unet": [2e-3]}\'')
     p.add_argument("--pretrain-method", help="pretraining objective (default: the family's, spark / mae; e.g. "
                    "spark_simclr, the best measured in contrastive_vs_mae.py)")
+    p.add_argument("--encoder-lr-scale", type=float, default=1.0,
+                   help="pretrained methods train the encoder path at this fraction of their rate (default 1)")
     p.add_argument("--patch", help="crop z,y,x at the working spacing (default: the plan's)")
     p.add_argument("--voxel-size", help="z,y,x nm, overriding the files")
     p.add_argument("--out", default="bench_out/label_efficiency")
@@ -120,7 +122,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         steps=12 if quick else args.steps, pretrain_steps=6 if quick else pretrain_steps,
         val_every=4 if quick else args.val_every, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int) if args.patch else None, voxel_size=vs,
-        downsample=args.downsample, pretrain_method=args.pretrain_method,
+        downsample=args.downsample, pretrain_method=args.pretrain_method, encoder_lr_scale=args.encoder_lr_scale,
         device=args.device,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else args.lrs,
     )

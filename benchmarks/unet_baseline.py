@@ -1,16 +1,16 @@
-"""Which from-scratch U-Net the study's ``unet`` baseline is: ssl-em's ``PlainUNet`` vs MONAI's ``UNet``.
+"""Which from-scratch U-Net the study's ``unet`` baseline is: ssl-em's plain U-Net (``unet_small``) vs MONAI's ``UNet``.
 
 Both are trained the same way on the same labelled region, crops and batches (the study's data module
 under the plan from ``ssl_em.plan``), AdamW with the same rate, the same steps and seed, and scored by
 foreground IoU on the study's disjoint evaluation region (original voxel grid). MONAI's ``UNet`` is
-what the baseline used to be (residual units, strided convolutions, instance norm); ``PlainUNet`` is
-the classic U-Net people write (``ssl_em.baselines.unet``). ``--patch 2,128,128`` reproduces the
+what the baseline used to be (residual units, strided convolutions, instance norm); ``unet_small`` is
+the classic U-Net people write (``ssl_em.models.unet``). ``--patch 2,128,128`` reproduces the
 plan-crop comparison quoted in ``ssl_em.plan`` (thicker crops, fewer places per step).
 
     .venv/bin/python benchmarks/unet_baseline.py --quick        # phantom, < 1 min
     .venv/bin/python benchmarks/unet_baseline.py --steps 150     # VNC mitochondria at the plan's 9.2 nm
 
-The last line: ``PlainUNet IoU / MONAI UNet IoU``.
+The last line: ``unet_small IoU / MONAI UNet IoU``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch", help="crop z,y,x at the working spacing (default: the plan's)")
     p.add_argument("--batch-size", type=int, help="crops per step (default: the plan's)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only-plain", action="store_true", help="train PlainUNet alone (crop/batch comparisons)")
+    p.add_argument("--only-plain", action="store_true", help="train unet_small alone (crop/batch comparisons)")
     p.add_argument("--quick", action="store_true", help="a small phantom and 20 steps (< 1 min)")
     args = p.parse_args(argv)
     import torch
@@ -110,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         names = ("plain",) if args.only_plain else ("monai", "plain")
         results = {name: train_and_score(name, study, steps, args.lr, args.seed) for name in names}
     for name, (iou, seconds) in results.items():
-        print(f"{'MONAI UNet' if name == 'monai' else 'PlainUNet'}: IoU {iou:.3f} after {steps} steps ({seconds:.0f} s)")
+        print(f"{'MONAI UNet' if name == 'monai' else 'unet_small'}: IoU {iou:.3f} after {steps} steps ({seconds:.0f} s)")
     if args.only_plain:
         return 0
     (peer, _), (ours, _) = results["monai"], results["plain"]
     ratio = ours / peer if peer > 0 else float("inf")
-    print(f"PlainUNet IoU {ours:.3f} vs MONAI UNet {peer:.3f}: ratio {ratio:.2f}x")
+    print(f"unet_small IoU {ours:.3f} vs MONAI UNet {peer:.3f}: ratio {ratio:.2f}x")
     return 0
 
 

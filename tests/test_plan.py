@@ -80,17 +80,18 @@ def test_the_study_trains_at_the_working_spacing_and_scores_on_the_original_grid
 def test_plain_unet_follows_the_plan_2d_for_ssTEM_3d_for_isotropic() -> None:
     import torch
 
-    from ssl_em.baselines import PlainUNet
-    from ssl_em.baselines.unet import layout
+    from ssl_em.models import create_encoder
+    from ssl_em.models.unet import layout
 
     kernels, pools = layout((50, 9.2, 9.2), (1, 128, 128))
     assert all(k == (1, 3, 3) for k in kernels) and all(p == (1, 2, 2) for p in pools)  # 2-D per section
     kernels, pools = layout((50, 9.2, 9.2), (2, 128, 128))  # z pooled once, where the voxel is ~isotropic
     assert pools == [(1, 2, 2), (1, 2, 2), (2, 2, 2), (1, 2, 2)] and kernels[:2] == [(1, 3, 3)] * 2 and kernels[2] == (3, 3, 3)
     assert layout((10, 10, 10), (16, 64, 64))[1] == [(2, 2, 2)] * 4
-    net = PlainUNet(2, (50, 9.2, 9.2), (2, 64, 64)).eval()
-    assert net.stride == (2, 16, 16) and net(torch.zeros(1, 1, 2, 64, 64)).shape == (1, 2, 2, 64, 64)
-    with pytest.raises(ConfigError, match="multiple of its stride"):
+    net = create_encoder("unet_small", spacing=(50, 9.2, 9.2), patch_shape=(2, 64, 64), out_channels=2).eval()
+    assert net.patch_size == (2, 16, 16) and net(torch.zeros(1, 1, 2, 64, 64)).shape == (1, 2, 2, 64, 64)
+    assert net.encoder_config["kwargs"]["pools"] == [[1, 2, 2], [1, 2, 2], [2, 2, 2], [1, 2, 2]]  # saved as planned
+    with pytest.raises(ConfigError, match="divisible"):
         net(torch.zeros(1, 1, 2, 40, 64))
 
 

@@ -55,12 +55,10 @@ def test_unet2d_small_is_the_plain_unet_shape_in_plane_only():
     and widths (a pretrained network of the size of the one it is compared with)."""
     import timm
 
-    from ssl_em.baselines.unet import PlainUNet
-
     m = timm.create_model("unet2d_small")
     assert m.pools == [(1, 2, 2)] * 4 and m.patch_size == (1, 16, 16)
     assert {b.conv1.kernel_size for s in (*m.stages, *m.decoder) for b in s.blocks} == {(1, 3, 3)}
-    plain = _n_params(PlainUNet(1, (50.0, 9.2, 9.2), (1, 128, 128)))
+    plain = _n_params(timm.create_model("unet_small"))
     assert 0.8 * plain < _n_params(m) < 1.1 * plain
     assert m(torch.randn(2, 1, 1, 32, 32)).shape == (2, 16, 1, 32, 32)
     with pytest.raises(ConfigError, match="divisible"):

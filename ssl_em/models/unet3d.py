@@ -317,7 +317,7 @@ _SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(widths=(8, 16, 32, 64), blocks_per_stage=1),  # ~0.3 M parameters
     "small": dict(widths=(16, 32, 64, 128), blocks_per_stage=1),  # ~1.2 M
     "base": dict(widths=(32, 64, 128, 256), blocks_per_stage=(1, 2, 2, 2)),  # ~9 M
-    # the plain U-Net baseline's depth and widths (ssl_em.baselines.unet), ~1.7 M
+    # the plain U-Net baseline's depth and widths (ssl_em.models.unet), ~1.7 M
     "sections": dict(widths=(16, 32, 64, 128, 256), blocks_per_stage=1, anisotropic_levels=5),
 }
 

@@ -39,7 +39,7 @@ from ssl_em.pretrain.contrastive import ProjectionHead, nt_xent_loss
 from ssl_em.pretrain.mae import MaskedAutoencoder3D
 from ssl_em.pretrain.spark import SparKMasked3D
 
-__all__ = ["MAESimCLR3D", "SparKSimCLR3D"]
+__all__ = ["InpaintingSimCLR3D", "MAESimCLR3D", "SparKSimCLR3D"]
 
 
 class _ContrastiveTerm(nn.Module):
@@ -118,3 +118,11 @@ class SparKSimCLR3D(SparKMasked3D):
         cells = resize_mask(visible, feats[-1].shape[-3:])  # (2B, 1, d, h, w), 1 = visible
         h = (feats[-1] * cells).sum(dim=(2, 3, 4)) / cells.sum(dim=(2, 3, 4)).clamp_min(1.0)
         return _combine(self, reconstruction, h)
+
+
+class InpaintingSimCLR3D(SparKSimCLR3D):
+    """Dense masked inpainting (:class:`~ssl_em.pretrain.spark.MaskedInpainting3D`) on both views + SimCLR
+    on their bottlenecks averaged over visible cells."""
+
+    def __init__(self, encoder: nn.Module, **kwargs: Any) -> None:
+        super().__init__(encoder, sparse=False, **kwargs)

@@ -31,6 +31,8 @@ OBJECTIVES: dict[str, str] = {
     "dino": "ssl_em.pretrain.contrastive:DINO3D",
     "mae_simclr": "ssl_em.pretrain.combined:MAESimCLR3D",
     "spark_simclr": "ssl_em.pretrain.combined:SparKSimCLR3D",
+    "inpaint": "ssl_em.pretrain.spark:MaskedInpainting3D",
+    "inpaint_simclr": "ssl_em.pretrain.combined:InpaintingSimCLR3D",
 }
 
 

@@ -12,6 +12,9 @@ SparK in 3-D, on :class:`ssl_em.models.unet3d.ResidualUNet3D`:
 4. a 1x1x1 conv predicts the target; the loss is the MSE over masked voxels only.
 
 Because the whole U-Net (decoder included) is trained, fine-tuning starts from a complete network.
+:class:`MaskedInpainting3D` is the dense variant (``sparse=False``): the masked units are zeroed in the
+input and the network runs as it will be fine-tuned (dense convolutions, batch statistics over every
+voxel), with the same loss on the masked voxels.
 :class:`Denoising3D` trains the same U-Net to restore corrupted input (Noise2Void blind spots or
 additive Gaussian noise) as a cheaper, mask-free alternative.
 """
@@ -32,7 +35,7 @@ from ssl_em.models.unet3d import resize_mask
 Triple = tuple[int, int, int]
 TARGETS = ("raw", "normalized", "lowpass")
 
-__all__ = ["Denoising3D", "SparKMasked3D", "gaussian_lowpass", "masked_mse"]
+__all__ = ["Denoising3D", "MaskedInpainting3D", "SparKMasked3D", "gaussian_lowpass", "masked_mse"]
 
 
 def gaussian_lowpass(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
@@ -62,13 +65,17 @@ class SparKMasked3D(nn.Module):
     """SparK masked image modelling for a U-Net encoder with ``forward_encoder(x, mask)``/``forward_decoder``.
 
     Args:
-        encoder: a :class:`~ssl_em.models.unet3d.ResidualUNet3D` (any module with the same methods,
-            ``widths``, ``dense_dim``, ``patch_size`` and ``in_chans``).
+        encoder: a U-Net with ``forward_encoder(x, mask)`` / ``forward_decoder``, ``widths``, ``dense_dim``,
+            ``patch_size`` and ``in_chans`` (:class:`~ssl_em.models.unet.UNet`,
+            :class:`~ssl_em.models.unet3d.ResidualUNet3D`).
         mask_ratio: fraction of mask units hidden per sample.
         mask_unit: (z, y, x) voxels per mask unit; a multiple of ``encoder.patch_size`` (default equal).
         target: "raw" (the input), "normalized" (input normalised per mask unit, MAE's norm_pix_loss) or
             "lowpass" (input blurred by ``lowpass_sigma``, which removes unpredictable shot noise).
         lowpass_sigma: Gaussian sigma (z, y, x) in voxels for ``target="lowpass"``.
+        sparse: True (SparK): the encoder sees only visible units, masked units are filled with mask tokens
+            before the decoder; False (dense inpainting): masked units are zeros in the input of a dense
+            network.
 
     ``forward(x)`` with x (B, C, D, H, W) returns ``(loss, pred, mask)``: pred (B, C, D, H, W), mask
     (B, 1, D, H, W) with 1 = masked (hidden from the encoder), as in MAE.
@@ -81,6 +88,7 @@ class SparKMasked3D(nn.Module):
         mask_unit: int | Sequence[int] | None = None,
         target: str = "raw",
         lowpass_sigma: float | Sequence[float] = (0.0, 1.0, 1.0),
+        sparse: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
@@ -99,8 +107,11 @@ class SparKMasked3D(nn.Module):
         if len(sigma) != 3 or min(sigma) < 0:
             raise ConfigError(f"spark lowpass_sigma={lowpass_sigma} must be one or three (z, y, x) values >= 0")
         self.lowpass_sigma = tuple(float(v) for v in sigma)
-        # per-stage mask tokens filling masked positions before the decoder ("densify")
-        self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, w, 1, 1, 1)) for w in encoder.widths)
+        self.sparse = bool(sparse)
+        # per-stage mask tokens filling masked positions before the decoder ("densify"); a dense network
+        # has features everywhere already
+        self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, w, 1, 1, 1)) for w in encoder.widths
+                                            ) if self.sparse else None
         self.pred = nn.Conv3d(encoder.dense_dim, encoder.in_chans, 1)
 
     def unit_grid(self, shape: Sequence[int]) -> Triple:
@@ -137,6 +148,8 @@ class SparKMasked3D(nn.Module):
 
     def decode(self, feats: Sequence[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
         """Stage outputs of the sparse encoder -> densified with mask tokens -> dense decoder -> prediction."""
+        if not self.sparse:
+            return self.pred(self.encoder.forward_decoder(feats))
         dense = []
         for f, token in zip(feats, self.mask_tokens):
             m = resize_mask(visible, f.shape[-3:])
@@ -156,8 +169,11 @@ class SparKMasked3D(nn.Module):
 
     def forward_with_features(self, x: torch.Tensor, visible: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """As :meth:`forward` with a given ``visible``, plus the sparse encoder's stage outputs."""
-        feats = self.encoder.forward_encoder(x, visible)
+        """As :meth:`forward` with a given ``visible``, plus the encoder's stage outputs."""
+        if self.sparse:
+            feats = self.encoder.forward_encoder(x, visible)
+        else:
+            feats = self.encoder.forward_encoder(x * resize_mask(visible.to(x.dtype), x.shape[-3:]))
         pred = self.decode(feats, visible)
         mask = 1.0 - resize_mask(visible.to(x.dtype), x.shape[-3:])
         return masked_mse(pred, self.make_target(x), mask), pred, mask, feats
@@ -170,6 +186,14 @@ class SparKMasked3D(nn.Module):
         target = self.make_target(x)
         return {"input": x, "masked input": x * (1 - mask), "target": target, "prediction": pred,
                 "visible + prediction": target * (1 - mask) + pred * mask}
+
+
+class MaskedInpainting3D(SparKMasked3D):
+    """Dense masked inpainting: :class:`SparKMasked3D` with ``sparse=False`` (masked units zeroed in the
+    input of the dense network, MSE on the masked voxels)."""
+
+    def __init__(self, encoder: nn.Module, **kwargs) -> None:
+        super().__init__(encoder, sparse=False, **kwargs)
 
 
 class Denoising3D(nn.Module):

@@ -18,7 +18,7 @@ One engine for ``ssl-em demo`` and ``benchmarks/label_efficiency.py``:
    ``lora`` / ``frozen`` / ``full`` start from the pretrained encoder; ``scratch`` is the same
    network from random init, all trained; ``lora_random`` is LoRA + head on a random encoder (the
    control: if it matches ``lora``, the pretrained features are not what helps); ``unet`` is the
-   classic U-Net users write (``ssl_em.baselines.PlainUNet``, shaped by the plan) from scratch, and
+   classic U-Net users write (``unet_small``, :mod:`ssl_em.models.unet`, shaped by the plan) from scratch, and
    ``rf`` an ilastik-style random forest on the same labels.
 5. **One pipeline.** Every run is an ``ssl-em fit`` fine-tuning run: ``FineTuning`` + ``EMDataModule`` +
    a Lightning ``Trainer`` with ``max_steps``, validation every ``val_every`` steps and the best

@@ -8,6 +8,7 @@ from typing import Any
 from ssl_em.errors import ConfigError, check_fraction, check_positive
 
 STUDY_METHODS = ("lora", "frozen", "full", "scratch", "lora_random", "unet", "rf")
+UNET_CONTROL = "unet_small"  # the ``unet`` method: the plain U-Net users train (ssl_em.models.unet)
 NOT_TRAINED = ("rf",)  # baselines without an optimiser: no rate, no step budget
 # study method -> (adapter method, starts from the pretrained encoder)
 ADAPTER = {"lora": ("lora", True), "frozen": ("frozen", True), "full": ("full", True),
@@ -66,6 +67,7 @@ class StudyConfig:
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     encoder: str | None = None  # an exported encoder (path or name) to start from
     adapter_kwargs: dict[str, Any] | None = None  # add_adapter options of lora / lora_random; None: the family's
+    encoder_lr_scale: float = 1.0  # pretrained methods: the encoder path trains at this fraction of the rate
     methods: tuple[str, ...] = STUDY_METHODS
     fractions: tuple[float, ...] = (0.05, 1.0)
     patches: tuple[int, ...] = ()  # painted-patch regimes (numbers of patches), beside the fractions
@@ -127,6 +129,7 @@ class StudyConfig:
         if self.lrs is not None:
             self.lrs = {m: tuple(float(r) for r in rates) for m, rates in self.lrs.items()}
         check_positive(self.seeds, "seeds")
+        check_fraction(self.encoder_lr_scale, "encoder_lr_scale", allow_one=True)
         check_fraction(self.eval_fraction, "eval_fraction")
         check_fraction(self.val_fraction, "val_fraction")
         check_fraction(self.sweep_share, "sweep_share", allow_zero=True, allow_one=True)

@@ -22,7 +22,7 @@ import numpy as np
 from lightning.pytorch import Callback
 
 from ssl_em.data.volume import Box
-from ssl_em.study.config import ADAPTER, FAMILIES, METRICS, StudyConfig
+from ssl_em.study.config import ADAPTER, FAMILIES, METRICS, UNET_CONTROL, StudyConfig
 
 
 @dataclass
@@ -54,16 +54,40 @@ def build_module(method: str, cfg: StudyConfig, encoder_dir: str | Path | None, 
     common = dict(task=cfg.task, task_kwargs=cfg.task_kwargs, lr=lr, warmup_steps=max(1, steps // 20),
                   export_on_fit_end=False)
     torch.manual_seed(seed)
-    if method == "unet":
+    if method == "unet":  # the plain U-Net users train, from random init, shaped by the plan
         layout = {"spacing": list(cfg.spacing or (1.0, 1.0, 1.0)), "patch_shape": list(cfg.patch_shape)}
-        return FineTuning(network="unet", network_kwargs=layout, adapter="full", **common)
+        return FineTuning(encoder=UNET_CONTROL, encoder_kwargs=layout, adapter="full", grad_checkpointing=False,
+                          **common)
     adapter, pretrained = ADAPTER[method]
     sidecar = read_sidecar(encoder_dir)
     return FineTuning(encoder=sidecar["architecture"], pretrained=str(encoder_dir) if pretrained else None,
                       encoder_kwargs=dict(sidecar.get("kwargs") or {}), adapter=adapter,
+                      encoder_lr_scale=cfg.encoder_lr_scale if pretrained else 1.0,
                       adapter_kwargs=dict(cfg.adapter_kwargs) if adapter not in ("full", "frozen") else None,
                       grad_checkpointing=False,  # same compute per step for every method
                       **common)
+
+
+def planned_encoder_kwargs(cfg: StudyConfig) -> dict[str, Any]:
+    """The encoder's constructor arguments for a new encoder under the plan: ``cfg.encoder_kwargs`` plus
+    the plan's crop as a ViT's ``img_size``, and its spacing and crop for a U-Net shaped by them
+    (:mod:`ssl_em.models.unet`: in-plane for serial sections, 3-D for near-isotropic voxels)."""
+    import inspect
+
+    import torch
+
+    from ssl_em.models import create_encoder
+
+    kwargs = dict(cfg.encoder_kwargs)
+    if cfg.encoder:  # continuing an exported encoder: its own recorded layout
+        return kwargs
+    if cfg.family == "vit" and "img_size" not in kwargs:
+        kwargs["img_size"] = list(cfg.patch_shape)
+    with torch.device("meta"):  # shapes only
+        params = inspect.signature(type(create_encoder(cfg.arch))).parameters
+    if {"spacing", "patch_shape"} <= set(params) and not {"pools", "kernels", "spacing"} & set(kwargs):
+        kwargs.update(spacing=list(cfg.spacing or (1.0, 1.0, 1.0)), patch_shape=list(cfg.patch_shape))
+    return kwargs
 
 
 def as_region(box: Box) -> list[list[int]]:
@@ -251,9 +275,7 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     volumes = [as_volume(v, cfg.voxel_size, cfg.fill_missing) for v in volumes]
     if (cfg.downsample or 1) > 1:  # pretrain at the working spacing, resampled as crops are read
         volumes = [DownsampledVolume(v, cfg.downsample) for v in volumes]
-    kwargs = dict(cfg.encoder_kwargs)
-    if cfg.family == "vit" and "img_size" not in kwargs and not cfg.encoder:
-        kwargs["img_size"] = list(cfg.patch_shape)
+    kwargs = planned_encoder_kwargs(cfg)
     method = cfg.pretrain_method or fam["method"]
     # the family's masking settings hold for its objective and the combined one built on it (spark_simclr)
     method_kwargs = dict(fam["method_kwargs"]) if method.split("_")[0] == fam["method"] else {}

@@ -1,0 +1,279 @@
+"""The U-Net people write, as ssl-em's convolutional encoder family (pretrained, adapted, or from scratch).
+
+Ronneberger et al.'s U-Net as users train it: two conv-BatchNorm-ReLU per level, max-pooling,
+transposed-conv upsampling, concatenated skips, widths doubling from 16. It is both the network the
+``unet`` and ``scratch`` controls train from random init and the encoder ssl-em pretrains and adapts:
+one implementation, so a pretrained-vs-scratch comparison differs only in the starting weights.
+
+Poolings and kernels follow nnU-Net's rule (:func:`layout`): an axis is pooled, and gets a 3-wide
+kernel, while its spacing is within 2x of the finest; so serial-section EM (z >= 4x coarser) gets an
+in-plane network and near-isotropic FIB-SEM a 3-D one. The plan passes its spacing and crop; the
+resulting ``pools`` and ``kernels`` are recorded in ``encoder_config``, so a saved encoder rebuilds
+exactly. Every block takes an optional visibility ``mask`` (SparK): features are zeroed at masked
+voxels after every conv and BatchNorm statistics come from visible voxels only
+(:class:`MaskedBatchNorm3d`). Conv3d names are stable (``conv1``, ``conv2``) for peft targeting.
+
+Why this network and not ssl-em's former residual U-Net (GroupNorm, added skips, one block per level):
+with the same depth and widths, trained from scratch on the same labels and steps, the residual one
+reached half the plain U-Net's IoU on VNC mitochondria (0.221 vs 0.457 at one labelled section;
+``benchmarks/results/vnc_mito_unet2d_patches.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_em.errors import ConfigError
+from ssl_em.models.layers import check_divisible
+from ssl_em.models.pretrained import timm_default_cfgs
+from ssl_em.models.registry import build_encoder, register_encoder
+from ssl_em.models.unet3d import resize_mask
+
+Triple = tuple[int, int, int]
+
+__all__ = ["MaskedBatchNorm3d", "UNet", "layout"]
+
+
+def layout(spacing: Sequence[float], patch_shape: Sequence[int], levels: int = 4) -> tuple[list[Triple], list[Triple]]:
+    """nnU-Net's rule for the kernels of ``levels + 1`` levels and the ``levels`` poolings between them, on
+    crops of ``patch_shape`` (z, y, x) at ``spacing`` (nm): an axis is pooled while its spacing is within 2x
+    of the finest (among axes of more than one voxel) and it still has 2 or more voxels (an even count);
+    it gets a 3-wide kernel under the same spacing rule when it has more than one voxel."""
+    sp, size = [float(v) for v in spacing], [int(n) for n in patch_shape]
+    kernels: list[Triple] = []
+    pools: list[Triple] = []
+    for level in range(levels + 1):
+        finest = min(s for s, n in zip(sp, size) if n > 1) if max(size) > 1 else min(sp)  # a 1-voxel axis is no axis
+        kernels.append(tuple(3 if s <= 2 * finest and n > 1 else 1 for s, n in zip(sp, size)))  # type: ignore[misc]
+        if level == levels:
+            break
+        pool = tuple(2 if s <= 2 * finest and n >= 2 and n % 2 == 0 else 1 for s, n in zip(sp, size))
+        pools.append(pool)  # type: ignore[arg-type]
+        sp = [s * p for s, p in zip(sp, pool)]
+        size = [n // p for n, p in zip(size, pool)]
+    return kernels, pools
+
+
+class MaskedBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm whose batch statistics can be restricted to visible voxels (SparK's sparse BatchNorm).
+
+    ``forward(x, mask)`` with ``mask`` (B, 1, D, H, W) in {0, 1} (1 = visible), in training, normalises
+    each channel by the mean and variance over the batch's visible voxels and updates the running
+    statistics with them; statistics over masked zeros would shrink the variance by the mask ratio and
+    shift what the layers after it see between pretraining and fine-tuning. Without a mask, or in eval
+    mode, it is plain BatchNorm. Values at masked voxels are garbage; callers re-mask.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if mask is None or not self.training:
+            return super().forward(x)
+        dims = (0, 2, 3, 4)
+        n = (mask.sum() * 1.0).clamp_min(2.0)  # visible voxels over the batch
+        mean = (x * mask).sum(dims) / n  # (C,)
+        var = ((x - mean.reshape(1, -1, 1, 1, 1)).square() * mask).sum(dims) / n
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), m)
+                self.num_batches_tracked.add_(1)
+        scale = torch.rsqrt(var + self.eps) * self.weight  # (C,)
+        shift = self.bias - mean * scale
+        return torch.addcmul(shift.reshape(1, -1, 1, 1, 1), x, scale.reshape(1, -1, 1, 1, 1))
+
+
+class ConvBlock(nn.Module):
+    """conv1-BN-ReLU-conv2-BN-ReLU at one resolution; with ``mask`` a sparse block over visible voxels."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: Triple) -> None:
+        super().__init__()
+        pad = tuple(k // 2 for k in kernel)
+        self.conv1 = nn.Conv3d(in_ch, out_ch, kernel, padding=pad, bias=False)
+        self.bn1 = MaskedBatchNorm3d(out_ch)
+        self.conv2 = nn.Conv3d(out_ch, out_ch, kernel, padding=pad, bias=False)
+        self.bn2 = MaskedBatchNorm3d(out_ch)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x), mask), inplace=True)
+        if mask is not None:
+            x = x * mask
+        x = F.relu(self.bn2(self.conv2(x), mask), inplace=True)
+        return x if mask is None else x * mask
+
+
+class UNet(nn.Module):
+    """The plain U-Net under the ssl-em encoder contract (CONTRIBUTING.md).
+
+    Args:
+        in_chans: input channels (1 for EM).
+        widths: channels per level, shallow to deep (``len(widths) - 1`` poolings).
+        spacing, patch_shape: the plan's working spacing (z, y, x nm) and crop, from which :func:`layout`
+            derives ``pools`` and ``kernels`` when those are not given.
+        pools, kernels: explicit poolings (one per level boundary) and kernels (one per level); a saved
+            encoder records them, so it rebuilds whatever spacing it was planned for.
+        out_channels: 0 -> no head, ``forward`` returns the dense decoder features; else a 1x1x1 conv head.
+
+    Shapes: input (B, in_chans, D, H, W) with (D, H, W) divisible by ``patch_size`` (the total pooling);
+    ``forward_dense`` -> (B, widths[0], D, H, W); ``forward_features`` -> (B, N, embed_dim) bottleneck tokens.
+    """
+
+    def __init__(self, in_chans: int = 1, widths: Sequence[int] = (16, 32, 64, 128, 256),
+                 spacing: Sequence[float] | None = None, patch_shape: Sequence[int] | None = None,
+                 pools: Sequence[Sequence[int]] | None = None, kernels: Sequence[Sequence[int]] | None = None,
+                 out_channels: int = 0) -> None:
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        n = len(widths)
+        if n < 2 or min(widths) < 1 or in_chans < 1:
+            raise ConfigError(f"unet widths {list(widths)} need two or more positive channel counts")
+        if pools is None or kernels is None:
+            if spacing is None or patch_shape is None:
+                raise ConfigError("unet needs spacing and patch_shape (the plan's) or explicit pools and kernels")
+            planned_kernels, planned_pools = layout(spacing, patch_shape, n - 1)
+            kernels = kernels if kernels is not None else planned_kernels
+            pools = pools if pools is not None else planned_pools
+        self.pools_zyx: list[Triple] = [tuple(int(v) for v in p) for p in pools]  # type: ignore[misc]
+        kernels_zyx: list[Triple] = [tuple(int(v) for v in k) for k in kernels]  # type: ignore[misc]
+        if len(self.pools_zyx) != n - 1 or len(kernels_zyx) != n or any(len(t) != 3 for t in (*self.pools_zyx, *kernels_zyx)):
+            raise ConfigError(f"unet with {n} widths needs {n - 1} pools and {n} kernels of three (z, y, x) sizes")
+        if any(v not in (1, 2) for p in self.pools_zyx for v in p) or any(k % 2 == 0 for t in kernels_zyx for k in t):
+            raise ConfigError(f"unet pools {self.pools_zyx} must be 1 or 2 per axis, kernels {kernels_zyx} odd")
+        self.encoder_config: dict[str, Any] = {"architecture": "unet_small", "kwargs": dict(
+            in_chans=in_chans, widths=list(widths), pools=[list(p) for p in self.pools_zyx],
+            kernels=[list(k) for k in kernels_zyx], out_channels=out_channels)}
+        self.stages = nn.ModuleList(ConvBlock(in_chans if i == 0 else widths[i - 1], widths[i], kernels_zyx[i])
+                                    for i in range(n))
+        self.pools = nn.ModuleList(nn.MaxPool3d(p) for p in self.pools_zyx)
+        self.ups = nn.ModuleList(nn.ConvTranspose3d(widths[i + 1], widths[i], p, p) for i, p in enumerate(self.pools_zyx))
+        self.decoder = nn.ModuleList(ConvBlock(2 * widths[i], widths[i], kernels_zyx[i]) for i in range(n - 1))
+        self.head = nn.Conv3d(widths[0], out_channels, 1) if out_channels > 0 else None
+        self.decoder_modules = ("ups", "decoder")  # what add_adapter(train_decoder=True) trains in full
+        self.widths, self.in_chans = widths, in_chans
+        self.embed_dim = self.num_features = widths[-1]
+        self.dense_dim = widths[0]
+        self.stage_strides: list[Triple] = [(1, 1, 1)]
+        for p in self.pools_zyx:
+            self.stage_strides.append(tuple(a * b for a, b in zip(self.stage_strides[-1], p)))  # type: ignore[arg-type]
+        self.patch_size: Triple = self.stage_strides[-1]
+
+    # --- contract -------------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        return self.encoder_config["architecture"]
+
+    def grid_size(self, input_shape: Sequence[int]) -> Triple:
+        """Bottleneck grid (d, h, w) for an input whose last three dims are (D, H, W)."""
+        return check_divisible(input_shape, self.patch_size, what=f"{self.architecture} crop")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Not needed at these sizes (BatchNorm running statistics would also be updated twice)."""
+
+    def forward_encoder(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Level outputs, shallow to deep: [(B, widths[i], D/s_i, H/s_i, W/s_i)].
+
+        ``mask`` (B, 1, d, h, w), 1 = visible, at a resolution every level divides (the bottleneck grid or
+        coarser): the encoder then sees only visible voxels (sparse-conv semantics, SparK).
+        """
+        if x.ndim != 5 or x.shape[1] != self.in_chans:
+            raise ConfigError(f"{self.architecture} expects (B, {self.in_chans}, D, H, W) input, got {tuple(x.shape)}")
+        self.grid_size(x.shape)
+        full = x.shape[-3:]
+        feats: list[torch.Tensor] = []
+        for i, (stage, stride) in enumerate(zip(self.stages, self.stage_strides)):
+            m = None if mask is None else resize_mask(mask.to(x.dtype), [a // s for a, s in zip(full, stride)])
+            if i == 0 and m is not None:
+                x = x * m  # masked input voxels never enter the network
+            x = stage(x if i == 0 else self.pools[i - 1](x), m)
+            feats.append(x)
+        return feats
+
+    def forward_decoder(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Dense decoder features (B, widths[0], D, H, W) from the level outputs of ``forward_encoder``."""
+        x = feats[-1]
+        for i in range(len(feats) - 2, -1, -1):
+            x = self.decoder[i](torch.cat([feats[i], self.ups[i](x)], 1))
+        return x
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> decoder features (B, widths[0], D, H, W) at full resolution."""
+        return self.forward_decoder(self.forward_encoder(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> bottleneck tokens (B, d*h*w, embed_dim), (z, y, x) raster order."""
+        return self.forward_encoder(x)[-1].flatten(2).transpose(1, 2)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              output_fmt: str = "NCDHW") -> list[torch.Tensor]:
+        """Encoder level outputs: all (None), the last ``indices`` (int) or those listed (negatives allowed).
+        ``output_fmt`` "NCDHW" -> (B, C_i, d_i, h_i, w_i); "NLC" -> (B, d_i*h_i*w_i, C_i)."""
+        n = len(self.stages)
+        if indices is None:
+            take = list(range(n))
+        elif isinstance(indices, int):
+            take = list(range(n - indices, n))
+        else:
+            take = [i % n for i in indices]
+        if not take or min(take) < 0 or (isinstance(indices, int) and not 0 < indices <= n):
+            raise ConfigError(f"{self.architecture} has {n} levels; indices={indices} is out of range")
+        if output_fmt not in ("NCDHW", "NLC"):
+            raise ConfigError(f"output_fmt={output_fmt!r} is not supported; use 'NCDHW' or 'NLC'")
+        feats = self.forward_encoder(x)
+        out = [feats[i] for i in take]
+        return out if output_fmt == "NCDHW" else [f.flatten(2).transpose(1, 2) for f in out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense features (``out_channels=0``) or head logits (B, out_channels, D, H, W)."""
+        y = self.forward_dense(x)
+        return y if self.head is None else self.head(y)
+
+
+# --- registered variants ----------------------------------------------------------------------
+default_cfgs = timm_default_cfgs()  # shipped weights (ssl_em/weights/) as timm pretrained configs
+
+# default layouts when no plan is given: serial-section EM (z >= 4x coarser: every pooling and kernel
+# in-plane) and near-isotropic FIB-SEM (3-D)
+SECTIONS = dict(spacing=(50.0, 9.2, 9.2), patch_shape=(1, 128, 128))
+ISOTROPIC = dict(spacing=(8.0, 8.0, 8.0), patch_shape=(32, 64, 64))
+
+
+def _create(name: str, defaults: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> UNet:
+    if {"pools", "kernels", "spacing", "patch_shape"} & set(kwargs):  # a plan's or a saved layout
+        defaults = {k: v for k, v in defaults.items() if k not in ("spacing", "patch_shape")}
+    model = build_encoder(UNet, name, defaults, pretrained, **kwargs)
+    # record the resolved layout, not the spacing it came from: the saved encoder rebuilds the same
+    # network whatever crop it is later fine-tuned on
+    kw = model.encoder_config["kwargs"]
+    for key in ("spacing", "patch_shape"):
+        kw.pop(key, None)
+    kw.update(pools=[list(p) for p in model.pools_zyx], kernels=[list(k.conv1.kernel_size) for k in model.stages])
+    return model  # type: ignore[return-value]
+
+
+@register_encoder
+def unet_test(pretrained: bool = False, **kwargs: Any) -> UNet:
+    """Two-level toy for tests (~2 k parameters), in-plane: patch (1, 2, 2)."""
+    return _create("unet_test", dict(widths=(4, 8), **SECTIONS), pretrained, kwargs)
+
+
+@register_encoder
+def unet_small(pretrained: bool = False, **kwargs: Any) -> UNet:
+    """The plain U-Net users train (16-256 channels, 4 poolings, ~1.9 M parameters); in-plane by default
+    (serial sections, patch (1, 16, 16)); the plan's ``spacing``/``patch_shape`` make it 3-D for FIB-SEM."""
+    return _create("unet_small", dict(widths=(16, 32, 64, 128, 256), **SECTIONS), pretrained, kwargs)
+
+
+@register_encoder
+def unet_small_iso(pretrained: bool = False, **kwargs: Any) -> UNet:
+    """``unet_small`` for near-isotropic voxels (FIB-SEM): 3-D kernels and poolings, ~5.6 M; patch 16."""
+    return _create("unet_small_iso", dict(widths=(16, 32, 64, 128, 256), **ISOTROPIC), pretrained, kwargs)
+
+
+@register_encoder
+def unet_base(pretrained: bool = False, **kwargs: Any) -> UNet:
+    """Twice ``unet_small``'s widths (32-512 channels, ~7.8 M parameters; GPU pretraining), in-plane."""
+    return _create("unet_base", dict(widths=(32, 64, 128, 256, 512), **SECTIONS), pretrained, kwargs)
