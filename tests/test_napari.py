@@ -66,6 +66,14 @@ def test_session_trains_on_painted_voxels_continues_after_corrections_and_cancel
     assert loaded.task.name == "mito" and loaded.voxel_size == tuple(phantom.voxel_size)
 
 
+def test_session_takes_an_encoder_family_by_name_and_trains_it_from_random_init(phantom):
+    s = FineTuneSession(phantom.raw, phantom.voxel_size, encoder="unet_test")
+    result = s.fine_tune(paint(phantom), steps=3)
+    assert result.steps == 3 and np.isfinite(result.last_loss)
+    assert s.module.hparams.adapter == "full" and s.module.hparams.pretrained is None
+    assert s.module.encoder_config["architecture"] == "unet_test" and s.patch_shape[0] == 8
+
+
 def test_reader_opens_any_spec_lazily_with_pyramid_and_voxel_size(phantom, tmp_path):
     pytest.importorskip("dask")
     from ssl_em.cli import main as cli_main

@@ -49,7 +49,7 @@ class FineTuneSession:
     """Few-label fine-tuning of one volume, as the plugin drives it."""
 
     def __init__(self, raw: Any, voxel_size: Any = None, task: str = "mito", encoder: str = DEFAULT_ENCODER,
-                 patch_shape: tuple[int, int, int] | None = None, lr: float = 2e-2, seed: int = 0,
+                 patch_shape: tuple[int, int, int] | None = None, lr: float | None = None, seed: int = 0,
                  precision: str = "auto") -> None:
         self.raw = np.ascontiguousarray(np.asarray(raw))
         if self.raw.ndim != 3:
@@ -66,14 +66,18 @@ class FineTuneSession:
     # ------------------------------------------------------------------ training
     def _build(self) -> Any:
         from ssl_em.adapters.finetune import FineTuning
-        from ssl_em.models import load_encoder
+        from ssl_em.models import list_encoders, load_encoder
 
-        arch = load_encoder(self.encoder).encoder_config["architecture"]
-        module = FineTuning(task=self.task, encoder=arch, pretrained=self.encoder, adapter="lora",
-                            adapter_kwargs={"train_decoder": True}, lr=self.lr, warmup_steps=5,
-                            export_on_fit_end=False)
+        if self.encoder in list_encoders():  # an architecture by name, no weights: trained in full from random init
+            module = FineTuning(task=self.task, encoder=self.encoder, adapter="full", lr=self.lr or 2e-3,
+                                warmup_steps=5, export_on_fit_end=False)
+        else:
+            arch = load_encoder(self.encoder).encoder_config["architecture"]
+            module = FineTuning(task=self.task, encoder=arch, pretrained=self.encoder, adapter="lora",
+                                adapter_kwargs={"train_decoder": True}, lr=self.lr or 2e-2, warmup_steps=5,
+                                export_on_fit_end=False)
         if self.patch_shape is None:
-            stride = module.model.base_model.encoder.patch_size
+            stride = getattr(module.model, "base_model", module.model).encoder.patch_size
             want = (8, 64, 64)
             self.patch_shape = tuple(max(s, min(w, (n // s) * s)) for w, n, s in zip(want, self.raw.shape, stride))
         return module

@@ -291,11 +291,11 @@ def probe_in_child(probe: bytes, device_type: str, repeats: int = 3, give_up_ms:
 
     if timeout_s is None:
         timeout_s = 60 + 20 * (give_up_ms or 1000) / 1000 * (repeats + 1)
-    code = "from ssl_em.utils.precision import _probe_child; _probe_child()"
+    command = "from ssl_em.utils.precision import _probe_child; _probe_child()"
     args = json.dumps({"device_type": device_type, "precision": precision, "repeats": repeats,
                        "give_up_ms": give_up_ms})
     with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", code, args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", command, args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=stderr)
         lines: queue.Queue = queue.Queue()
 
@@ -326,7 +326,11 @@ def probe_in_child(probe: bytes, device_type: str, repeats: int = 3, give_up_ms:
                 break
         if failure is not None:
             proc.kill()
-        code = proc.wait()
+        try:
+            code = proc.wait(timeout=60)  # an answer given, exiting: a hang at teardown is not ours to wait for
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
         if failure is None and result is None:
             if code < 0:
                 name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
