@@ -17,7 +17,9 @@ ADAPTER = {"lora": ("lora", True), "frozen": ("frozen", True), "full": ("full", 
 FAMILIES: dict[str, dict[str, Any]] = {
     # U-Net lora: adapters on the encoder path, decoder path trained in full (like a ViT's UNETR
     # decoder; why: add_adapter's train_decoder)
-    "cnn": dict(encoder="unet3d_tiny", method="spark", method_kwargs={"mask_ratio": 0.6}, lr=2e-3,
+    # the plain U-Net users train (shaped by the plan) with SparK: the best of dense inpainting, SparK and
+    # SparK + SimCLR at one painted patch on VNC (benchmarks/results/vnc_mito_unet_objectives)
+    "cnn": dict(encoder="unet_small", method="spark", method_kwargs={"mask_ratio": 0.6}, lr=2e-3,
                 adapter_kwargs={"train_decoder": True}),
     "vit": dict(encoder="vit3d_tiny_patch2x16", method="mae", method_kwargs={"mask_ratio": 0.75}, lr=1.5e-3),
 }
@@ -171,8 +173,8 @@ class StudyConfig:
 
 
 def resolve_encoder(encoder: str | None, family: str, architecture: str | None = None) -> str | None:
-    """``--encoder`` of the demo and the study: ``"auto"`` = the encoder ssl-em ships for the
-    family's architecture (None when it ships none, or ``architecture`` overrides it); ``"none"`` =
+    """``--encoder`` of the demo and the study: ``"auto"`` = the encoder ssl-em ships for ``architecture``
+    (default: the family's; None when it ships none, and the study pretrains one); ``"none"`` =
     random init, pretrained from scratch; anything else is a path or name used as is."""
     if encoder is None or encoder.lower() == "none":
         return None
@@ -180,8 +182,7 @@ def resolve_encoder(encoder: str | None, family: str, architecture: str | None =
         return encoder
     from ssl_em.models.pretrained import pretrained_dir
 
-    arch = architecture or FAMILIES[family]["encoder"]
-    folder = None if architecture and architecture != FAMILIES[family]["encoder"] else pretrained_dir(arch)
+    folder = pretrained_dir(architecture or FAMILIES[family]["encoder"])
     return folder.name if folder is not None else None
 
 
