@@ -36,6 +36,26 @@ def check_divisible(shape: Sequence[int], patch: Triple, what: str = "crop") -> 
     return tuple(s // p for s, p in zip(shape, patch))  # type: ignore[return-value]
 
 
+def stage_intermediates(feats: Sequence[torch.Tensor], indices: int | Sequence[int] | None, output_fmt: str,
+                        what: str) -> list[torch.Tensor]:
+    """A U-Net's ``forward_intermediates`` from its stage outputs ``feats`` (shallow to deep): all
+    (``indices=None``), the last ``indices`` (int) or those listed (negatives allowed); ``output_fmt``
+    "NCDHW" -> (B, C_i, d_i, h_i, w_i), "NLC" -> (B, d_i*h_i*w_i, C_i). ``what`` names the model in errors."""
+    n = len(feats)
+    if indices is None:
+        take = list(range(n))
+    elif isinstance(indices, int):
+        take = list(range(n - indices, n))
+    else:
+        take = [i % n for i in indices]
+    if not take or min(take) < 0 or (isinstance(indices, int) and not 0 < indices <= n):
+        raise ConfigError(f"{what} has {n} stages; indices={indices} is out of range")
+    if output_fmt not in ("NCDHW", "NLC"):
+        raise ConfigError(f"output_fmt={output_fmt!r} is not supported; use 'NCDHW' or 'NLC'")
+    out = [feats[i] for i in take]
+    return out if output_fmt == "NCDHW" else [f.flatten(2).transpose(1, 2) for f in out]
+
+
 class PatchEmbed3D(nn.Module):
     """Non-overlapping 3-D patches -> tokens: a Conv3d with kernel = stride = patch.
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_em.errors import ConfigError
-from ssl_em.models.layers import check_divisible
+from ssl_em.models.layers import check_divisible, stage_intermediates
 from ssl_em.models.pretrained import timm_default_cfgs
 from ssl_em.models.registry import build_encoder, register_encoder
 from ssl_em.models.unet3d import resize_mask
@@ -211,20 +211,7 @@ class UNet(nn.Module):
                               output_fmt: str = "NCDHW") -> list[torch.Tensor]:
         """Encoder level outputs: all (None), the last ``indices`` (int) or those listed (negatives allowed).
         ``output_fmt`` "NCDHW" -> (B, C_i, d_i, h_i, w_i); "NLC" -> (B, d_i*h_i*w_i, C_i)."""
-        n = len(self.stages)
-        if indices is None:
-            take = list(range(n))
-        elif isinstance(indices, int):
-            take = list(range(n - indices, n))
-        else:
-            take = [i % n for i in indices]
-        if not take or min(take) < 0 or (isinstance(indices, int) and not 0 < indices <= n):
-            raise ConfigError(f"{self.architecture} has {n} levels; indices={indices} is out of range")
-        if output_fmt not in ("NCDHW", "NLC"):
-            raise ConfigError(f"output_fmt={output_fmt!r} is not supported; use 'NCDHW' or 'NLC'")
-        feats = self.forward_encoder(x)
-        out = [feats[i] for i in take]
-        return out if output_fmt == "NCDHW" else [f.flatten(2).transpose(1, 2) for f in out]
+        return stage_intermediates(self.forward_encoder(x), indices, output_fmt, self.architecture)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense features (``out_channels=0``) or head logits (B, out_channels, D, H, W)."""
