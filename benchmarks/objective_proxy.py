@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ssl_em.errors import ArgumentParser, run_main  # noqa: E402
+from ssl_em.errors import ArgumentParser, ConfigError, run_main  # noqa: E402
 
 OBJECTIVES = ("inpaint", "spark", "inpaint_simclr", "spark_simclr")
 
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         objectives, patches, seeds = objectives[:2], patches[:1], [1]
     if len(seeds) != len(patches):
-        raise SystemExit("--seeds needs one count per --patches entry")
+        raise ConfigError(f"--seeds {args.seeds} needs one count per --patches entry ({args.patches})")
+    if not args.quick and (args.raw is None or args.labels is None):
+        raise ConfigError("--raw and --labels are required (or --quick for the phantom)")
     t0 = time.perf_counter()
     records = []
     for i, objective in enumerate(objectives):
@@ -94,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                     records.append({"method": method, "objective": objective, "patches": n, "seed": entry["seed"],
                                     "metric": "iou", "value": entry["metrics"]["iou"], "lr": entry.get("lr"),
                                     "steps": entry.get("steps"), "labelled_voxels": entry.get("labelled_voxels")})
-    write_table(Path(args.out), records, patches, args)
     print(f"total {time.perf_counter() - t0:.0f} s")
+    write_table(Path(args.out), records, patches)  # ends with the ratio line
     return 0
 
 
-def write_table(out: Path, records: list[dict], patches: list[int], args) -> None:
+def write_table(out: Path, records: list[dict], patches: list[int]) -> None:
     """One row per method, one column per regime: IoU mean ± std over seeds; records as JSON lines."""
     from ssl_em.utils.io import atomic_write_text
 

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from monai.networks.nets import UNet
 
     import ssl_em.models.unet3d  # noqa: F401  (registers the variants)
-    from ssl_em.models.unet3d import resize_mask
+    from ssl_em.models.layers import resize_mask
     from ssl_em.pretrain.spark import SparKMasked3D, masked_mse
 
     torch.manual_seed(args.seed)

@@ -9,6 +9,7 @@ import functools
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -36,24 +37,56 @@ def check_divisible(shape: Sequence[int], patch: Triple, what: str = "crop") -> 
     return tuple(s // p for s, p in zip(shape, patch))  # type: ignore[return-value]
 
 
-def stage_intermediates(feats: Sequence[torch.Tensor], indices: int | Sequence[int] | None, output_fmt: str,
-                        what: str) -> list[torch.Tensor]:
-    """A U-Net's ``forward_intermediates`` from its stage outputs ``feats`` (shallow to deep): all
-    (``indices=None``), the last ``indices`` (int) or those listed (negatives allowed); ``output_fmt``
-    "NCDHW" -> (B, C_i, d_i, h_i, w_i), "NLC" -> (B, d_i*h_i*w_i, C_i). ``what`` names the model in errors."""
-    n = len(feats)
-    if indices is None:
-        take = list(range(n))
-    elif isinstance(indices, int):
-        take = list(range(n - indices, n))
-    else:
-        take = [i % n for i in indices]
-    if not take or min(take) < 0 or (isinstance(indices, int) and not 0 < indices <= n):
-        raise ConfigError(f"{what} has {n} stages; indices={indices} is out of range")
-    if output_fmt not in ("NCDHW", "NLC"):
-        raise ConfigError(f"output_fmt={output_fmt!r} is not supported; use 'NCDHW' or 'NLC'")
-    out = [feats[i] for i in take]
-    return out if output_fmt == "NCDHW" else [f.flatten(2).transpose(1, 2) for f in out]
+def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a (B, 1, d, h, w) 0/1 mask to ``size``; exact for integer ratios."""
+    if tuple(mask.shape[-3:]) == tuple(size):
+        return mask
+    return F.interpolate(mask, size=tuple(size), mode="nearest")
+
+
+class UNetContract:
+    """The encoder contract shared by ssl-em's U-Nets, from their ``forward_encoder`` (stage outputs,
+    shallow to deep) and ``forward_decoder``; they set ``encoder_config``, ``patch_size`` and ``head``."""
+
+    @property
+    def architecture(self) -> str:
+        return self.encoder_config["architecture"]
+
+    def grid_size(self, input_shape: Sequence[int]) -> Triple:
+        """Bottleneck grid (d, h, w) for an input whose last three dims are (D, H, W)."""
+        return check_divisible(input_shape, self.patch_size, what=f"{self.architecture} crop")
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> decoder features (B, C_dense, D, H, W) at full resolution."""
+        return self.forward_decoder(self.forward_encoder(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> bottleneck tokens (B, d*h*w, embed_dim), (z, y, x) raster order."""
+        return self.forward_encoder(x)[-1].flatten(2).transpose(1, 2)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              output_fmt: str = "NCDHW") -> list[torch.Tensor]:
+        """Encoder stage outputs: all (None), the last ``indices`` (int) or those listed (negatives allowed).
+        ``output_fmt`` "NCDHW" -> (B, C_i, d_i, h_i, w_i); "NLC" -> (B, d_i*h_i*w_i, C_i)."""
+        feats = self.forward_encoder(x)
+        n = len(feats)
+        if indices is None:
+            take = list(range(n))
+        elif isinstance(indices, int):
+            take = list(range(n - indices, n))
+        else:
+            take = [i % n for i in indices]
+        if not take or min(take) < 0 or (isinstance(indices, int) and not 0 < indices <= n):
+            raise ConfigError(f"{self.architecture} has {n} stages; indices={indices} is out of range")
+        if output_fmt not in ("NCDHW", "NLC"):
+            raise ConfigError(f"output_fmt={output_fmt!r} is not supported; use 'NCDHW' or 'NLC'")
+        out = [feats[i] for i in take]
+        return out if output_fmt == "NCDHW" else [f.flatten(2).transpose(1, 2) for f in out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense features (no head) or head logits (B, out_channels, D, H, W)."""
+        y = self.forward_dense(x)
+        return y if self.head is None else self.head(y)
 
 
 class PatchEmbed3D(nn.Module):

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_em.errors import ConfigError
-from ssl_em.models.layers import check_divisible, stage_intermediates
+from ssl_em.models.layers import UNetContract, resize_mask
 from ssl_em.models.pretrained import timm_default_cfgs
 from ssl_em.models.registry import build_encoder, register_encoder
-from ssl_em.models.unet3d import resize_mask
 
 Triple = tuple[int, int, int]
 
@@ -106,7 +105,7 @@ class ConvBlock(nn.Module):
         return x if mask is None else x * mask
 
 
-class UNet(nn.Module):
+class UNet(UNetContract, nn.Module):
     """The plain U-Net under the ssl-em encoder contract (CONTRIBUTING.md).
 
     Args:
@@ -138,7 +137,8 @@ class UNet(nn.Module):
             kernels = kernels if kernels is not None else planned_kernels
             pools = pools if pools is not None else planned_pools
         self.pools_zyx: list[Triple] = [tuple(int(v) for v in p) for p in pools]  # type: ignore[misc]
-        kernels_zyx: list[Triple] = [tuple(int(v) for v in k) for k in kernels]  # type: ignore[misc]
+        self.kernels_zyx: list[Triple] = [tuple(int(v) for v in k) for k in kernels]  # type: ignore[misc]
+        kernels_zyx = self.kernels_zyx
         if len(self.pools_zyx) != n - 1 or len(kernels_zyx) != n or any(len(t) != 3 for t in (*self.pools_zyx, *kernels_zyx)):
             raise ConfigError(f"unet with {n} widths needs {n - 1} pools and {n} kernels of three (z, y, x) sizes")
         if any(v not in (1, 2) for p in self.pools_zyx for v in p) or any(k % 2 == 0 for t in kernels_zyx for k in t):
@@ -162,14 +162,6 @@ class UNet(nn.Module):
         self.patch_size: Triple = self.stage_strides[-1]
 
     # --- contract -------------------------------------------------------------------------------
-    @property
-    def architecture(self) -> str:
-        return self.encoder_config["architecture"]
-
-    def grid_size(self, input_shape: Sequence[int]) -> Triple:
-        """Bottleneck grid (d, h, w) for an input whose last three dims are (D, H, W)."""
-        return check_divisible(input_shape, self.patch_size, what=f"{self.architecture} crop")
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Not needed at these sizes (BatchNorm running statistics would also be updated twice)."""
 
@@ -199,25 +191,6 @@ class UNet(nn.Module):
             x = self.decoder[i](torch.cat([feats[i], self.ups[i](x)], 1))
         return x
 
-    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> decoder features (B, widths[0], D, H, W) at full resolution."""
-        return self.forward_decoder(self.forward_encoder(x))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> bottleneck tokens (B, d*h*w, embed_dim), (z, y, x) raster order."""
-        return self.forward_encoder(x)[-1].flatten(2).transpose(1, 2)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              output_fmt: str = "NCDHW") -> list[torch.Tensor]:
-        """Encoder level outputs: all (None), the last ``indices`` (int) or those listed (negatives allowed).
-        ``output_fmt`` "NCDHW" -> (B, C_i, d_i, h_i, w_i); "NLC" -> (B, d_i*h_i*w_i, C_i)."""
-        return stage_intermediates(self.forward_encoder(x), indices, output_fmt, self.architecture)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense features (``out_channels=0``) or head logits (B, out_channels, D, H, W)."""
-        y = self.forward_dense(x)
-        return y if self.head is None else self.head(y)
-
 
 # --- registered variants ----------------------------------------------------------------------
 default_cfgs = timm_default_cfgs()  # shipped weights (ssl_em/weights/) as timm pretrained configs
@@ -237,7 +210,7 @@ def _create(name: str, defaults: dict[str, Any], pretrained: bool, kwargs: dict[
     kw = model.encoder_config["kwargs"]
     for key in ("spacing", "patch_shape"):
         kw.pop(key, None)
-    kw.update(pools=[list(p) for p in model.pools_zyx], kernels=[list(k.conv1.kernel_size) for k in model.stages])
+    kw.update(pools=[list(p) for p in model.pools_zyx], kernels=[list(k) for k in model.kernels_zyx])
     return model  # type: ignore[return-value]
 
 

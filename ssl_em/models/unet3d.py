@@ -33,20 +33,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ssl_em.errors import ConfigError
 
-from ssl_em.models.layers import check_divisible, stage_intermediates
+from ssl_em.models.layers import UNetContract, resize_mask
 from ssl_em.models.pretrained import timm_default_cfgs
 from ssl_em.models.registry import build_encoder, register_encoder
 
 Triple = tuple[int, int, int]
 
-__all__ = ["MaskedGroupNorm", "ResBlock3d", "ResidualUNet3D", "resize_mask"]
-
-
-def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a (B, 1, d, h, w) 0/1 mask to ``size``; exact for integer ratios."""
-    if tuple(mask.shape[-3:]) == tuple(size):
-        return mask
-    return F.interpolate(mask, size=tuple(size), mode="nearest")
+__all__ = ["MaskedGroupNorm", "ResBlock3d", "ResidualUNet3D"]
 
 
 class MaskedGroupNorm(nn.GroupNorm):
@@ -149,7 +142,7 @@ class _Stage(nn.Module):
         return x
 
 
-class ResidualUNet3D(nn.Module):
+class ResidualUNet3D(UNetContract, nn.Module):
     """Residual 3-D U-Net following the ssl-em encoder contract (CONTRIBUTING.md).
 
     Args:
@@ -225,14 +218,6 @@ class ResidualUNet3D(nn.Module):
         self.in_chans = in_chans
 
     # --- contract -------------------------------------------------------------------------------
-    @property
-    def architecture(self) -> str:
-        return self.encoder_config["architecture"]
-
-    def grid_size(self, input_shape: Sequence[int]) -> Triple:
-        """Bottleneck grid (d, h, w) for an input whose last three dims are (D, H, W)."""
-        return check_divisible(input_shape, self.patch_size, what=f"{self.architecture} crop")
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for s in (*self.stages, *self.decoder):
             s.grad_checkpointing = enable
@@ -267,28 +252,6 @@ class ResidualUNet3D(nn.Module):
         for i in range(len(feats) - 2, -1, -1):
             x = self.decoder[i](self.ups[i](x) + feats[i])
         return x
-
-    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> decoder features (B, widths[0], D, H, W) at full resolution."""
-        return self.forward_decoder(self.forward_encoder(x))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> bottleneck tokens (B, d*h*w, embed_dim), (z, y, x) raster order."""
-        return self.forward_encoder(x)[-1].flatten(2).transpose(1, 2)
-
-    def forward_intermediates(
-        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, output_fmt: str = "NCDHW"
-    ) -> list[torch.Tensor]:
-        """Encoder stage outputs: all (None), the last ``indices`` (int) or those listed (negatives allowed).
-
-        ``output_fmt`` "NCDHW" -> (B, C_i, d_i, h_i, w_i); "NLC" -> (B, d_i*h_i*w_i, C_i).
-        """
-        return stage_intermediates(self.forward_encoder(x), indices, output_fmt, self.architecture)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense features (``out_channels=0``) or head logits (B, out_channels, D, H, W)."""
-        y = self.forward_dense(x)
-        return y if self.head is None else self.head(y)
 
 
 # --- registered variants ----------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import nn
 
 from ssl_em.errors import ConfigError
 from ssl_em.models.layers import to_triple
-from ssl_em.models.unet3d import resize_mask
+from ssl_em.models.layers import resize_mask
 
 Triple = tuple[int, int, int]
 TARGETS = ("raw", "normalized", "lowpass")

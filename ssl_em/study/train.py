@@ -55,8 +55,7 @@ def build_module(method: str, cfg: StudyConfig, encoder_dir: str | Path | None, 
                   export_on_fit_end=False)
     torch.manual_seed(seed)
     if method == "unet":  # the plain U-Net users train, from random init, shaped by the plan
-        layout = {"spacing": list(cfg.spacing or (1.0, 1.0, 1.0)), "patch_shape": list(cfg.patch_shape)}
-        return FineTuning(encoder=UNET_CONTROL, encoder_kwargs=layout, adapter="full", grad_checkpointing=False,
+        return FineTuning(encoder=UNET_CONTROL, encoder_kwargs=plan_layout(cfg), adapter="full", grad_checkpointing=False,
                           **common)
     adapter, pretrained = ADAPTER[method]
     sidecar = read_sidecar(encoder_dir)
@@ -86,8 +85,13 @@ def planned_encoder_kwargs(cfg: StudyConfig) -> dict[str, Any]:
     with torch.device("meta"):  # shapes only
         params = inspect.signature(type(create_encoder(cfg.arch))).parameters
     if {"spacing", "patch_shape"} <= set(params) and not {"pools", "kernels", "spacing"} & set(kwargs):
-        kwargs.update(spacing=list(cfg.spacing or (1.0, 1.0, 1.0)), patch_shape=list(cfg.patch_shape))
+        kwargs.update(plan_layout(cfg))
     return kwargs
+
+
+def plan_layout(cfg: StudyConfig) -> dict[str, list]:
+    """What shapes a U-Net by the plan (:func:`ssl_em.models.unet.layout`): working spacing and crop."""
+    return {"spacing": list(cfg.spacing or (1.0, 1.0, 1.0)), "patch_shape": list(cfg.patch_shape)}
 
 
 def as_region(box: Box) -> list[list[int]]:
