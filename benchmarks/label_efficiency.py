@@ -61,6 +61,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="pretraining steps (default: 2000 from random init; from a given encoder 2000 with "
                    "--unlabeled, which continues pretraining on them, else 0: the encoder as it is)")
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="pretrain (resuming a killed run) into OUT/<family>/pretrain/encoder and stop; a table then "
+                   "starts from it with --encoder")
     p.add_argument("--family", default="cnn", choices=("cnn", "vit", "both"))
     p.add_argument("--architecture", help="encoder to pretrain instead of the family's (e.g. unet2d_small)")
     p.add_argument("--lrs", type=json.loads, metavar="JSON",
@@ -127,7 +130,10 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else args.lrs,
     )
     print("configuration:", json.dumps({k: v for k, v in asdict(cfg).items()}, default=str))
-    records = Study(raw, labels, unlabeled, cfg, Path(args.out) / family).run()
+    study = Study(raw, labels, unlabeled, cfg, Path(args.out) / family)
+    if args.pretrain_only:
+        return f"{family}: pretrained encoder in {study.pretrain_only()}"
+    records = study.run()
     print((Path(args.out) / family / "results.md").read_text())
     return f"{family}: {headline(records, args.task)}"
 

@@ -213,6 +213,12 @@ class Study:
         self._append(key, {"pretraining": self.pretraining})
         return str(enc)
 
+    def pretrain_only(self) -> str:
+        """Pretrain (or resume the pretraining from its checkpoint) and stop: the encoder's folder. A table
+        then starts from it with ``cfg.encoder``, so the long pretraining is run and kept once."""
+        self.done = self._finished()
+        return self.encoder()
+
     def label_mask(self, regime: Regime, seed: int) -> np.ndarray:
         """The voxels a run may learn from (z, y, x) uint8 on the working grid: whole sections (fit and
         validation parts) for a fraction, painted patches in the fit part for ``patches``."""
