@@ -49,6 +49,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="encoder to start from: 'auto' = the one ssl-em ships for the family, 'none' = random "
                    "init (then pretrained on --unlabeled or --raw), or a path or name")
     p.add_argument("--steps", type=int, default=400, help="optimiser steps per fine-tuning run (default 400)")
+    p.add_argument("--eval-steps", default="", help="also score each run's weights after these steps, e.g. 50,100,200 "
+                   "(IoU against fine-tuning steps: results.md and steps.png)")
     p.add_argument("--val-every", type=int, default=50, help="validate and keep the best weights every N steps")
     p.add_argument("--batch-size", type=int, help="crops per step (default: the plan's, ssl_em.plan)")
     p.add_argument("--downsample", type=int, help="in-plane factor to the working spacing (default: the plan's; "
@@ -122,7 +124,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         methods=("lora", "scratch") if quick else tuple(args.methods.split(",")),
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
         patches=() if quick else _numbers(args.patches, int), patch_size=args.patch_size,
-        steps=12 if quick else args.steps, pretrain_steps=6 if quick else pretrain_steps,
+        steps=12 if quick else args.steps, eval_steps=(4, 8) if quick else _numbers(args.eval_steps, int), pretrain_steps=6 if quick else pretrain_steps,
         val_every=4 if quick else args.val_every, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int) if args.patch else None, voxel_size=vs,
         downsample=args.downsample, pretrain_method=args.pretrain_method, encoder_lr_scale=args.encoder_lr_scale,

@@ -435,3 +435,89 @@ def test_summary_lines_name_the_winner_and_whether_pretraining_paid_beyond_the_s
     assert summary_lines(clear, "mito", tmp_path)[1].startswith("pretraining pays here, beyond the seed spread")
     worse = [rec("lora", 0, 0.10), rec("lora", 1, 0.12), *close[2:]]
     assert summary_lines(worse, "mito", tmp_path)[1].startswith("pretraining does not pay here: lora 0.110")
+
+
+def test_runs_are_also_scored_after_the_eval_steps(tmp_path):
+    """``eval_steps`` scores the same run's weights after N optimiser steps (copies taken then, not the
+    end's): the steps table and figure come from them, rf (no steps) only has its end."""
+    import torch
+    from lightning.pytorch import Callback
+
+    import ssl_em.study.train as study_train
+    from ssl_em.data.phantom import make_phantom
+
+    target = make_phantom((8, 160, 96), seed=2)
+    cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(), patches=(2,),
+                      patch_size=40, steps=4, eval_steps=(3, 1, 9), patch_shape=(2, 32, 32), batch_size=2,
+                      voxel_size=target.voxel_size, lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
+    assert cfg.eval_steps == (1, 3, 9)
+    study = Study(target.raw, target.mito, [target.raw], cfg, tmp_path / "out")
+    after_step = {}  # the first weight tensor after every optimiser step, as the run went
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            after_step[trainer.global_step] = next(iter(module.state_dict().values())).detach().clone()
+
+    fit, taken = study_train.fit, {}
+
+    def watched_fit(module, *args, **kwargs):
+        module.configure_callbacks = lambda: [Watch()]
+        result = fit(module, *args, **kwargs)
+        taken.update(result.snapshots)
+        return result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("ssl_em.study.runner.fit", watched_fit)
+        study.run()
+    assert sorted(taken) == [1, 3]  # 9 is past the run's end
+    first = next(iter(taken[1]))
+    for step in (1, 3):
+        assert torch.equal(taken[step][first], after_step[step])
+    assert not torch.equal(taken[1][first], taken[3][first]) and not torch.equal(taken[3][first], after_step[4])
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    scratch_run = next(r for r in doc["runs"] if r["method"] == "scratch")
+    assert sorted(scratch_run["at_steps"]) == ["1", "3"] and set(scratch_run["at_steps"]["1"]) == set(METRICS["mito"])
+    steps = {(r["method"], r["step"]) for r in doc["step_records"]}
+    assert steps == {("scratch", 1), ("scratch", 3), ("scratch", 4)}  # rf trains no steps
+    end = {r["metric"]: r["value"] for r in doc["step_records"] if r["step"] == 4}
+    assert end == {r["metric"]: r["value"] for r in doc["records"] if r["method"] == "scratch"}
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| regime | method | 1 | 3 | 4 |" in text and "| 2 patches | scratch |" in text
+    assert (tmp_path / "out" / "steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finished_runs_are_reused_only_for_the_same_data_and_encoder_weights(tmp_path):
+    """A table grows by a seed or a method without redoing its runs, but a labelled volume changed in place
+    or other weights saved under the same encoder path are never reported as the old numbers."""
+    from ssl_em.data.phantom import make_phantom
+    from ssl_em.models import create_encoder, save_encoder
+
+    target = make_phantom((8, 160, 96), seed=2)
+    path = tmp_path / "target.npz"
+    np.savez(path, raw=target.raw, mito=target.mito)
+    encoder = tmp_path / "encoder"
+    save_encoder(create_encoder("unet3d_test"), encoder)
+
+    def study(seeds=1, methods=("scratch",)):
+        cfg = StudyConfig(task="mito", encoder=str(encoder), pretrain_steps=0, methods=methods, fractions=(),
+                          patches=(2,), patch_size=40, steps=2, seeds=seeds, patch_shape=(2, 32, 32), batch_size=2,
+                          voxel_size=target.voxel_size, lrs={"scratch": (1e-3,), "full": (1e-3,)}, precision="32")
+        return Study(f"{path}:raw", f"{path}:mito", None, cfg, tmp_path / "out", log=lambda _: None)
+
+    first = study()
+    first.run()
+    grown = study(seeds=2, methods=("scratch", "full"))
+    assert grown.digest() == first.digest()
+    grown.run()
+    keys = [tuple(json.loads(line)["key"]) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert keys == [("run", "scratch", "2 patches", 0), ("run", "scratch", "2 patches", 1),
+                    ("run", "full", "2 patches", 0), ("run", "full", "2 patches", 1)]  # seed 0 of scratch not redone
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    save_encoder(create_encoder("unet3d_test"), encoder)  # other weights, same path
+    other_weights = study().digest()
+    assert other_weights != first.digest()
+    raw = target.raw.copy()
+    raw[0, :4, :4] = 0
+    np.savez(path, raw=raw, mito=target.mito)  # the volume changed in place
+    assert study().digest() not in (first.digest(), other_weights)

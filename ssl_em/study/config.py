@@ -76,6 +76,9 @@ class StudyConfig:
     patch_size: int = 256  # painted patch side at the working spacing (clipped to the training region)
     seeds: int = 1
     steps: int = 300
+    # the runs' weights are also scored on the evaluation region after these steps (IoU against fine-tuning
+    # steps, as a person who stops early gets it; the schedule is the whole run's): "at_steps" in the records
+    eval_steps: tuple[int, ...] = ()
     pretrain_steps: int = 600
     pretrain_method: str | None = None  # pretraining objective; None: the family's (spark / mae)
     val_every: int = 50
@@ -121,6 +124,9 @@ class StudyConfig:
         self.patches = tuple(sorted(int(n) for n in self.patches))
         if not self.fractions and not self.patches:
             raise ConfigError("no label regime: give fractions, patches or both")
+        if any(int(s) < 1 for s in self.eval_steps):
+            raise ConfigError(f"eval_steps {list(self.eval_steps)} must be steps >= 1")
+        self.eval_steps = tuple(sorted({int(s) for s in self.eval_steps}))
         if int(self.steps) < 1 or int(self.pretrain_steps) < 0 or int(self.val_every) < 1:
             raise ConfigError(f"steps {self.steps} and val_every {self.val_every} must be >= 1, "
                               f"pretrain_steps {self.pretrain_steps} >= 0")

@@ -56,6 +56,26 @@ def markdown_table(records: Sequence[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
+def steps_table(step_records: Sequence[dict[str, Any]], metric: str) -> str:
+    """Regime x method rows, fine-tuning steps as columns, cells ``mean ± std`` of ``metric`` over seeds
+    (the last column is each run's own end: its best-validation or last weights)."""
+    groups: dict[tuple[str, str, int], list[float]] = {}
+    for r in step_records:
+        if r["metric"] == metric:
+            groups.setdefault((r["regime"], r["method"], int(r["step"])), []).append(float(r["value"]))
+    steps = sorted({k[2] for k in groups})
+    rows = list(dict.fromkeys((g, m) for g, m, _ in groups))
+    lines = [f"{metric} after N fine-tuning steps (one run per seed, scored at each N; the last column is its end: best-validation weights where validated)", "",
+             "| regime | method | " + " | ".join(str(n) for n in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for g, m in rows:
+        cells = []
+        for n in steps:
+            v = groups.get((g, m, n))
+            cells.append("–" if v is None else f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+        lines.append(f"| {g} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 PRETRAINED = tuple(m for m, (_, pretrained) in ADAPTER.items() if pretrained)  # start from the pretrained encoder
 # what the pretrained ones must beat: the same networks at random init, and what users pick instead
 CONTROLS = tuple(m for m in STUDY_METHODS if m not in PRETRAINED)
@@ -128,8 +148,10 @@ def shown_section(gt: np.ndarray) -> int:
 
 
 def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig, pretraining: dict[str, Any],
-                  shown: dict[tuple[str, str], np.ndarray], ev_raw: np.ndarray, ev_gt: np.ndarray) -> None:
-    """``results.md``, ``label_efficiency.png`` and ``overlays.png`` from the records."""
+                  shown: dict[tuple[str, str], np.ndarray], ev_raw: np.ndarray, ev_gt: np.ndarray,
+                  step_records: Sequence[dict[str, Any]] = ()) -> None:
+    """``results.md``, ``label_efficiency.png``, ``overlays.png`` and, with ``step_records`` of more than one
+    step, ``steps.png`` (the metric against fine-tuning steps) from the records."""
     from ssl_em.utils.io import atomic_write_text
     from ssl_em.utils.plotting import pyplot, save_figure
 
@@ -149,11 +171,16 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
     for m in metrics:
         text += [markdown_table(records, m), ""]
     text.append(headline(records, cfg.task))
+    metric = metrics[0] if metrics else METRICS[cfg.task][0]
+    several_steps = len({r["step"] for r in step_records}) > 1
+    if several_steps:
+        text += ["", steps_table(step_records, metric)]
     atomic_write_text(out / "results.md", "\n".join(text) + "\n")
 
     plt = pyplot()
     stats = summarize(records)
-    metric = metrics[0] if metrics else METRICS[cfg.task][0]
+    if several_steps:
+        save_steps_figure(step_records, metric, cfg, out / "steps.png")
     xs = labelled_voxels(records)
     fig, ax = plt.subplots(figsize=(5.8, 3.9))
     order = [g for g in regimes(records) if g in xs]
@@ -193,3 +220,30 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
     fig.suptitle(f"{cfg.task}, trained on {g0}; evaluation section {z} (the most objects)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out / "overlays.png", dpi=100)
+
+
+def save_steps_figure(step_records: Sequence[dict[str, Any]], metric: str, cfg: StudyConfig, path: Path) -> None:
+    """One panel per label regime: ``metric`` (mean ± std over seeds) against fine-tuning steps, per method."""
+    from ssl_em.utils.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    groups: dict[tuple[str, str, int], list[float]] = {}
+    for r in step_records:
+        if r["metric"] == metric:
+            groups.setdefault((r["regime"], r["method"], int(r["step"])), []).append(float(r["value"]))
+    names = list(dict.fromkeys(g for g, _, _ in groups))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False, sharey=True)
+    for ax, g in zip(axes[0], names):
+        for m in dict.fromkeys(mm for gg, mm, _ in groups if gg == g):
+            steps = sorted(n for gg, mm, n in groups if (gg, mm) == (g, m))
+            values = [groups[(g, m, n)] for n in steps]
+            ax.errorbar(steps, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o",
+                        capsize=3, label=m)
+        ax.set_title(g, fontsize=9)
+        ax.set_xlabel("fine-tuning steps")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{cfg.task}: {metric} against fine-tuning steps ({cfg.family}, batch {cfg.batch_size})", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)

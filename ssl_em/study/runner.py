@@ -22,7 +22,7 @@ import numpy as np
 
 from ssl_em.data.volume import Box
 from ssl_em.errors import ConfigError, LabelError
-from ssl_em.study.config import ADAPTER, Regime, StudyConfig, _lrs
+from ssl_em.study.config import ADAPTER, NOT_TRAINED, Regime, StudyConfig, _lrs
 from ssl_em.data.labels import label_sections, paint_patches
 from ssl_em.study.regions import Regions, _trim, plan_regions
 from ssl_em.study.report import shown_section, write_reports
@@ -87,8 +87,10 @@ class Study:
         self.runs: list[dict[str, Any]] = []
         self.sections_shown: dict[tuple[str, str], np.ndarray] = {}  # (method, regime): shown eval section, seed 0
         self.pretraining: dict[str, Any] = {}
+        self.step_records: list[dict[str, Any]] = []  # by fine-tuning step: cfg.eval_steps and the last
         self.precisions: dict[str, dict[str, Any]] = {}
         self.done: dict[tuple, dict[str, Any]] = {}
+        self._digest: str | None = None
         self.deadline = math.inf
 
     def _plan(self, shape: Sequence[int]) -> Any:
@@ -135,12 +137,21 @@ class Study:
 
     # -- the log of finished work ---------------------------------------------------------------
     def digest(self) -> str:
-        """What a finished line must match to be reused: the configuration (minus the wall-clock guard),
-        the regions and the labelled volume's shape."""
-        cfg = {k: v for k, v in asdict(self.cfg).items() if k != "max_minutes"}
-        regions = {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()}
-        what = {"config": cfg, "regions": regions, "shape": list(self.data.raw.shape)}
-        return hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+        """What a finished line must match to be reused: the configuration, the regions, the labelled
+        volume's contents and the encoder's weights. Not what no single run depends on (a line's key names
+        its method, regime and seed): the lists of methods, seeds and painted-patch regimes, and the
+        wall-clock guard; so a table grows by a seed, a method or a regime without redoing what it holds."""
+        if self._digest is None:
+            cfg = {k: v for k, v in asdict(self.cfg).items() if k not in ("max_minutes", "methods", "seeds", "patches")}
+            regions = {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()}
+            data = hashlib.blake2b(digest_size=8)
+            for array in (self.data.raw, self.data.labels):
+                data.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+            what = {"config": cfg, "regions": regions, "shape": list(self.data.raw.shape), "data": data.hexdigest(),
+                    "encoder": _weights_digest(self.cfg.encoder) if self.cfg.encoder else None}
+            self._digest = hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(),
+                                           digest_size=8).hexdigest()
+        return self._digest
 
     def _finished(self) -> dict[tuple, dict[str, Any]]:
         path, done = self.out / RESULTS, {}
@@ -253,9 +264,10 @@ class Study:
         return self.precisions[method]["precision"], self.precisions[method]
 
     def _train(self, method: str, seed: int, lr: float, steps: int, enc: str, train: Box, mask: np.ndarray,
-               name: str) -> tuple[Any, dict[str, Any]]:
+               name: str) -> tuple[Any, dict[str, Any], dict[int, dict[str, Any]]]:
         """Fine-tune ``method``; a non-finite loss is retried once at a third of the rate. Returns the
-        module (best validation weights) and the run's record, ``status`` "ok" or "diverged"."""
+        module (best validation weights), the run's record (``status`` "ok" or "diverged") and the
+        weights after each of ``cfg.eval_steps``."""
         if time.perf_counter() > self.deadline:  # the guard never cuts a run short: it starts no new one
             raise _GuardReached
         val = self._validation(mask)
@@ -276,8 +288,8 @@ class Study:
             info.update(status="ok", lr=attempt_lr, steps=result.steps, seconds=result.seconds,
                         best_step=result.best_step, val_score=result.val_score, precision=precision,
                         precision_record=record)
-            return module, info
-        return None, info
+            return module, info, result.snapshots
+        return None, info, {}
 
     def _pixel_classifier(self, seed: int, mask: np.ndarray,
                           ev_raw: np.ndarray) -> tuple[Any, np.ndarray, dict[str, Any]]:
@@ -333,7 +345,7 @@ class Study:
         sign = -1 if monitor_of(cfg.task)[1] == "min" else 1
         scores: dict[str, float] = {}
         for lr in [grid[mid], *grid[:mid], *grid[mid + 1:]]:
-            _, info = self._train(method, 0, lr, steps, encoder, self.regions.fit, mask,
+            _, info, _ = self._train(method, 0, lr, steps, encoder, self.regions.fit, mask,
                                   f"sweep {method} lr {lr:.1e}")
             value = info.get("val_score")
             scores[f"{lr:g}"] = -math.inf if info["status"] != "ok" or value is None else sign * value
@@ -349,7 +361,7 @@ class Study:
                "evaluation_box": [[b.start, b.stop] for b in self.eval_box_original],
                "plan": self.plan.to_dict(),
                "normalization": self.data.normalization, "precision": self.precisions, "runs": self.runs,
-               "records": self.records}
+               "records": self.records, "step_records": self.step_records}
         atomic_write_text(self.out / "results.json", json.dumps(doc, indent=1, default=float) + "\n")
 
     @staticmethod
@@ -386,7 +398,8 @@ class Study:
         if stopped:
             self.log(f"stopped at the {cfg.max_minutes} min guard: rerun the same command to continue")
         self._save()
-        write_reports(self.out, self.records, cfg, self.pretraining, self.sections_shown, self.ev_raw, self.ev_gt)
+        write_reports(self.out, self.records, cfg, self.pretraining, self.sections_shown, self.ev_raw, self.ev_gt,
+                      self.step_records)
         self.log(f"study done in {_fmt_time(time.perf_counter() - t0)}; results in {self.out}")
         return self.records
 
@@ -403,11 +416,19 @@ class Study:
             if method == "rf":
                 task, probs, info = self._pixel_classifier(seed, mask, ev_raw)
             else:
-                module, info = self._train(method, seed, lr, cfg.steps, enc, self.regions.fit, mask, name)
+                module, info, snapshots = self._train(method, seed, lr, cfg.steps, enc, self.regions.fit, mask, name)
                 if module is not None:
                     task = module.task
-                    probs = evaluate(module, ev_raw, cfg, self.out / "work" / name.replace(" ", "_"), info["precision"])
+                    work = self.out / "work" / name.replace(" ", "_")
+                    probs = evaluate(module, ev_raw, cfg, work, info["precision"])
                     info["trainable_params"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+                    at_steps = {}
+                    for step, state in sorted(snapshots.items()):  # the same run stopped earlier
+                        module.load_state_dict(state)
+                        early = upsample(evaluate(module, ev_raw, cfg, work, info["precision"]), self.ev_gt.shape)
+                        at_steps[str(step)] = score(early, self.ev_gt, task, cfg.voxel_size)
+                    if at_steps:
+                        info["at_steps"] = at_steps
             metrics: dict[str, float] = {}
             if probs is not None:
                 probs = upsample(probs, self.ev_gt.shape)
@@ -431,6 +452,10 @@ class Study:
         for metric, value in entry["metrics"].items():
             self.records.append({"method": method, **self._regime_fields(regime), "seed": seed,
                                  "labelled_voxels": entry["labelled_voxels"], "metric": metric, "value": value})
+        finals = {str(entry.get("steps") or cfg.steps): entry["metrics"]} if method not in NOT_TRAINED else {}
+        for step, metrics in {**entry.get("at_steps", {}), **finals}.items():
+            self.step_records += [{"method": method, "regime": regime.name, "seed": seed, "step": int(step),
+                                   "metric": metric, "value": value} for metric, value in metrics.items()]
         if seed == 0 and shown.exists() and entry["metrics"]:  # not a file an older, different run left
             self.sections_shown[(method, regime.name)] = np.load(shown)
         self._save()
@@ -438,6 +463,15 @@ class Study:
 
 class _GuardReached(Exception):
     """``max_minutes`` passed: no new run starts (finished ones are in results.jsonl)."""
+
+
+def _weights_digest(encoder: str) -> str:
+    """The sha256 of an exported encoder's weights (recorded in its sidecar at export)."""
+    from ssl_em.models.weights_io import read_verified
+    from ssl_em.utils.io import sha256_file
+
+    record, _, weights = read_verified(encoder)
+    return record.get("weights_sha256") or sha256_file(weights)
 
 
 def _encoder_patch(arch: str, kwargs: dict[str, Any]) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,20 @@ class FitResult:
     best_step: int | None
     val_score: float | None
     precision: str
+    snapshots: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> weights (cfg.eval_steps)
+
+
+class Snapshots(Callback):
+    """The module's weights (CPU copies) after each of ``steps`` optimiser steps: what a person who stops
+    the run there gets (the study scores them: IoU against fine-tuning steps)."""
+
+    def __init__(self, steps: Sequence[int]) -> None:
+        self.steps, self.states = set(int(s) for s in steps), {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step in self.steps and step not in self.states:
+            self.states[step] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def _trainer(**kwargs: Any) -> Any:
@@ -186,7 +200,8 @@ def _trainer(**kwargs: Any) -> Any:
 def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, name: str, precision: str,
         validate: bool) -> FitResult:
     """Train ``module`` for ``steps`` optimiser steps; with ``validate``, score the validation crops every
-    ``cfg.val_every`` steps and load the best-scoring weights at the end. Raises FloatingPointError
+    ``cfg.val_every`` steps and load the best-scoring weights at the end; the weights after each of
+    ``cfg.eval_steps`` (below ``steps``) come back in ``snapshots``. Raises FloatingPointError
     when the loss goes non-finite (the caller retries or records the run as diverged)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -194,7 +209,8 @@ def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, 
     from ssl_em.utils.precision import lightning_precision
 
     device = cfg.device.split(":")[0]
-    callbacks: list[Any] = [Progress(name, steps)]
+    snapshots = Snapshots(s for s in cfg.eval_steps if s < steps)
+    callbacks: list[Any] = [Progress(name, steps), snapshots]
     best = None
     if validate:
         monitor, mode = monitor_of(cfg.task)
@@ -221,7 +237,7 @@ def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, 
         module.load_state_dict(state["state_dict"])
         best_step = int(state.get("global_step", 0))
         score = float(best.best_model_score) if best.best_model_score is not None else None
-    return FitResult(int(trainer.global_step), round(seconds, 1), best_step, score, precision)
+    return FitResult(int(trainer.global_step), round(seconds, 1), best_step, score, precision, snapshots.states)
 
 
 def evaluate(module: Any, raw: np.ndarray, cfg: StudyConfig, work: Path, precision: str = "32") -> np.ndarray:
