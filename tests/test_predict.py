@@ -74,6 +74,28 @@ def test_conv_net_blockwise_equals_whole_volume(raw, tmp_path):
     np.testing.assert_allclose(out[:], whole(model, raw), atol=1e-5)
 
 
+def test_test_time_mirroring_averages_the_mirrored_outputs(raw, tmp_path):
+    """flips=(1, 2): each output is the mean of the four y/x mirrorings, mirrored back. A net that reads
+    its left neighbour in x and the one above in y becomes, averaged, the mean of both neighbours."""
+    from ssl_em.predict.blockwise import tta_axes
+
+    model = nn.Conv3d(1, 1, 3, padding=1, bias=False).eval()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[0, 0, 1, 1, 0] = 1.0  # x - 1
+        model.weight[0, 0, 1, 0, 1] = 2.0  # 2 * (y - 1)
+    out = predict_volume(model, raw, tmp_path / "p.zarr", (5, 16, 16), (4, 4, 4), flips=(2, 1), **FP32)[0]
+    x = raw.astype(np.float32) / 255
+    inner = (slice(None), slice(1, -1), slice(1, -1))
+    expected = 0.5 * (x[:, 1:-1, :-2] + x[:, 1:-1, 2:]) + (x[:, :-2, 1:-1] + x[:, 2:, 1:-1])
+    np.testing.assert_allclose(out[inner], expected, atol=1e-5)
+    plain = predict_volume(model, raw, tmp_path / "q.zarr", (5, 16, 16), (4, 4, 4), **FP32)[0]
+    assert np.abs(plain[inner] - expected).max() > 0.1  # without flips: the one-sided net
+    assert tta_axes((1, 128, 128)) == (1, 2) and tta_axes((8, 64, 64)) == (0, 1, 2)
+    with pytest.raises(ConfigError, match="flips"):
+        predict_volume(model, raw, tmp_path / "r.zarr", (5, 16, 16), (4, 4, 4), flips=(3,), **FP32)
+
+
 @pytest.mark.parametrize("blend", ["gaussian", "constant"])
 def test_pointwise_exact_with_blended_windows(raw, tmp_path, blend):
     model = pointwise_net()

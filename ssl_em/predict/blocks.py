@@ -144,6 +144,7 @@ class BlockJob:
     precision: str = "auto"
     device: str = "auto"
     batch_size: int = 1
+    flips: tuple[int, ...] = ()  # spatial axes (0 z, 1 y, 2 x) mirrored at test time, outputs averaged
     _out: Any = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -197,8 +198,7 @@ class BlockJob:
             boxes = [tuple(slice(s, s + w) for s, w in zip(st, win)) for _, st in batch]
             xb = torch.from_numpy(np.stack([inputs[i][(slice(None), *bx)] for (i, _), bx in zip(batch, boxes)]))
             with torch.inference_mode(), autocast(self.precision, device.type):
-                yb = model(xb.to(device))
-                yb = activate(yb, self.activation)
+                yb = self._mirrored_mean(model, xb.to(device))
             yb = yb.float().cpu().numpy()
             if yb.ndim != 5 or yb.shape[2:] != xb.shape[2:]:
                 raise ConfigError(
@@ -216,6 +216,18 @@ class BlockJob:
         if not single:
             acc = [a / w for a, w in zip(acc, wsum)]  # type: ignore[operator]
         return acc  # type: ignore[return-value]
+
+    def _mirrored_mean(self, model: Any, x: Any) -> Any:
+        """The activated output, averaged over every mirroring of ``flips`` (2^k forwards), each mirrored
+        back: test-time augmentation with symmetries EM has (nnU-Net mirrors likewise)."""
+        total = None
+        subsets = [c for k in range(len(self.flips) + 1) for c in itertools.combinations(self.flips, k)]
+        for axes in subsets:
+            dims = [2 + a for a in axes]
+            y = activate(model(x.flip(dims) if dims else x), self.activation).float()
+            y = y.flip(dims) if dims else y
+            total = y if total is None else total + y
+        return total / len(subsets)
 
     # --- stage 3: write (I/O) ----------------------------------------------------------------
     def store(self, idx: BlockId, pred: np.ndarray | None) -> None:

@@ -64,6 +64,12 @@ def _infer_out_channels(model: Any, job: BlockJob, c_in: int) -> int:
     return int(job.run_model(model, [probe])[0].shape[0])
 
 
+def tta_axes(window: Sequence[int]) -> tuple[int, ...]:
+    """The axes test-time mirroring flips for a (z, y, x) window: y and x, and z when the window has depth
+    (mirroring a single section in z changes nothing)."""
+    return ((0,) if int(window[0]) > 1 else ()) + (1, 2)
+
+
 def predict_volume(
     model: Any,
     src: Any,
@@ -86,6 +92,7 @@ def predict_volume(
     resume: bool = True,
     overwrite: bool = False,
     fill_missing: bool = False,
+    flips: Sequence[int] = (),
     progress: bool = True,
 ) -> Any:
     """Predict ``model`` densely over ``src`` block by block into a chunk-aligned zarr array.
@@ -115,6 +122,8 @@ def predict_volume(
         overwrite: replace an existing ``dst`` made with other settings (else ConfigError). An output that
             is, holds or sits inside the input or mask, or a folder ssl-em did not write, is never replaced.
         fill_missing: read zarr chunks absent from a ``src``/``mask`` spec as the fill value (else VolumeError).
+        flips: test-time augmentation: spatial axes (0 z, 1 y, 2 x) to mirror; each window's activated
+            output is the mean over all 2^k mirrorings (k = len(flips)), at 2^k times the compute.
 
     Returns:
         The output zarr array, shape (C_out, z, y, x), chunks (C_out, *block_shape).
@@ -131,6 +140,9 @@ def predict_volume(
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     if activation not in (None, "sigmoid", "softmax"):
         raise ConfigError(f"activation={activation!r} is not one of None, 'sigmoid', 'softmax'")
+    flips = tuple(sorted({int(a) for a in flips}))
+    if any(a not in (0, 1, 2) for a in flips):
+        raise ConfigError(f"flips={list(flips)} must be spatial axes 0 (z), 1 (y), 2 (x)")
     source = as_volume(src, fill_missing=fill_missing)
     if len(source.shape) not in (3, 4):
         raise VolumeError(f"input {describe(src)} has shape {tuple(source.shape)}; expected (z, y, x) or (c, z, y, x)")
@@ -149,7 +161,7 @@ def predict_volume(
         raise VolumeError(f"mask shape {tuple(mask_arr.shape)} does not divide the input's {shape}")
 
     job = BlockJob(plan, source, "", resolve_normalization(normalization, source), blend, activation, out_dtype,
-                   mask_arr, precision, device, batch_size)
+                   mask_arr, precision, device, batch_size, flips)
     if hasattr(model, "eval"):
         model.eval()
     c_in = int(source.shape[0]) if len(source.shape) == 4 else 1
@@ -163,6 +175,7 @@ def predict_volume(
         "overlap": list(ov), "window": list(window), "blend": blend, "activation": activation,
         "out_dtype": out_dtype, "out_channels": out_channels, "mask": describe(mask),
         "normalization": describe(normalization), "precision": precision,
+        **({"flips": list(flips)} if flips else {}),  # outputs of earlier runs without flips stay resumable
     }
     arr_dir, done = prepare_output(Path(dst), (out_channels, *shape), (out_channels, *block), out_dtype, params,
                                     source_voxel_size(source), resume, overwrite,

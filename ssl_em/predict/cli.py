@@ -161,6 +161,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--window", type=_ints, default=None, help="model input z,y,x (default block + overlap)")
     p.add_argument("--blend", choices=["gaussian", "constant"], default="gaussian")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--tta", action="store_true",
+                   help="test-time mirroring: average the outputs over flips of y and x (and z when the window "
+                   "has depth), 4-8x the compute")
     p.add_argument("--activation", choices=["auto", "none", "sigmoid", "softmax"], default="auto",
                    help="auto: sigmoid for a fine-tuned folder, none otherwise")
     p.add_argument("--out-dtype", choices=["float32", "uint8"], default="float32")
@@ -187,7 +190,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from ssl_em.data.volume import Region, as_volume, spec_path
-    from ssl_em.predict.blockwise import predict_volume
+    from ssl_em.predict.blockwise import predict_volume, tta_axes
     from ssl_em.utils.io import check_output
 
     inputs = [p for p in (spec_path(args.input), spec_path(args.mask) if args.mask else None) if p is not None]
@@ -219,7 +222,8 @@ def main(argv: list[str]) -> int:
         mask=mask, out_dtype=args.out_dtype, normalization=normalization,
         activation=None if activation == "none" else activation, backend=args.backend,
         scheduler=args.scheduler, resume=not args.no_resume, overwrite=args.overwrite, fill_missing=args.fill_missing,
-        progress=not args.no_progress,
+        progress=not args.no_progress, flips=tta_axes(args.window or tuple(b + o for b, o in zip(args.block, args.overlap)))
+        if args.tta else (),
     )
     print(f"wrote {args.output}: shape {tuple(out.shape)} (c, z, y, x), chunks {tuple(out.chunks)}, {out.dtype}")
     labels = None

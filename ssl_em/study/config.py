@@ -92,6 +92,7 @@ class StudyConfig:
     downsample: int | None = None  # in-plane factor to the working spacing; None: the plan's, 1: native
     eval_fraction: float = 0.3
     val_fraction: float = 0.2
+    tta: bool = True  # evaluation mirrors each window in y and x (and z with depth) and averages, as nnU-Net does
     max_eval_voxels: int = 4_000_000  # the evaluation region is centre-cropped in x to this size
     max_val_voxels: int = 1_000_000  # likewise the validation part scored in the rate sweep
     voxel_size: tuple[float, float, float] | None = None

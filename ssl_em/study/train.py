@@ -242,8 +242,10 @@ def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, 
 
 def evaluate(module: Any, raw: np.ndarray, cfg: StudyConfig, work: Path, precision: str = "32") -> np.ndarray:
     """Probabilities (K, z, y, x) of normalised ``raw`` through ``predict_volume`` (the path of
-    ``ssl-em predict``): training-crop windows overlapping by a quarter, Gaussian blending."""
+    ``ssl-em predict``): training-crop windows overlapping by a quarter, Gaussian blending, mirrored at
+    test time with ``cfg.tta``."""
     from ssl_em.predict import predict_volume
+    from ssl_em.predict.blockwise import tta_axes
 
     patch = tuple(int(p) for p in cfg.patch_shape)
     block = tuple(min(int(n), 2 * p) for n, p in zip(raw.shape, patch))
@@ -251,7 +253,7 @@ def evaluate(module: Any, raw: np.ndarray, cfg: StudyConfig, work: Path, precisi
     dst = work / "probabilities.zarr"
     out = predict_volume(module.model.eval(), raw.astype(np.float32, copy=False), dst, block, overlap,
                          window_shape=patch, activation="sigmoid", precision=precision, device=cfg.device,
-                         batch_size=4, progress=False, overwrite=True)
+                         batch_size=4, progress=False, overwrite=True, flips=tta_axes(patch) if cfg.tta else ())
     probs = np.asarray(out[:])
     shutil.rmtree(dst, ignore_errors=True)
     return probs
