@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton, SpinBox
 
 from ssl_em.errors import SslEmError, describe_error
@@ -82,10 +84,12 @@ class FineTuneWidget(Container):
         try:
             image, painted = self.viewer.layers[self.image.value], self.viewer.layers[self.labels.value]
             session = self._session_for(image)
+            box = session.training_box(painted.data)
         except (KeyError, SslEmError) as err:
             self._fail(err)
             return None
-        steps, labels = int(self.steps.value), painted.data.copy()  # the painting as it was when started
+        # the painting as it was when started: a copy of its box only (the layer may be the size of a big volume)
+        steps, labels = int(self.steps.value), np.array(painted.data[box])
         self._stop.clear()
         self.progress.max, self.progress.value = steps, 0
 
@@ -97,8 +101,9 @@ class FineTuneWidget(Container):
             def train() -> None:
                 try:
                     result["train"] = session.fine_tune(labels, steps, lambda i, n, loss: events.put((i, loss)),
-                                                        self._stop.is_set)
-                    result["probs"] = probs = session.predict()
+                                                        self._stop.is_set, box=box)
+                    result["box"] = shown = session.preview_box(box)
+                    result["probs"] = probs = session.predict(box=shown)
                     result["instances"] = session.instances(probs[:])
                 except BaseException as err:  # noqa: BLE001 - reported in the widget, the viewer stays usable
                     result["error"] = err
@@ -133,8 +138,11 @@ class FineTuneWidget(Container):
         return self.worker
 
     def _show_results(self, image: Any, result: dict[str, Any]) -> None:
-        probs, inst = result["probs"], result["instances"]
-        kw = {"scale": image.scale[-3:], "translate": image.translate[-3:]}
+        probs, inst, box = result["probs"], result["instances"], result.get("box")
+        scale, translate = np.asarray(image.scale[-3:], float), np.asarray(image.translate[-3:], float)
+        if box is not None:  # a preview of the painted box of a big volume: placed where it belongs
+            translate = translate + scale * [b.start for b in box]
+        kw = {"scale": scale, "translate": translate}
         name_p, name_i = f"{image.name} probability", f"{image.name} instances"
         for name in (name_p, name_i):
             if name in self.viewer.layers:

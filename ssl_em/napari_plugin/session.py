@@ -1,7 +1,9 @@
 """Paint, fine-tune, look, correct: the plugin's logic without a GUI (the widget only wires it to layers).
 
 Painting follows ilastik: label 1 = background, 2 = the structure (mitochondria), 0 = not painted (no
-loss there). A session trains the same pipeline as ``ssl-em fit`` and the study (``FineTuning`` with LoRA
+loss there). The volume stays lazy (a dask or zarr array from the reader is never read whole): training
+reads the painted voxels' box and its context, the preview after training covers that box (a small volume:
+all of it), and "predict whole volume" runs blockwise. A session trains the same pipeline as ``ssl-em fit`` and the study (``FineTuning`` with LoRA
 on an encoder, ``EMDataModule``, a Lightning ``Trainer`` with a step budget) on the painted voxels only.
 Training again after corrections continues from the adapter trained so far. ``should_stop`` cancels
 between steps: the model keeps its last complete step and nothing is written unless :meth:`save` is
@@ -21,6 +23,7 @@ import numpy as np
 from ssl_em.errors import ConfigError, LabelError
 
 PAINT_BACKGROUND, PAINT_OBJECT = 1, 2
+PREVIEW_VOXELS = 16_000_000  # up to this size the preview after training is the whole volume, else the painted box
 DEFAULT_ENCODER = "unet3d_tiny.spark_vnc"  # shipped with ssl-em: no download
 
 
@@ -51,9 +54,11 @@ class FineTuneSession:
     def __init__(self, raw: Any, voxel_size: Any = None, task: str = "mito", encoder: str = DEFAULT_ENCODER,
                  patch_shape: tuple[int, int, int] | None = None, lr: float | None = None, seed: int = 0,
                  precision: str = "auto") -> None:
-        self.raw = np.ascontiguousarray(np.asarray(raw))
-        if self.raw.ndim != 3:
-            raise ConfigError(f"the image layer must be one (z, y, x) volume, got shape {self.raw.shape}")
+        lazy = hasattr(raw, "shape") and hasattr(raw, "__getitem__") and not isinstance(raw, np.ndarray)
+        self.raw = raw if lazy else np.ascontiguousarray(np.asarray(raw))  # dask / zarr: read box by box
+        self.shape = tuple(int(n) for n in self.raw.shape)
+        if len(self.shape) != 3:
+            raise ConfigError(f"the image layer must be one (z, y, x) volume, got shape {self.shape}")
         self.voxel_size = tuple(float(v) for v in voxel_size) if voxel_size is not None else None
         self.task, self.encoder, self.lr, self.seed = task, encoder, lr, seed
         self.patch_shape = patch_shape
@@ -62,6 +67,7 @@ class FineTuneSession:
         self.total_steps = 0
         self.precision = precision
         self.precision_record: dict[str, Any] | None = None  # what "auto" measured, once per session
+        self.last_box: tuple[slice, slice, slice] | None = None  # what the last training read of the image
 
     # ------------------------------------------------------------------ training
     def _build(self) -> Any:
@@ -79,13 +85,40 @@ class FineTuneSession:
         if self.patch_shape is None:
             stride = getattr(module.model, "base_model", module.model).encoder.patch_size
             want = (8, 64, 64)
-            self.patch_shape = tuple(max(s, min(w, (n // s) * s)) for w, n, s in zip(want, self.raw.shape, stride))
+            self.patch_shape = tuple(max(s, min(w, (n // s) * s)) for w, n, s in zip(want, self.shape, stride))
         return module
 
-    def fine_tune(self, painted: np.ndarray, steps: int = 100, progress: Callable[[int, int, float], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    def training_box(self, painted: Any) -> tuple[slice, slice, slice]:
+        """The painted voxels' bounding box, grown by half a crop on every side for context and to at least
+        one crop, inside the volume: all that training reads of the image."""
+        if tuple(painted.shape) != self.shape:
+            raise LabelError(f"labels layer shape {tuple(painted.shape)} differs from the image's {self.shape}")
+        # section by section: a whole-volume reduction would allocate a temporary the size of the volume
+        zs = np.flatnonzero([np.count_nonzero(np.asarray(painted[z])) > 0 for z in range(self.shape[0])])
+        if zs.size == 0:
+            raise LabelError(f"paint some of the structure with label {PAINT_OBJECT} before training")
+        sub = np.asarray(painted[zs[0]: zs[-1] + 1]) > 0
+        spans = [(zs[0], zs[-1])] + [tuple(np.flatnonzero(sub.any(axis=a))[[0, -1]]) for a in ((0, 2), (0, 1))]
+        if self.module is None:
+            self.module = self._build()  # the crop shape comes with the encoder
+        box = []
+        for (lo, hi), n, p in zip(spans, self.shape, self.patch_shape):
+            lo, hi = max(0, int(lo) - p // 2), min(n, int(hi) + 1 + p // 2)
+            short = max(0, min(p, n) - (hi - lo))
+            lo = max(0, lo - short)
+            box.append(slice(lo, min(n, max(hi, lo + min(p, n)))))
+        return tuple(box)  # type: ignore[return-value]
+
+    def preview_box(self, box: tuple[slice, slice, slice]) -> tuple[slice, slice, slice] | None:
+        """What the preview after training predicts: None (the whole volume) when it is small, else ``box``."""
+        return None if int(np.prod(self.shape)) <= PREVIEW_VOXELS else box
+
+    def fine_tune(self, painted: Any, steps: int = 100, progress: Callable[[int, int, float], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None,
+                  box: tuple[slice, slice, slice] | None = None) -> TrainResult:
         """Train ``steps`` steps on the painted voxels; ``progress(step, steps, loss)`` after each step,
-        ``should_stop()`` checked after each step (True: stop after this step)."""
+        ``should_stop()`` checked after each step (True: stop after this step). ``painted`` is the painted
+        layer's data, or only its crop at ``box`` (from :meth:`training_box`, which it defaults to)."""
         import lightning as L
         import torch
 
@@ -93,14 +126,17 @@ class FineTuneSession:
 
         if steps < 1:
             raise ConfigError(f"steps={steps} must be >= 1")
-        labels, mask = training_targets(painted)
-        if labels.shape != self.raw.shape:
-            raise LabelError(f"labels layer shape {labels.shape} differs from the image's {self.raw.shape}")
         torch.manual_seed(self.seed + self.total_steps)
+        if box is None:
+            box = self.training_box(painted)
+            painted = painted[box]
+        labels, mask = training_targets(painted)
         if self.module is None:
             self.module = self._build()
         self.module.train()  # predict() left it in eval mode
-        dm = EMDataModule(raw=self.raw, labels=labels, mask=mask, task=self.task, patch_shape=self.patch_shape,
+        self.last_box = box
+        raw = np.asarray(self.raw[box])
+        dm = EMDataModule(raw=raw, labels=labels, mask=mask, task=self.task, patch_shape=self.patch_shape,
                           batch_size=2, num_workers=0, samples_per_epoch=2 * steps, val_fraction=0,
                           voxel_size=self.voxel_size, sampler="labelled", seed=self.seed + self.total_steps)
         state = {"loss": float("nan"), "cancelled": False}
@@ -148,9 +184,11 @@ class FineTuneSession:
         if self.module is None:
             raise ConfigError("fine-tune first: there is no trained model in this session yet")
 
-    def predict(self, dst: str | Path | None = None, block: tuple[int, int, int] = (16, 128, 128)) -> Any:
-        """Foreground probabilities (C, z, y, x) of the whole volume, blockwise (``predict_volume``) into the
-        zarr ``dst`` (default: a temporary folder); returned as the zarr array, read lazily."""
+    def predict(self, dst: str | Path | None = None, block: tuple[int, int, int] = (16, 128, 128),
+                box: tuple[slice, slice, slice] | None = None) -> Any:
+        """Foreground probabilities (C, z, y, x) of the whole volume (or of ``box``), blockwise
+        (``predict_volume``) into the zarr ``dst`` (default: a temporary folder); the zarr array, read lazily."""
+        from ssl_em.data.volume import Region
         from ssl_em.predict import predict_volume
 
         self._check_trained()
@@ -159,7 +197,8 @@ class FineTuneSession:
             dst = Path(tempfile.mkdtemp(prefix="ssl_em_napari_")) / "probabilities.zarr"
         halo = tuple(min(2 * (p // 4), 32) for p in self.patch_shape)
         block = tuple(max(p, b - h) for p, b, h in zip(self.patch_shape, block, halo))
-        return predict_volume(model, self.raw, dst, block, halo, activation="sigmoid",
+        src = self.raw if box is None else Region(self.raw, box)
+        return predict_volume(model, src, dst, block, halo, activation="sigmoid",
                               normalization=self.normalization.to_dict(), progress=False, overwrite=True)
 
     def instances(self, probabilities: Any) -> np.ndarray:
