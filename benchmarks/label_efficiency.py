@@ -51,7 +51,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=400, help="optimiser steps per fine-tuning run (default 400)")
     p.add_argument("--eval-steps", default="", help="also score each run's weights after these steps, e.g. 50,100,200 "
                    "(IoU against fine-tuning steps: results.md and steps.png)")
-    p.add_argument("--no-tta", action="store_true", help="evaluate without test-time mirroring")
+    p.add_argument("--tta", action="store_true", help="evaluate with test-time mirroring (y, x flips: 4x the "
+                   "evaluation's compute)")
     p.add_argument("--val-every", type=int, default=50, help="validate and keep the best weights every N steps")
     p.add_argument("--batch-size", type=int, help="crops per step (default: the plan's, ssl_em.plan)")
     p.add_argument("--downsample", type=int, help="in-plane factor to the working spacing (default: the plan's; "
@@ -129,7 +130,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         val_every=4 if quick else args.val_every, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int) if args.patch else None, voxel_size=vs,
         downsample=args.downsample, pretrain_method=args.pretrain_method, encoder_lr_scale=args.encoder_lr_scale,
-        device=args.device, tta=not args.no_tta,
+        device=args.device, tta=args.tta,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else args.lrs,
     )
     print("configuration:", json.dumps({k: v for k, v in asdict(cfg).items()}, default=str))
