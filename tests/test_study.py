@@ -488,7 +488,10 @@ def test_runs_are_also_scored_after_the_eval_steps(tmp_path):
 
 def test_finished_runs_are_reused_only_for_the_same_data_and_encoder_weights(tmp_path):
     """A table grows by a seed or a method without redoing its runs, but a labelled volume changed in place
-    or other weights saved under the same encoder path are never reported as the old numbers."""
+    or other weights saved under the same encoder path are never reported as the old numbers (the runs
+    that do not start from those weights, scratch and rf, stay valid)."""
+    import shutil
+    from dataclasses import replace
     from ssl_em.data.phantom import make_phantom
     from ssl_em.models import create_encoder, save_encoder
 
@@ -506,8 +509,9 @@ def test_finished_runs_are_reused_only_for_the_same_data_and_encoder_weights(tmp
 
     first = study()
     first.run()
+    first_full = first.digest("full")  # read now: the weights change below
     grown = study(seeds=2, methods=("scratch", "full"))
-    assert grown.digest() == first.digest()
+    assert grown.digest("scratch") == first.digest("scratch")
     grown.run()
     keys = [tuple(json.loads(line)["key"]) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert keys == [("run", "scratch", "2 patches", 0), ("run", "scratch", "2 patches", 1),
@@ -515,9 +519,16 @@ def test_finished_runs_are_reused_only_for_the_same_data_and_encoder_weights(tmp
     torch = pytest.importorskip("torch")
     torch.manual_seed(1)
     save_encoder(create_encoder("unet3d_test"), encoder)  # other weights, same path
-    other_weights = study().digest()
-    assert other_weights != first.digest()
+    other_weights = study()
+    assert other_weights.digest("full") != first_full  # the pretrained runs are redone ...
+    assert other_weights.digest("scratch") == first.digest("scratch")  # ... scratch (same architecture) is not
+    assert other_weights.digest("rf") == first.digest("rf")
+    moved = tmp_path / "moved"
+    shutil.copytree(encoder, moved)  # the same weights elsewhere: nothing to redo
+    cfg = replace(other_weights.cfg, encoder=str(moved))
+    assert Study(f"{path}:raw", f"{path}:mito", None, cfg, tmp_path / "out2").digest("full") == other_weights.digest("full")
     raw = target.raw.copy()
     raw[0, :4, :4] = 0
     np.savez(path, raw=raw, mito=target.mito)  # the volume changed in place
-    assert study().digest() not in (first.digest(), other_weights)
+    changed = study()
+    assert changed.digest("rf") != first.digest("rf") and changed.digest("full") != other_weights.digest("full")

@@ -90,7 +90,8 @@ class Study:
         self.step_records: list[dict[str, Any]] = []  # by fine-tuning step: cfg.eval_steps and the last
         self.precisions: dict[str, dict[str, Any]] = {}
         self.done: dict[tuple, dict[str, Any]] = {}
-        self._digest: str | None = None
+        self._digest_base: dict[str, Any] | None = None
+        self._encoder_digest: dict[str, Any] = {}  # "weights" / "architecture" of cfg.encoder, read once
         self.deadline = math.inf
 
     def _plan(self, shape: Sequence[int]) -> Any:
@@ -136,22 +137,38 @@ class Study:
         return plan
 
     # -- the log of finished work ---------------------------------------------------------------
-    def digest(self) -> str:
-        """What a finished line must match to be reused: the configuration, the regions, the labelled
-        volume's contents and the encoder's weights. Not what no single run depends on (a line's key names
-        its method, regime and seed): the lists of methods, seeds and painted-patch regimes, and the
+    def digest(self, method: str | None = None) -> str:
+        """What a finished line of ``method`` (None: pretraining) must match to be reused: the configuration,
+        the regions, the labelled volume's contents, and of the encoder what the method depends on: its
+        weights for the methods that start from them, its architecture for ``scratch`` / ``lora_random``,
+        nothing for ``unet`` and ``rf``. Not the encoder's path, nor what no single run depends on (a line's
+        key names its method, regime and seed): the lists of methods, seeds and painted-patch regimes, and the
         wall-clock guard; so a table grows by a seed, a method or a regime without redoing what it holds."""
-        if self._digest is None:
-            cfg = {k: v for k, v in asdict(self.cfg).items() if k not in ("max_minutes", "methods", "seeds", "patches")}
+        if self._digest_base is None:
+            skip = ("max_minutes", "methods", "seeds", "patches", "encoder")
+            cfg = {k: v for k, v in asdict(self.cfg).items() if k not in skip}
             regions = {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()}
             data = hashlib.blake2b(digest_size=8)
             for array in (self.data.raw, self.data.labels):
                 data.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
-            what = {"config": cfg, "regions": regions, "shape": list(self.data.raw.shape), "data": data.hexdigest(),
-                    "encoder": _weights_digest(self.cfg.encoder) if self.cfg.encoder else None}
-            self._digest = hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(),
-                                           digest_size=8).hexdigest()
-        return self._digest
+            self._digest_base = {"config": cfg, "regions": regions, "shape": list(self.data.raw.shape),
+                                 "data": data.hexdigest()}
+        part = None  # pretraining continued from cfg.encoder, and pretrained methods: its weights
+        if self.cfg.encoder and (method is None or method in ADAPTER):
+            part = "weights" if method is None or ADAPTER[method][1] else "architecture"
+        if part is not None and part not in self._encoder_digest:
+            from ssl_em.models.weights_io import read_sidecar
+
+            sidecar = read_sidecar(self.cfg.encoder)
+            self._encoder_digest[part] = (_weights_digest(self.cfg.encoder) if part == "weights"
+                                          else [sidecar["architecture"], sidecar.get("kwargs")])
+        what = {**self._digest_base, "encoder": self._encoder_digest.get(part) if part else None}
+        return hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+    @staticmethod
+    def _method_of(key: Sequence[Any]) -> str | None:
+        """The method a results.jsonl key belongs to: ("run" | "sweep", method, ...); pretraining has none."""
+        return key[1] if len(key) > 1 else None
 
     def _finished(self) -> dict[tuple, dict[str, Any]]:
         path, done = self.out / RESULTS, {}
@@ -161,12 +178,13 @@ class Study:
                     entry = json.loads(line)
                 except ValueError:  # a line cut short by a kill
                     continue
-                if entry.get("digest") == self.digest():
-                    done[tuple(entry["key"])] = entry
+                key = tuple(entry.get("key") or ())
+                if key and entry.get("digest") == self.digest(self._method_of(key)):
+                    done[key] = entry
         return done
 
     def _append(self, key: tuple, entry: dict[str, Any]) -> dict[str, Any]:
-        entry = {"key": list(key), "digest": self.digest(), **entry}
+        entry = {"key": list(key), "digest": self.digest(self._method_of(key)), **entry}
         with open(self.out / RESULTS, "a") as f:
             f.write(json.dumps(entry, default=float) + "\n")
             f.flush()
