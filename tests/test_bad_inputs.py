@@ -71,6 +71,20 @@ def ws(tmp_path_factory) -> Path:
     data = (root / "full.npz").read_bytes()
     (root / "trunc.npz").write_bytes(data[: len(data) // 2])
     (root / "full.npz").unlink()
+    # OME-Zarr groups with malformed multiscales metadata (a valid one, its .zattrs edited)
+    from ssl_em.data.convert import convert
+
+    convert(str(root / "raw.npy"), root / "ome_good.ome.zarr", voxel_size=(40, 8, 8), progress=False)
+    good_attrs = (root / "ome_good.ome.zarr" / ".zattrs").read_text()
+    import json
+
+    for name, edit in (("notlist", lambda ms: ms[0]), ("nodatasets", lambda ms: [{**ms[0], "datasets": []}]),
+                       ("badscale", lambda ms: [{**ms[0], "datasets": [{"path": "0", "coordinateTransformations": [
+                           {"type": "scale", "scale": [40.0, 8.0]}]}]}])):
+        shutil.copytree(root / "ome_good.ome.zarr", root / f"ome_{name}.ome.zarr")
+        attrs = json.loads(good_attrs)
+        attrs["multiscales"] = edit(attrs["multiscales"])
+        (root / f"ome_{name}.ome.zarr" / ".zattrs").write_text(json.dumps(attrs))
     (root / "empty_dir").mkdir()
     (root / "notes").mkdir()
     (root / "notes" / "readme.xyz").write_text("a user's file\n")
@@ -160,6 +174,14 @@ CASES: dict[str, Case] = {
     "volume-empty-folder": Case(lambda w, o: ["info", str(w / "empty_dir")], "empty_dir"),
     "volume-negative-voxel-size": Case(lambda w, o: ["info", str(w / "raw.npy"), "--voxel-size=-1,4,4"],
                                        "voxel size"),
+    "volume-voxel-size-not-a-number": Case(lambda w, o: ["info", str(w / "raw.npy"), "--voxel-size", "50,4,abc"],
+                                           "voxel size '50,4,abc' must be three positive numbers"),
+    "volume-ome-multiscales-not-a-list": Case(lambda w, o: ["info", str(w / "ome_notlist.ome.zarr")],
+                                              "'multiscales' must be a non-empty list"),
+    "volume-ome-level-without-datasets": Case(lambda w, o: ["info", str(w / "ome_nodatasets.ome.zarr")],
+                                              "has no 'datasets' list"),
+    "volume-ome-scale-per-axis": Case(lambda w, o: ["info", str(w / "ome_badscale.ome.zarr")],
+                                      "'scale' [40.0, 8.0] needs one number per axis"),
     "volume-output-is-input": Case(lambda w, o: ["convert", str(w / "raw.zarr"), str(w / "raw.zarr"),
                                                  "--overwrite", "--no-progress"], "raw.zarr"),
     "volume-output-inside-input": Case(lambda w, o: ["convert", str(w / "raw.zarr"),

@@ -321,3 +321,17 @@ def test_uncompressed_zarr_reads_chunk_files_directly_and_equals_zarr(tmp_path, 
     chunk.write_bytes(b"\0" * 10)
     with pytest.raises(VolumeError, match="holds 10 bytes"):
         open_volume(str(path))[4:8, 0:16, 32:45]
+
+
+def test_voxel_size_text_forms_and_what_is_refused():
+    """The forms people type (commas, spaces, x, semicolons, one isotropic number) parse; anything that is
+    not three positive numbers is one VolumeError naming where it came from."""
+    from ssl_em.data.formats import parse_voxel
+    from ssl_em.errors import VolumeError
+
+    for text in ("50,4,4", "50 4 4", "50x4x4", "50;4;4", " 50, 4 ,4 ", [50, 4, 4]):
+        assert parse_voxel(text, "--voxel-size") == (50.0, 4.0, 4.0)
+    assert parse_voxel("8", "--voxel-size") == (8.0, 8.0, 8.0)
+    for bad in ("50,4,abc", "50,4", "50,0,4", "nan,4,4", {"z": 50}, None):
+        with pytest.raises(VolumeError, match="--voxel-size: voxel size .* must be three positive numbers"):
+            parse_voxel(bad, "--voxel-size")

@@ -45,13 +45,20 @@ class Backend:
     extra: dict[str, Any] = field(default_factory=dict)
 
 def parse_voxel(value: Any, where: str) -> tuple[float, float, float]:
+    """(z, y, x) nm from three numbers or one (isotropic): a sequence, or text such as "50,4,4", "50 4 4",
+    "50x4x4" or "50;4;4"; anything else is a one-line VolumeError naming ``where``."""
+    original = value
     if isinstance(value, str):
-        value = [v for v in re.split(r"[,x\s]+", value.strip()) if v]
-    vals = np.atleast_1d(np.asarray(value, dtype=float)).ravel()
+        value = [v for v in re.split(r"[,;x\s]+", value.strip()) if v]
+    try:
+        vals = np.atleast_1d(np.asarray(value, dtype=float)).ravel()
+    except (TypeError, ValueError):
+        vals = np.array([])
     if vals.size == 1:
         vals = np.repeat(vals, 3)
     if vals.size != 3 or not np.all(np.isfinite(vals)) or np.any(vals <= 0):
-        raise VolumeError(f"{where}: voxel size {value!r} must be three positive numbers (z, y, x nm)")
+        raise VolumeError(f"{where}: voxel size {original!r} must be three positive numbers (z, y, x nm), "
+                          "e.g. 50,4,4")
     return tuple(float(v) for v in vals)  # type: ignore[return-value]
 
 
@@ -64,7 +71,11 @@ def voxel_from_attrs(attrs: Any, where: str, *, reverse: bool = False) -> tuple[
         if isinstance(value, dict):  # N5/BigCAT style {"dimensions": [x, y, z], "unit": "um"}
             scale = _UNIT_TO_NM.get(str(value.get("unit", "nm")).lower(), 1.0)
             value = value.get("dimensions")
-        vals = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=float))][-3:]
+        try:
+            vals = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=float))][-3:]
+        except (TypeError, ValueError):
+            raise VolumeError(f"{where}: attribute {name!r} = {attrs[name]!r} is not a voxel size (numbers in "
+                              "z, y, x or x, y, z order); fix or remove it, or pass --voxel-size") from None
         if reverse:
             vals = vals[::-1]
         return parse_voxel([v * scale for v in vals], f"{where} attribute {name!r}")
@@ -98,25 +109,54 @@ def array_backend(arr: Any, voxel_size: Any = None, source: str | None = None) -
                     extra={"voxel_size_source": source} if voxel_size is not None else {})
 
 # -- zarr / OME-Zarr ---------------------------------------------------------------------------------
-def _ome_multiscales(attrs: Any) -> list[dict] | None:
-    if "ome" in attrs and isinstance(attrs["ome"], dict):  # NGFF 0.5 (zarr v3)
-        return attrs["ome"].get("multiscales")
-    return attrs.get("multiscales")  # NGFF <= 0.4
+def _ome_multiscales(attrs: Any, where: str = "") -> list[dict] | None:
+    """The OME-Zarr ``multiscales`` list (NGFF 0.5 under "ome", <= 0.4 at the top), each entry checked
+    to be an object with a non-empty ``datasets`` list of objects with a ``path``: malformed metadata is a
+    one-line VolumeError naming the group and the key, never an AttributeError deep inside."""
+    ome = attrs.get("ome") if "ome" in attrs else None
+    if ome is not None and not isinstance(ome, dict):
+        raise VolumeError(f"{where}: OME-Zarr attribute 'ome' must be an object, got {type(ome).__name__}")
+    ms = (ome or {}).get("multiscales") if ome is not None else attrs.get("multiscales")
+    if ms is None:
+        return None
+    key = "ome.multiscales" if ome is not None else "multiscales"
+    if not isinstance(ms, list) or not ms:
+        raise VolumeError(f"{where}: OME-Zarr metadata {key!r} must be a non-empty list of multiscale objects, "
+                          f"got {ms!r:.80}")
+    for i, entry in enumerate(ms):
+        datasets = entry.get("datasets") if isinstance(entry, dict) else None
+        if not isinstance(datasets, list) or not datasets:
+            raise VolumeError(f"{where}: OME-Zarr {key}[{i}] has no 'datasets' list (each level needs "
+                              f"{{\"path\": ...}}); got {entry!r:.80}")
+        for j, d in enumerate(datasets):
+            if not isinstance(d, dict) or not isinstance(d.get("path"), str):
+                raise VolumeError(f"{where}: OME-Zarr {key}[{i}].datasets[{j}] needs a 'path' string, got {d!r:.80}")
+    return ms
 
 
 def _ome_level(ms: dict, level: int, where: str) -> tuple[str, tuple[float, float, float] | None, str]:
     """Dataset path, voxel size (nm, z y x) and axes string for one multiscale level."""
-    datasets = ms.get("datasets") or []
+    datasets = ms["datasets"]  # checked by _ome_multiscales: a non-empty list of {"path": ...}
     if not 0 <= level < len(datasets):
         raise VolumeError(f"{where}: no multiscale level {level}; levels are 0..{len(datasets) - 1}")
     axes_meta = ms.get("axes") or [{"name": n} for n in "zyx"[-3:]]
-    axes_meta = [{"name": a} if isinstance(a, str) else a for a in axes_meta]
+    if not isinstance(axes_meta, list):
+        raise VolumeError(f"{where}: OME-Zarr multiscales 'axes' must be a list, got {axes_meta!r:.80}")
+    axes_meta = [{"name": a} if isinstance(a, str) else a if isinstance(a, dict) else {"name": "?"} for a in axes_meta]
     scale = np.ones(len(axes_meta))
-    for transforms in (datasets[level].get("coordinateTransformations") or [],
-                       ms.get("coordinateTransformations") or []):
-        for t in transforms:
-            if t.get("type") == "scale" and "scale" in t:
-                scale = scale * np.asarray(t["scale"], dtype=float)
+    for what, transforms in ((f"datasets[{level}]", datasets[level].get("coordinateTransformations") or []),
+                             ("multiscales", ms.get("coordinateTransformations") or [])):
+        for t in transforms if isinstance(transforms, list) else [transforms]:
+            if not isinstance(t, dict) or t.get("type") != "scale" or "scale" not in t:
+                continue
+            try:
+                factor = np.asarray(t["scale"], dtype=float).ravel()
+            except (TypeError, ValueError):
+                factor = np.array([])
+            if factor.size != len(axes_meta):
+                raise VolumeError(f"{where}: OME-Zarr {what} 'scale' {t['scale']!r:.60} needs one number per axis "
+                                  f"({len(axes_meta)}: {[a.get('name') for a in axes_meta]})")
+            scale = scale * factor
     spatial = [i for i, a in enumerate(axes_meta) if a.get("type") == "space" or a.get("name") in ("z", "y", "x")]
     axes = "".join("c" if a.get("type") == "channel" or a.get("name") == "c" else
                    "t" if a.get("type") == "time" else str(a.get("name", "?"))[:1] for a in axes_meta)
@@ -150,7 +190,7 @@ def open_zarr(root: str, key: str, level: int | None, fill_missing: bool = False
 
     vs, axes, source, n_levels = None, None, None, None
     if isinstance(node, zarr.Group):
-        ms = _ome_multiscales(node.attrs)
+        ms = _ome_multiscales(node.attrs, where)
         if ms:
             n_levels = len(ms[0].get("datasets") or [])
             path, vs, axes = _ome_level(ms[0], level or 0, where)
