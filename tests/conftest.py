@@ -8,6 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Lightning binds a StreamHandler to sys.stderr when first imported: imported inside a test that captures
+# output (capsys), it would keep writing to that test's closed stream ("Logging error: I/O operation on
+# closed file") in every later test, and test files passed or failed depending on which ran first
+import lightning.pytorch  # noqa: E402, F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SSL_EM_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -85,6 +85,8 @@ def ws(tmp_path_factory) -> Path:
         attrs = json.loads(good_attrs)
         attrs["multiscales"] = edit(attrs["multiscales"])
         (root / f"ome_{name}.ome.zarr" / ".zattrs").write_text(json.dumps(attrs))
+    np.save(root / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.save(root / "channels_either_side.npy", np.zeros((4, 16, 16, 3), np.uint8))
     (root / "empty_dir").mkdir()
     (root / "notes").mkdir()
     (root / "notes" / "readme.xyz").write_text("a user's file\n")
@@ -182,6 +184,9 @@ CASES: dict[str, Case] = {
                                               "has no 'datasets' list"),
     "volume-ome-scale-per-axis": Case(lambda w, o: ["info", str(w / "ome_badscale.ome.zarr")],
                                       "'scale' [40.0, 8.0] needs one number per axis"),
+    "volume-object-dtype-npy": Case(lambda w, o: ["info", str(w / "objects.npy")], "objects.npy: holds Python objects"),
+    "volume-4d-channels-either-side": Case(lambda w, o: ["info", str(w / "channels_either_side.npy")],
+                                           "could be channels first (c, z, y, x) or last (z, y, x, c)"),
     "volume-output-is-input": Case(lambda w, o: ["convert", str(w / "raw.zarr"), str(w / "raw.zarr"),
                                                  "--overwrite", "--no-progress"], "raw.zarr"),
     "volume-output-inside-input": Case(lambda w, o: ["convert", str(w / "raw.zarr"),

@@ -46,6 +46,15 @@ Box = tuple[slice, ...]
 
 
 
+def check_voxel_dtype(dtype: Any, where: str) -> None:
+    """Voxels are numbers (bool, integers, floats): object, string, structured or complex arrays are refused."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        what = "Python objects" if dtype.hasobject else f"dtype {dtype}"
+        raise VolumeError(f"{where}: holds {what}, not voxel intensities or labels; save a numeric array, e.g. "
+                          "np.save(path, np.asarray(volume, dtype=np.uint8))")
+
+
 class Volume:
     """A lazy (z, y, x) or (c, z, y, x) EM volume; see the module docstring for spec forms.
 
@@ -84,6 +93,10 @@ class Volume:
                               f"not (z, y, x): pick one channel, e.g. array[..., 0], or save it as greyscale")
         elif raw_ndim == 3:
             shape, axes, chunks = b.shape, "zyx", b.chunks
+        elif raw_ndim == 4 and b.axes is None and b.shape[0] <= 4 and b.shape[-1] <= 4:
+            raise VolumeError(f"{self.spec}: 4-D array of shape {tuple(b.shape)} could be channels first (c, z, y, x) or "
+                              f"last (z, y, x, c) and names no axes: pass one channel (array[0] or array[..., 0]), or "
+                              f"np.moveaxis(array, -1, 0) for channels last")
         elif raw_ndim == 4 and (b.axes == "czyx" or (b.axes is None and b.shape[0] <= 4)):
             shape, axes, chunks = b.shape, "czyx", b.chunks
         elif raw_ndim == 4 and b.axes is None and b.shape[-1] <= 4:
@@ -96,6 +109,7 @@ class Volume:
         else:
             raise VolumeError(f"{self.spec}: {raw_ndim}-D array of shape {tuple(b.shape)}; expected 2-D, 3-D or 4-D")
         self.shape: tuple[int, ...] = tuple(int(s) for s in shape)
+        check_voxel_dtype(b.dtype, self.spec)
         self.dtype = np.dtype(b.dtype)
         self.ndim = len(self.shape)
         self.axes = axes
@@ -250,6 +264,12 @@ def _open_backend(spec: str, fill_missing: bool = False) -> Backend:
         return open_slices(path)
     if suffix == ".npy":
         try:
+            with open(path, "rb") as f:  # the header first: an object array cannot be memory-mapped
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                dtype = read_header(f)[2]
+            check_voxel_dtype(dtype, spec)
             return array_backend(np.load(path, mmap_mode="r", allow_pickle=False))
         except ValueError as err:
             raise VolumeError(f"{spec}: not a readable .npy array ({err})") from None
