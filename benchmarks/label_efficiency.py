@@ -65,6 +65,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="pretraining steps (default: 2000 from random init; from a given encoder 2000 with "
                    "--unlabeled, which continues pretraining on them, else 0: the encoder as it is)")
+    p.add_argument("--reuse", nargs="+", default=(), metavar="RESULTS_JSONL",
+                   help="another table's results.jsonl of the same labelled volume: its runs this study would repeat "
+                   "exactly (scratch and rf do not depend on the encoder) are copied, not redone")
     p.add_argument("--pretrain-only", action="store_true",
                    help="pretrain (resuming a killed run) into OUT/<family>/pretrain/encoder and stop; a table then "
                    "starts from it with --encoder")
@@ -134,7 +137,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else args.lrs,
     )
     print("configuration:", json.dumps({k: v for k, v in asdict(cfg).items()}, default=str))
-    study = Study(raw, labels, unlabeled, cfg, Path(args.out) / family)
+    study = Study(raw, labels, unlabeled, cfg, Path(args.out) / family, reuse=args.reuse)
     if args.pretrain_only:
         return f"{family}: pretrained encoder in {study.pretrain_only()}"
     records = study.run()

@@ -130,7 +130,9 @@ def test_widget_fine_tunes_shows_results_saves_and_cancels(qtbot, tmp_path):
     inst = viewer.layers["phantom raw instances"].data
     assert probs.shape == truth.shape and inst.shape == truth.shape and inst.max() >= 1
     assert widget.predict_button.enabled and widget.save_button.enabled
-    out = widget.predict_whole_volume(dst=tmp_path / "whole.zarr")
+    widget.predict_whole_volume(dst=tmp_path / "whole.zarr")
+    qtbot.waitUntil(lambda: not widget.busy, timeout=600_000)
+    out = widget.last_prediction
     assert out.shape[1:] == truth.shape and "whole volume" in viewer.layers[-1].name
     widget.save_path.value = tmp_path / "adapter"
     assert (widget.save_adapter() / "adapter.json").is_file()

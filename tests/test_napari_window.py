@@ -176,7 +176,8 @@ def test_the_whole_loop_in_napari_on_a_big_pyramid(make_napari_viewer, qtbot, bi
 
 def test_the_whole_volume_is_predicted_from_the_window(make_napari_viewer, qtbot, tmp_path):
     """The phantom sample, a few painted sections, fine-tune, then "predict whole volume" to a zarr shown
-    lazily beside the image (the big pyramid's whole volume takes CPU hours, not a test's minutes)."""
+    lazily beside the image, cancelled once and resumed (the big pyramid's whole volume takes CPU hours,
+    not a test's minutes)."""
     from ssl_em.napari_plugin.session import PAINT_BACKGROUND, PAINT_OBJECT
 
     viewer = make_napari_viewer(show=True)
@@ -192,6 +193,19 @@ def test_the_whole_volume_is_predicted_from_the_window(make_napari_viewer, qtbot
     widget.image.value, widget.labels.value, widget.steps.value = "phantom raw", "painted", 10
     widget.start_fine_tune()
     qtbot.waitUntil(lambda: not widget.busy, timeout=600_000)
-    out = widget.predict_whole_volume(dst=tmp_path / "whole.zarr")
+    # off the GUI thread with progress over blocks; cancel keeps the blocks written, pressing again resumes
+    blocks: list[tuple[int, int]] = []
+    widget.predict_whole_volume(dst=tmp_path / "whole.zarr").yielded.connect(blocks.append)
+    qtbot.waitUntil(lambda: len(blocks) >= 1, timeout=300_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    assert "prediction cancelled" in widget.status.value, widget.status.value
+    total = blocks[0][1]
+    assert blocks[-1][0] < total and widget.last_prediction is None
+    resumed: list[tuple[int, int]] = []
+    widget.predict_whole_volume(dst=tmp_path / "whole.zarr").yielded.connect(resumed.append)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=600_000)
+    assert resumed[0][0] > 1 and resumed[-1] == (total, total)  # started from the blocks already written
+    out = widget.last_prediction
     assert out.shape[1:] == truth.shape and "whole volume" in viewer.layers[-1].name
     _shot(viewer, "5_whole_volume", tmp_path)

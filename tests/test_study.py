@@ -523,6 +523,17 @@ def test_finished_runs_are_reused_only_for_the_same_data_and_encoder_weights(tmp
     assert other_weights.digest("full") != first_full  # the pretrained runs are redone ...
     assert other_weights.digest("scratch") == first.digest("scratch")  # ... scratch (same architecture) is not
     assert other_weights.digest("rf") == first.digest("rf")
+    # another encoder's table reuses the first table's scratch runs instead of training them again
+    cfg = replace(other_weights.cfg, seeds=2, methods=("scratch",))
+    logged: list[str] = []
+    shared = Study(f"{path}:raw", f"{path}:mito", None, cfg, tmp_path / "other_table", log=logged.append,
+                   reuse=[tmp_path / "out" / "results.jsonl"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Study, "_train", lambda *a, **k: pytest.fail("a reusable run was trained again"))
+        records = shared.run()
+    assert {(r["method"], r["seed"]) for r in records} == {("scratch", 0), ("scratch", 1)}
+    assert sum("reused from" in line for line in logged) == 2
+    assert len((tmp_path / "other_table" / "results.jsonl").read_text().splitlines()) == 2  # copied in
     moved = tmp_path / "moved"
     shutil.copytree(encoder, moved)  # the same weights elsewhere: nothing to redo
     cfg = replace(other_weights.cfg, encoder=str(moved))

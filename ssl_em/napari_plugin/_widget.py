@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import threading
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,10 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, Pro
 
 from ssl_em.errors import SslEmError, describe_error
 from ssl_em.napari_plugin.session import DEFAULT_ENCODER, PAINT_BACKGROUND, PAINT_OBJECT, FineTuneSession
+
+
+class _Cancelled(Exception):
+    """Cancel pressed during a whole-volume prediction."""
 
 
 class FineTuneWidget(Container):
@@ -38,6 +43,7 @@ class FineTuneWidget(Container):
         self.session: FineTuneSession | None = None
         self.worker: Any = None
         self.busy = False
+        self.last_prediction: Any = None  # the zarr array of the last whole-volume prediction
         self._stop = threading.Event()
         self.train_button.changed.connect(self.start_fine_tune)
         self.cancel_button.changed.connect(self.cancel)
@@ -77,10 +83,42 @@ class FineTuneWidget(Container):
         self.predict_button.enabled = self.save_button.enabled = trained and not busy
 
     # ------------------------------------------------------------------ actions
-    def start_fine_tune(self, _value: Any = None) -> Any:
-        """Fine-tune in a worker thread; returns the napari worker (already started)."""
+    def _in_worker(self, work: Callable[[Callable[[Any], None]], dict[str, Any]], on_event: Callable[[Any], None],
+                   on_result: Callable[[dict[str, Any]], None]) -> Any:
+        """Run ``work(emit)`` off the GUI thread: what it emits reaches ``on_event`` and the dict it returns
+        ``on_result`` in the GUI thread (an exception arrives as ``{"error": err}``). Returns the started
+        napari worker; the widget is busy until it ends."""
         from napari.qt.threading import thread_worker
 
+        @thread_worker
+        def run():
+            events: queue.Queue = queue.Queue()
+            result: dict[str, Any] = {}
+
+            def target() -> None:
+                try:
+                    result.update(work(events.put))
+                except BaseException as err:  # noqa: BLE001 - reported in the widget, the viewer stays usable
+                    result["error"] = err
+                finally:
+                    events.put(None)
+
+            threading.Thread(target=target, daemon=True).start()
+            while (event := events.get()) is not None:
+                yield event
+            return result
+
+        self._stop.clear()
+        self._set_busy(True)
+        self.worker = run()
+        self.worker.yielded.connect(on_event)
+        self.worker.returned.connect(on_result)
+        self.worker.errored.connect(self._fail)
+        self.worker.start()
+        return self.worker
+
+    def start_fine_tune(self, _value: Any = None) -> Any:
+        """Fine-tune in a worker thread; returns the napari worker (already started)."""
         try:
             image, painted = self.viewer.layers[self.image.value], self.viewer.layers[self.labels.value]
             session = self._session_for(image)
@@ -90,30 +128,13 @@ class FineTuneWidget(Container):
             return None
         # the painting as it was when started: a copy of its box only (the layer may be the size of a big volume)
         steps, labels = int(self.steps.value), np.array(painted.data[box])
-        self._stop.clear()
         self.progress.max, self.progress.value = steps, 0
 
-        @thread_worker
-        def run():
-            events: queue.Queue = queue.Queue()
-            result: dict[str, Any] = {}
-
-            def train() -> None:
-                try:
-                    result["train"] = session.fine_tune(labels, steps, lambda i, n, loss: events.put((i, loss)),
-                                                        self._stop.is_set, box=box)
-                    result["box"] = shown = session.preview_box(box)
-                    result["probs"] = probs = session.predict(box=shown)
-                    result["instances"] = session.instances(probs[:])
-                except BaseException as err:  # noqa: BLE001 - reported in the widget, the viewer stays usable
-                    result["error"] = err
-                finally:
-                    events.put(None)
-
-            threading.Thread(target=train, daemon=True).start()
-            while (event := events.get()) is not None:
-                yield event
-            return result
+        def work(emit: Callable[[Any], None]) -> dict[str, Any]:
+            run_ = session.fine_tune(labels, steps, lambda i, n, loss: emit((i, loss)), self._stop.is_set, box=box)
+            shown = session.preview_box(box)
+            probs = session.predict(box=shown)
+            return {"train": run_, "box": shown, "probs": probs, "instances": session.instances(probs[:])}
 
         def show(result: dict[str, Any]) -> None:
             if "error" in result:
@@ -129,13 +150,7 @@ class FineTuneWidget(Container):
             self.progress.value = min(event[0], self.progress.max)
             self.status.value = f"step {event[0]}/{steps}, loss {event[1]:.3f}"
 
-        self._set_busy(True)
-        self.worker = run()
-        self.worker.yielded.connect(step)
-        self.worker.returned.connect(show)
-        self.worker.errored.connect(self._fail)
-        self.worker.start()
-        return self.worker
+        return self._in_worker(work, step, show)
 
     def _show_results(self, image: Any, result: dict[str, Any]) -> None:
         probs, inst, box = result["probs"], result["instances"], result.get("box")
@@ -152,12 +167,14 @@ class FineTuneWidget(Container):
         self.viewer.add_labels(inst, name=name_i, **kw)
 
     def cancel(self, _value: Any = None) -> None:
-        """Stop after the current step; the model keeps its last complete step and nothing is written."""
+        """Stop after the current step (training: the model keeps its last complete step, nothing is
+        written) or block (prediction: the blocks written stay, and predicting again resumes from them)."""
         self._stop.set()
-        self.status.value = "cancelling after this step ..."
+        self.status.value = "cancelling ..."
 
     def predict_whole_volume(self, _value: Any = None, dst: str | Path | None = None) -> Any:
-        """Blockwise prediction to a zarr next to the data (or ``dst``), opened lazily as a layer."""
+        """Blockwise prediction of the whole volume to a zarr next to the data (or ``dst``) in a worker
+        thread, progress over blocks, Cancel; the result opens lazily as a layer. Returns the started worker."""
         import dask.array as da
 
         image = self.viewer.layers[self.image.value]
@@ -165,15 +182,39 @@ class FineTuneWidget(Container):
         if dst is None and spec:
             base = Path(str(spec).split("@")[0].rstrip("/"))
             dst = base.with_name(base.name.removesuffix(".zarr").removesuffix(".ome") + "_probabilities.zarr")
-        try:
-            out = self.session.predict(dst)  # type: ignore[union-attr]
-        except BaseException as err:  # noqa: BLE001
-            self._fail(err)
-            return None
-        self.viewer.add_image(da.from_zarr(out)[0], name=f"{image.name} probability (whole volume)",
-                              colormap="magma", blending="additive", scale=image.scale[-3:])
-        self.status.value = f"wrote {out.store_path if hasattr(out, 'store_path') else dst}"
-        return out
+        session = self.session
+        self.progress.max, self.progress.value = 1, 0
+
+        def work(emit: Callable[[Any], None]) -> dict[str, Any]:
+            def on_block(done: int, total: int) -> None:
+                emit((done, total))
+                if self._stop.is_set():
+                    raise _Cancelled
+
+            try:
+                return {"out": session.predict(dst, on_block=on_block)}  # type: ignore[union-attr]
+            except _Cancelled:
+                return {"cancelled": True}
+
+        def blocks(event: tuple[int, int]) -> None:
+            self.progress.max, self.progress.value = event[1], event[0]
+            self.status.value = f"predicting block {event[0]}/{event[1]}"
+
+        def show(result: dict[str, Any]) -> None:
+            if "error" in result:
+                self._fail(result["error"])
+                return
+            self._set_busy(False)
+            if result.get("cancelled"):
+                self.status.value = f"prediction cancelled after {self.progress.value} blocks; predict again to resume"
+                return
+            out = result["out"]
+            self.viewer.add_image(da.from_zarr(out)[0], name=f"{image.name} probability (whole volume)",
+                                  colormap="magma", blending="additive", scale=image.scale[-3:])
+            self.status.value = f"wrote {out.store_path if hasattr(out, 'store_path') else dst}"
+            self.last_prediction = out
+
+        return self._in_worker(work, blocks, show)
 
     def save_adapter(self, _value: Any = None) -> Path | None:
         try:

@@ -185,9 +185,11 @@ class FineTuneSession:
             raise ConfigError("fine-tune first: there is no trained model in this session yet")
 
     def predict(self, dst: str | Path | None = None, block: tuple[int, int, int] = (16, 128, 128),
-                box: tuple[slice, slice, slice] | None = None) -> Any:
+                box: tuple[slice, slice, slice] | None = None,
+                on_block: Callable[[int, int], Any] | None = None) -> Any:
         """Foreground probabilities (C, z, y, x) of the whole volume (or of ``box``), blockwise
-        (``predict_volume``) into the zarr ``dst`` (default: a temporary folder); the zarr array, read lazily."""
+        (``predict_volume``) into the zarr ``dst`` (default: a temporary folder); the zarr array, read lazily.
+        ``on_block(done, total)`` follows the blocks; raising in it stops there (a rerun resumes)."""
         from ssl_em.data.volume import Region
         from ssl_em.predict import predict_volume
 
@@ -199,7 +201,8 @@ class FineTuneSession:
         block = tuple(max(p, b - h) for p, b, h in zip(self.patch_shape, block, halo))
         src = self.raw if box is None else Region(self.raw, box)
         return predict_volume(model, src, dst, block, halo, activation="sigmoid",
-                              normalization=self.normalization.to_dict(), progress=False, overwrite=True)
+                              normalization=self.normalization.to_dict(), progress=False, overwrite=True,
+                              on_block=on_block)
 
     def instances(self, probabilities: Any) -> np.ndarray:
         """Instance labels from the probabilities, the task's own post-processing (mitochondria: seeded

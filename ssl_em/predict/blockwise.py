@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,6 +95,7 @@ def predict_volume(
     fill_missing: bool = False,
     flips: Sequence[int] = (),
     progress: bool = True,
+    on_block: Callable[[int, int], Any] | None = None,
 ) -> Any:
     """Predict ``model`` densely over ``src`` block by block into a chunk-aligned zarr array.
 
@@ -124,6 +126,9 @@ def predict_volume(
         fill_missing: read zarr chunks absent from a ``src``/``mask`` spec as the fill value (else VolumeError).
         flips: test-time augmentation: spatial axes (0 z, 1 y, 2 x) to mirror; each window's activated
             output is the mean over all 2^k mirrorings (k = len(flips)), at 2^k times the compute.
+        on_block: called as ``on_block(done, total)`` after blocks are written (from a writer thread); an
+            exception raised in it stops the prediction there (a GUI's cancel): the blocks written so far
+            stay, and the same call resumes from them.
 
     Returns:
         The output zarr array, shape (C_out, z, y, x), chunks (C_out, *block_shape).
@@ -189,10 +194,21 @@ def predict_volume(
     n_blocks = math.prod(plan.grid)
     with tqdm(total=n_blocks, initial=n_blocks - len(todo), disable=not progress, unit="block",
               desc=f"predict {Path(dst).name}") as bar:
+
+        finished, lock = [n_blocks - len(todo)], threading.Lock()  # a disabled tqdm does not count
+
+        def done(n: int) -> None:
+            bar.update(n)
+            with lock:
+                finished[0] += n
+                count = finished[0]
+            if on_block is not None:
+                on_block(count, n_blocks)
+
         if backend == "local":
-            _run_local(job, model, groups, bar.update)
+            _run_local(job, model, groups, done)
         else:
-            run_dask(job, model, groups, scheduler, bar.update)
+            run_dask(job, model, groups, scheduler, done)
     return job.out
 
 

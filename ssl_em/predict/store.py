@@ -69,16 +69,19 @@ def prepare_output(dst: Path, shape: tuple[int, ...], chunks: tuple[int, ...], d
 
     digest = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=16).hexdigest()
     arr_dir = array_folder(dst)
-    if dst.exists() and not overwrite:
+    same = False
+    if dst.exists():
         try:
             stored = zarr.open_array(str(arr_dir), mode="r").attrs.get(ATTR_KEY, {})
         except Exception:  # not a zarr array at all
             stored = {}
-        if stored.get("hash") != digest:
+        same = stored.get("hash") == digest
+        if not same and not overwrite:
             changed = sorted(k for k in params if stored.get("params", {}).get(k) != params[k])
             what = f"settings differ ({', '.join(changed)})" if stored else "it is not an ssl-em prediction"
             raise ConfigError(f"output {dst} exists and {what}; pass overwrite=True (--overwrite) to replace it")
-    if dst.exists() and (overwrite or not resume):  # start over: no stale chunks survive
+    # start over (no stale chunks survive) when the settings changed or resuming is off; the same settings resume
+    if dst.exists() and (not same or not resume):
         shutil.rmtree(dst)
     if not dst.exists():
         attrs = {ATTR_KEY: {"hash": digest, "params": params}, **writer_attrs("ssl_em.predict", sparse=True)}

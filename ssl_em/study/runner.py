@@ -46,10 +46,14 @@ class Study:
         unlabeled: volumes for pretraining; None -> ``raw`` (its training region only).
         cfg: the configuration (its ``voxel_size`` is filled in from ``raw`` when unset);
         ``out``: output folder.
+        reuse: ``results.jsonl`` files of other studies of the same labelled volume: their finished runs
+            and sweeps that match this study's digest for the method (``scratch``, ``unet`` and ``rf`` do not
+            depend on the encoder's weights, so a table of another encoder shares them) are copied into
+            this study's ``results.jsonl`` instead of being redone.
     """
 
     def __init__(self, raw: Any, labels: Any, unlabeled: Sequence[Any] | None, cfg: StudyConfig,
-                 out: str | Path, log: Callable[[str], None] = print) -> None:
+                 out: str | Path, log: Callable[[str], None] = print, reuse: Sequence[str | Path] = ()) -> None:
         from ssl_em.data.crops import check_same_grid
         from ssl_em.data.normalize import Normalization
         from ssl_em.data.volume import Region, as_volume, voxel_size_of
@@ -59,6 +63,7 @@ class Study:
         # the labelled volume is read into memory once (it is the small annotated part); the
         # unlabelled volumes stay lazy
         self.cfg, self.out, self.log = cfg, Path(out), log
+        self.reuse = [Path(p) for p in reuse]
         self.raw_vol = as_volume(raw, cfg.voxel_size, cfg.fill_missing)
         lab_vol = as_volume(labels, fill_missing=cfg.fill_missing)
         if tuple(self.raw_vol.shape) != tuple(lab_vol.shape) or len(self.raw_vol.shape) != 3:
@@ -171,7 +176,21 @@ class Study:
         return key[1] if len(key) > 1 else None
 
     def _finished(self) -> dict[tuple, dict[str, Any]]:
-        path, done = self.out / RESULTS, {}
+        done: dict[tuple, dict[str, Any]] = {}
+        for key, entry in self._matching(self.out / RESULTS):
+            done[key] = entry
+        for other in self.reuse:  # another study's runs this one would repeat exactly: copied, not redone
+            if not other.is_file():
+                raise ConfigError(f"--reuse {other}: no such results.jsonl")
+            for key, entry in self._matching(other):
+                if key[0] in ("run", "sweep") and key not in done:
+                    done[key] = self._append(key, {k: v for k, v in entry.items() if k not in ("key", "digest")})
+                    self.log(f"reused from {other}: {' '.join(map(str, key[1:]))}")
+        return done
+
+    def _matching(self, path: Path) -> list[tuple[tuple, dict[str, Any]]]:
+        """(key, entry) of the lines of a results.jsonl whose digest matches this study's for their method."""
+        found = []
         if path.exists():
             for line in path.read_text().splitlines():
                 try:
@@ -180,8 +199,8 @@ class Study:
                     continue
                 key = tuple(entry.get("key") or ())
                 if key and entry.get("digest") == self.digest(self._method_of(key)):
-                    done[key] = entry
-        return done
+                    found.append((key, entry))
+        return found
 
     def _append(self, key: tuple, entry: dict[str, Any]) -> dict[str, Any]:
         entry = {"key": list(key), "digest": self.digest(self._method_of(key)), **entry}
