@@ -78,3 +78,24 @@ def _private_precision_cache(tmp_path_factory):
         os.environ.pop("SSL_EM_CACHE", None)
     else:
         os.environ["SSL_EM_CACHE"] = old
+
+
+@pytest.fixture
+def paint_phantom_sample():
+    """``paint(viewer)``: what a person paints on napari's "phantom" sample (below)."""
+    return _paint_phantom_sample
+
+
+def _paint_phantom_sample(viewer, sections=(6, 16)):
+    """What a person paints on napari's "phantom" sample: every mitochondrion of a few sections, and
+    background strokes around them, as a "painted" Labels layer; returns the truth it painted from."""
+    from ssl_em.napari_plugin.session import PAINT_BACKGROUND, PAINT_OBJECT
+
+    raw = viewer.layers["phantom raw"]
+    truth = viewer.layers["phantom mitochondria (truth)"].data
+    painted = np.zeros(truth.shape, np.uint8)
+    for z in sections:
+        painted[z][truth[z] > 0] = PAINT_OBJECT
+        painted[z][(truth[z] == 0) & (np.random.default_rng(z).random(truth[z].shape) < 0.3)] = PAINT_BACKGROUND
+    viewer.add_labels(painted, name="painted", scale=raw.scale)
+    return truth

@@ -100,7 +100,7 @@ def test_the_manifest_contributes_reader_sample_and_widget():
     assert manifest.contributions.sample_data[0].key == "phantom" and manifest.contributions.readers
 
 
-def test_widget_fine_tunes_shows_results_saves_and_cancels(qtbot, tmp_path):
+def test_widget_fine_tunes_shows_results_saves_and_cancels(qtbot, tmp_path, paint_phantom_sample):
     """The widget on napari's viewer model (layers, sample data, worker threads; Qt offscreen): the same
     calls a person makes, from the phantom to a mitochondria segmentation, then a cancelled run."""
     from napari.components import ViewerModel
@@ -111,13 +111,7 @@ def test_widget_fine_tunes_shows_results_saves_and_cancels(qtbot, tmp_path):
     _initialize_plugins()  # what napari does at start-up: finds ssl-em's napari.yaml through its entry point
     viewer = ViewerModel()
     viewer.open_sample("ssl-em", "phantom")
-    raw = viewer.layers["phantom raw"]
-    truth = viewer.layers["phantom mitochondria (truth)"].data
-    painted = np.zeros(truth.shape, np.uint8)
-    for z in (6, 16):
-        painted[z][truth[z] > 0] = PAINT_OBJECT
-        painted[z][(truth[z] == 0) & (np.random.default_rng(z).random(truth[z].shape) < 0.3)] = PAINT_BACKGROUND
-    viewer.add_labels(painted, name="painted", scale=raw.scale)
+    truth = paint_phantom_sample(viewer)
     widget = FineTuneWidget(viewer)
     qtbot.addWidget(widget.native)
     assert widget.image.choices == ("phantom raw",) and "painted" in widget.labels.choices

@@ -174,21 +174,13 @@ def test_the_whole_loop_in_napari_on_a_big_pyramid(make_napari_viewer, qtbot, bi
           f"loop's end beyond the torch stack (level 0 is {np.prod(BIG) / 2**20:.0f} MB in uint8)")
 
 
-def test_the_whole_volume_is_predicted_from_the_window(make_napari_viewer, qtbot, tmp_path):
+def test_the_whole_volume_is_predicted_from_the_window(make_napari_viewer, qtbot, tmp_path, paint_phantom_sample):
     """The phantom sample, a few painted sections, fine-tune, then "predict whole volume" to a zarr shown
     lazily beside the image, cancelled once and resumed (the big pyramid's whole volume takes CPU hours,
     not a test's minutes)."""
-    from ssl_em.napari_plugin.session import PAINT_BACKGROUND, PAINT_OBJECT
-
     viewer = make_napari_viewer(show=True)
     viewer.open_sample("ssl-em", "phantom")
-    raw = viewer.layers["phantom raw"]
-    truth = viewer.layers["phantom mitochondria (truth)"].data
-    painted = np.zeros(truth.shape, np.uint8)
-    for z in (6, 16):
-        painted[z][truth[z] > 0] = PAINT_OBJECT
-        painted[z][(truth[z] == 0) & (np.random.default_rng(z).random(truth[z].shape) < 0.3)] = PAINT_BACKGROUND
-    viewer.add_labels(painted, name="painted", scale=raw.scale)
+    truth = paint_phantom_sample(viewer)
     _, widget = viewer.window.add_plugin_dock_widget("ssl-em", "Fine-tune (ssl-em)")
     widget.image.value, widget.labels.value, widget.steps.value = "phantom raw", "painted", 10
     widget.start_fine_tune()

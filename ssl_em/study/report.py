@@ -56,13 +56,19 @@ def markdown_table(records: Sequence[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def steps_table(step_records: Sequence[dict[str, Any]], metric: str) -> str:
-    """Regime x method rows, fine-tuning steps as columns, cells ``mean ± std`` of ``metric`` over seeds
-    (the last column is each run's own end: its best-validation or last weights)."""
+def _by_step(step_records: Sequence[dict[str, Any]], metric: str) -> dict[tuple[str, str, int], list[float]]:
+    """(regime, method, step) -> the values of ``metric`` over seeds, in the records' order."""
     groups: dict[tuple[str, str, int], list[float]] = {}
     for r in step_records:
         if r["metric"] == metric:
             groups.setdefault((r["regime"], r["method"], int(r["step"])), []).append(float(r["value"]))
+    return groups
+
+
+def steps_table(step_records: Sequence[dict[str, Any]], metric: str) -> str:
+    """Regime x method rows, fine-tuning steps as columns, cells ``mean ± std`` of ``metric`` over seeds
+    (the last column is each run's own end: its best-validation or last weights)."""
+    groups = _by_step(step_records, metric)
     steps = sorted({k[2] for k in groups})
     rows = list(dict.fromkeys((g, m) for g, m, _ in groups))
     lines = [f"{metric} after N fine-tuning steps (one run per seed, scored at each N; the last column is its end: best-validation weights where validated)", "",
@@ -227,10 +233,7 @@ def save_steps_figure(step_records: Sequence[dict[str, Any]], metric: str, cfg: 
     from ssl_em.utils.plotting import pyplot, save_figure
 
     plt = pyplot()
-    groups: dict[tuple[str, str, int], list[float]] = {}
-    for r in step_records:
-        if r["metric"] == metric:
-            groups.setdefault((r["regime"], r["method"], int(r["step"])), []).append(float(r["value"]))
+    groups = _by_step(step_records, metric)
     names = list(dict.fromkeys(g for g, _, _ in groups))
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False, sharey=True)
     for ax, g in zip(axes[0], names):

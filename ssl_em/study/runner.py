@@ -161,12 +161,13 @@ class Study:
         part = None  # pretraining continued from cfg.encoder, and pretrained methods: its weights
         if self.cfg.encoder and (method is None or method in ADAPTER):
             part = "weights" if method is None or ADAPTER[method][1] else "architecture"
-        if part is not None and part not in self._encoder_digest:
+        if part == "weights" and part not in self._encoder_digest:
+            self._encoder_digest[part] = _weights_digest(self.cfg.encoder)
+        elif part == "architecture" and part not in self._encoder_digest:
             from ssl_em.models.weights_io import read_sidecar
 
             sidecar = read_sidecar(self.cfg.encoder)
-            self._encoder_digest[part] = (_weights_digest(self.cfg.encoder) if part == "weights"
-                                          else [sidecar["architecture"], sidecar.get("kwargs")])
+            self._encoder_digest[part] = [sidecar["architecture"], sidecar.get("kwargs")]
         what = {**self._digest_base, "encoder": self._encoder_digest.get(part) if part else None}
         return hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
