@@ -41,19 +41,31 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class _RegisterWithTimm(importlib.abc.MetaPathFinder):
-    """Import hook: once ``timm`` has finished importing, import ssl_em.models (registers encoders)."""
+    """Import hook: once ``timm`` has finished importing, import ssl_em.models (registers encoders).
+
+    It stays on ``sys.meta_path`` until timm is really executed: packages probe for timm with
+    ``importlib.util.find_spec`` without importing it (transformers, through peft, does), and a hook
+    that left at the first probe never saw the import."""
+
+    _finding = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "timm":
+        if fullname != "timm" or self._finding:
             return None
-        sys.meta_path.remove(self)  # one shot; also lets the real finders locate timm below
-        spec = importlib.util.find_spec("timm")
+        self._finding = True  # the lookup below asks the meta path again, this hook included
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self._finding = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
+        hook = self
 
         def exec_then_register(module):
             exec_module(module)
+            if hook in sys.meta_path:
+                sys.meta_path.remove(hook)
             importlib.import_module("ssl_em.models")
 
         spec.loader.exec_module = exec_then_register

@@ -60,7 +60,8 @@ def test_unpacked_wheel_imports_the_study_and_loads_the_shipped_encoder(wheel: P
     zipfile.ZipFile(wheel).extractall(site)
     code = ("import ssl_em, ssl_em.study.runner, ssl_em.adapters.finetune, ssl_em.demo;"
             f"assert ssl_em.__file__.startswith({str(site)!r}), ssl_em.__file__;"
-            "enc = ssl_em.load_encoder('unet3d_tiny.spark_vnc');"
+            "import timm; enc = timm.create_model('unet_small', pretrained=True);"
+            "assert enc.pretrained_metadata['metadata']['steps'] == 5400;"
             "print(type(enc).__name__, sum(p.numel() for p in enc.parameters()))")
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)

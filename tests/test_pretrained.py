@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from ssl_em.models.pretrained import (VoxelSizeWarning, check_voxel_size, list_p
                                       pretrained_dir)
 
 SHIPPED = list_pretrained()
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_at_least_one_encoder_ships_and_fits_in_the_package():
@@ -106,3 +110,15 @@ def test_a_bare_architecture_name_never_loads_shipped_weights(tmp_path, monkeypa
     arch = SHIPPED[0].split(".", 1)[0]
     with pytest.raises(CheckpointError, match="no encoder folder"):
         ssl_em.load_encoder(arch)
+
+
+def test_timm_knows_the_encoders_after_a_package_probed_for_timm_first():
+    """``import ssl_em`` registers the encoders when timm is imported; peft imports transformers, which
+    probes for timm with ``importlib.util.find_spec`` without importing it. The hook left at that probe,
+    so after ``import ssl_em.adapters`` timm did not know ``unet_small``."""
+    code = ("import importlib.util, ssl_em; assert importlib.util.find_spec('timm') is not None;"
+            "import timm; enc = timm.create_model('unet_small', pretrained=True);"
+            "print(enc.pretrained_metadata['metadata']['steps'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "5400"

@@ -249,7 +249,8 @@ def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_pat
 
     target = make_phantom((8, 160, 64), seed=2)
     enc = ssl_em.save_encoder(ssl_em.create_encoder("unet3d_test"), tmp_path / "enc",
-                              {"voxel_size": [50.0, 4.0, 4.0], "method": "spark"})
+                              {"voxel_size": [50.0, 4.0, 4.0], "method": "spark",
+                               "data": {"volumes": ["stack2.zarr/raw", "isbi.h5:raw"]}})
     cfg = StudyConfig(task="membrane", architecture="unet3d_test", encoder=str(enc), pretrain_steps=0,
                       adapter_kwargs={"train_decoder": True}, methods=("lora", "scratch"), fractions=(0.25,),
                       steps=8, val_every=4, patch_shape=(8, 32, 32), batch_size=2, precision="32",
@@ -260,7 +261,9 @@ def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_pat
     _assert_dice_matches_iou(records)
     warning = next(line for line in lines if "VoxelSize" in line or "voxel size" in line)
     assert "(40, 8, 8) nm differs" in warning and "(50, 4, 4)" in warning
-    assert "pretrained before the study: spark," in (tmp_path / "out" / "results.md").read_text()  # its own record
+    # its own record, in the sidecar schema export-encoder and the study's pretraining both write
+    assert "pretrained before the study: spark, ? steps in ? s on stack2.zarr/raw, isbi.h5:raw." in (
+        tmp_path / "out" / "results.md").read_text()
     from ssl_em.study.train import build_module
 
     module = build_module("lora", cfg, str(enc), seed=0, lr=1e-2, steps=8)  # adapter_kwargs reach add_adapter

@@ -241,7 +241,8 @@ class Study:
                 self.log(f"warning: {w.message}")
         if cfg.encoder and cfg.pretrain_steps <= 0:  # record the encoder's own pretraining, done before this study
             self.pretraining = {"encoder": cfg.encoder, "architecture": sidecar["architecture"], "steps": 0,
-                                **{f"encoder_{k}": meta[k] for k in ("method", "steps", "seconds", "data") if k in meta}}
+                                **{f"encoder_{k}": meta[k] for k in ("method", "steps", "seconds") if k in meta},
+                                "encoder_data": (meta.get("data") or {}).get("volumes", [])}
             return cfg.encoder
         if cfg.pretrain_steps <= 0:
             raise ConfigError("pretraining budget is 0 steps and no --encoder given: nothing to fine-tune from")
@@ -258,7 +259,7 @@ class Study:
         sidecar = read_sidecar(enc)
         meta = sidecar["metadata"]
         self.pretraining = {"encoder": str(enc), "architecture": sidecar["architecture"], "method": meta["method"],
-                            "steps": meta["steps"], "seconds": meta["seconds"], "data": meta["data"]}
+                            "steps": meta["steps"], "seconds": meta["seconds"], "data": meta["data"]["volumes"]}
         self._append(key, {"pretraining": self.pretraining})
         return str(enc)
 

@@ -371,9 +371,12 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
             panel = {"input": x, "masked input": x * (1 - mask), "reconstruction": recon}
         save_reconstruction_panel(panel, out_dir / "reconstruction.png",
                                   title=f"{method} after {len(losses)} steps (a fresh crop)")
-    meta = {"method": method, "steps": len(losses), "seconds": round(seconds, 1),
+    meta = {"method": method, "method_kwargs": method_kwargs, "steps": len(losses), "seconds": round(seconds, 1),
             "voxel_size": list(vs) if vs else None, "normalization": ds.normalizations[0].to_dict(),
-            "data": [volume_name(v) for v in volumes], "init_from": cfg.encoder}
+            # the schema ``ssl-em export-encoder`` writes (EMDataModule.describe): one way to read a sidecar
+            "data": {"volumes": [volume_name(v) for v in volumes], "voxel_size": list(vs) if vs else None,
+                     "patch_shape": list(cfg.patch_shape), "normalizations": [n.to_dict() for n in ds.normalizations]},
+            "init_from": cfg.encoder}
     enc = save_encoder(module.encoder, out_dir / "encoder", meta)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the encoder is out: nothing left to resume
     log(f"pretraining done: {len(losses)} steps in {seconds:.0f} s, loss {np.mean(losses[:10]):.4f} -> "
