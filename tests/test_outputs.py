@@ -125,6 +125,32 @@ def test_a_killed_write_leaves_nothing_behind_after_the_next_run(tmp_path: Path)
     assert target.read_text() == "done" and not stale.exists() and live.exists()
 
 
+def test_a_failed_write_leaves_nothing_even_when_writes_in_flight_land_after_the_error(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """zarr writes chunks concurrently: on a full disk one write fails while others still land, and a
+    chunk write recreates its folders (``mkdir(parents=True)``). Here one lands right after the first
+    delete, for certain; the temporary is deleted until nothing comes back (it was left holding the space)."""
+    import shutil as shutil_module
+
+    from ssl_em.utils import io
+
+    real_rmtree, calls = shutil_module.rmtree, []
+
+    def rmtree_then_a_late_chunk(path, *args, **kwargs):
+        real_rmtree(path, *args, **kwargs)
+        if not calls:  # the write in flight lands after the first delete
+            (Path(path) / "c" / "0").mkdir(parents=True)
+            (Path(path) / "c" / "0" / "0").write_bytes(b"chunk")
+        calls.append(path)
+
+    monkeypatch.setattr(io.shutil, "rmtree", rmtree_then_a_late_chunk)
+    with pytest.raises(OSError, match="No space left"):
+        with io.atomic_path(tmp_path / "out.ome.zarr", is_dir=True) as tmp:
+            (tmp / "zarr.json").write_text("{}")
+            raise OSError(28, "No space left on device")
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
 def test_study_and_demo_results_go_only_to_folders_ssl_em_made(thesis: Path, tmp_path: Path, capsys) -> None:
     from ssl_em.data.phantom import make_phantom
     from ssl_em.study import Study, StudyConfig

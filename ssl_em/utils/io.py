@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -39,11 +40,23 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
         else:
             os.replace(tmp, target)
     except BaseException:
-        if tmp.is_dir():
+        _remove_until_gone(tmp)
+        raise
+
+
+def _remove_until_gone(tmp: Path, patience_s: float = 2.0) -> None:
+    """Delete a failed write's temporary. zarr writes chunks concurrently: when one write fails (a full
+    disk), the others still in flight land after a first ``rmtree``, and the partial copy would hold the
+    space the user has to free; so delete until nothing comes back."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-        raise
+        time.sleep(0.05)
+        if not os.path.lexists(tmp) or time.monotonic() > deadline:
+            return
 
 
 def _remove_stale_temporaries(target: Path) -> None:
