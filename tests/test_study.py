@@ -546,3 +546,31 @@ def test_finished_runs_are_reused_only_for_the_same_data_and_encoder_weights(tmp
     np.savez(path, raw=raw, mito=target.mito)  # the volume changed in place
     changed = study()
     assert changed.digest("rf") != first.digest("rf") and changed.digest("full") != other_weights.digest("full")
+
+
+def test_a_pretraining_volume_changed_in_place_redoes_the_pretraining_and_what_starts_from_it(tmp_path):
+    """The resume key fingerprints the unlabelled volumes a study pretrains on (shape, dtype, sampled
+    tiles): another volume saved under the same name is another pretraining; scratch and rf stay."""
+    from ssl_em.data.phantom import make_phantom
+
+    target, pool = make_phantom((8, 160, 96), seed=2), make_phantom((8, 96, 96), seed=1)
+    np.savez(tmp_path / "target.npz", raw=target.raw, mito=target.mito)
+    np.save(tmp_path / "pool.npy", pool.raw)
+
+    def study(pretrain_steps=4):
+        cfg = StudyConfig(task="mito", architecture="unet3d_test", pretrain_steps=pretrain_steps,
+                          methods=("full", "scratch", "rf"), fractions=(0.25,), steps=2, patch_shape=(2, 32, 32),
+                          batch_size=2, voxel_size=target.voxel_size, precision="32")
+        return Study(f"{tmp_path / 'target.npz'}:raw", f"{tmp_path / 'target.npz'}:mito", [str(tmp_path / "pool.npy")],
+                     cfg, tmp_path / "out", log=lambda _: None)
+
+    first = study()
+    before = {m: first.digest(m) for m in (None, "full", "scratch", "rf")}
+    assert {m: study().digest(m) for m in before} == before  # unchanged volume: the same key
+    changed = pool.raw.copy()
+    changed[5, 40:60, 30:50] //= 2  # a small edit, away from any tile's corner
+    np.save(tmp_path / "pool.npy", changed)
+    after = study()
+    assert after.digest(None) != before[None] and after.digest("full") != before["full"]
+    assert after.digest("scratch") == before["scratch"] and after.digest("rf") == before["rf"]
+

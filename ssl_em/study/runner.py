@@ -97,6 +97,7 @@ class Study:
         self.done: dict[tuple, dict[str, Any]] = {}
         self._digest_base: dict[str, Any] | None = None
         self._encoder_digest: dict[str, Any] = {}  # "weights" / "architecture" of cfg.encoder, read once
+        self._unlabeled_digest: str | None = None
         self.deadline = math.inf
 
     def _plan(self, shape: Sequence[int]) -> Any:
@@ -146,7 +147,8 @@ class Study:
         """What a finished line of ``method`` (None: pretraining) must match to be reused: the configuration,
         the regions, the labelled volume's contents, and of the encoder what the method depends on: its
         weights for the methods that start from them, its architecture for ``scratch`` / ``lora_random``,
-        nothing for ``unet`` and ``rf``. Not the encoder's path, nor what no single run depends on (a line's
+        nothing for ``unet`` and ``rf``; where the study pretrains, for the pretraining and the methods that
+        start from it, a fingerprint of the unlabelled volumes. Not the encoder's path, nor what no single run depends on (a line's
         key names its method, regime and seed): the lists of methods, seeds and painted-patch regimes, and the
         wall-clock guard; so a table grows by a seed, a method or a regime without redoing what it holds."""
         if self._digest_base is None:
@@ -169,7 +171,26 @@ class Study:
             sidecar = read_sidecar(self.cfg.encoder)
             self._encoder_digest[part] = [sidecar["architecture"], sidecar.get("kwargs")]
         what = {**self._digest_base, "encoder": self._encoder_digest.get(part) if part else None}
+        if self.cfg.pretrain_steps > 0 and (method is None or (method in ADAPTER and ADAPTER[method][1])):
+            what["unlabeled"] = self._unlabeled_fingerprint()  # what this study pretrains on
         return hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+    def _unlabeled_fingerprint(self) -> str:
+        """Shape, dtype and 16 sampled 64 x 64 tiles of every pretraining volume: a volume changed in place
+        or another one under the same name is a different pretraining, read in milliseconds, not in full."""
+        if self._unlabeled_digest is None:
+            from ssl_em.data.volume import as_volume
+
+            h = hashlib.blake2b(digest_size=8)
+            for v in self.unlabeled:
+                vol = as_volume(v, self.cfg.voxel_size, self.cfg.fill_missing)
+                shape = [int(n) for n in vol.shape]
+                h.update(json.dumps([shape, str(vol.dtype)]).encode())
+                for i in range(16):  # spread over z, y and x independently (coprime strides)
+                    z, y, x = (i * k % 16 * max(0, n - t) // 15 for k, n, t in zip((1, 5, 11), shape, (1, 64, 64)))
+                    h.update(np.ascontiguousarray(np.asarray(vol[z, y:y + 64, x:x + 64])).tobytes())
+            self._unlabeled_digest = h.hexdigest()
+        return self._unlabeled_digest
 
     @staticmethod
     def _method_of(key: Sequence[Any]) -> str | None:
