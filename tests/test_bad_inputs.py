@@ -67,6 +67,8 @@ def ws(tmp_path_factory) -> Path:
     with h5py.File(root / "raw.h5", "w") as f:
         f["raw"] = ph.raw
     (root / "bad.npy").write_bytes(b"\x93NUMPY\x01\x00garbage-not-a-header")
+    np.save(root / "thin.npy", ph.raw[:, :, :8])  # x of 8 voxels: no crop fits, whatever the plan
+    np.save(root / "thin_mito.npy", ph.mito[:, :, :8].astype(np.uint32))
     np.savez_compressed(root / "full.npz", raw=ph.raw)
     data = (root / "full.npz").read_bytes()
     (root / "trunc.npz").write_bytes(data[: len(data) // 2])
@@ -168,6 +170,11 @@ CASES: dict[str, Case] = {
     "volume-garbage-npy": Case(lambda w, o: ["info", str(w / "bad.npy")], "bad.npy"),
     "volume-truncated-npz": Case(lambda w, o: ["convert", f"{w}/trunc.npz:raw", str(o / "out.ome.zarr"),
                                                "--no-progress"], "trunc.npz", outputs_absent=["out.ome.zarr"]),
+    "volume-axis-shorter-than-any-crop": Case(lambda w, o: [
+        "demo", "--data", str(w / "thin.npy"), "--labels", str(w / "thin_mito.npy"), "--encoder", "none",
+        "--pretrain-steps", "0", "--steps", "2", "--out", str(o / "demo")],
+        f"thin.npy: shape ({SHAPE[0]}, {SHAPE[1]}, 8), read as (z, y, x), is smaller than the smallest crop",
+        outputs_absent=["demo/results.jsonl"]),
     "volume-h5-wrong-key": Case(lambda w, o: ["info", f"{w}/raw.h5:/nokey"], "nokey"),
     "volume-missing-chunk": Case(lambda w, o: ["convert", str(w / "missing.zarr"), str(o / "out.ome.zarr"),
                                                "--no-progress"], "--fill-missing", outputs_absent=["out.ome.zarr"]),

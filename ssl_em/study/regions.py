@@ -24,7 +24,7 @@ class Regions:
 
 
 def plan_regions(shape: Sequence[int], patch_shape: Sequence[int], eval_fraction: float = 0.3,
-                 val_fraction: float = 0.2, axis: int = 1) -> Regions:
+                 val_fraction: float = 0.2, axis: int = 1, what: str = "the labelled volume") -> Regions:
     """Split ``shape`` (z, y, x) along ``axis`` (in-plane: every region keeps all z-sections, so
     sparse z-labels exist in each) as ``[fit | val] | gap | evaluation`` with the data module's
     :func:`split_regions`.
@@ -34,9 +34,12 @@ def plan_regions(shape: Sequence[int], patch_shape: Sequence[int], eval_fraction
     volume is too small.
     """
     p = int(patch_shape[axis])
-    if len(shape) != 3 or any(int(s) < int(q) for s, q in zip(shape, patch_shape)):
-        raise ConfigError(f"volume {tuple(shape)} is smaller than the patch {tuple(patch_shape)} (z, y, x)")
-    train, ev = split_regions(shape, eval_fraction, axis=axis, min_size=p, gap=-(-p // 2), what="the labelled volume",
+    short = [f"{'zyx'[i]} {int(s)} < {int(q)}" for i, (s, q) in enumerate(zip(shape, patch_shape)) if int(s) < int(q)]
+    if len(shape) != 3 or short:
+        raise ConfigError(f"{what}: shape {tuple(int(s) for s in shape)}, read as (z, y, x), is smaller than the "
+                          f"smallest crop {tuple(int(q) for q in patch_shape)} ({', '.join(short) or 'not 3-D'}): "
+                          "check the axis order (an image stack, not channels) or give a smaller crop")
+    train, ev = split_regions(shape, eval_fraction, axis=axis, min_size=p, gap=-(-p // 2), what=what,
                               setting="eval_fraction")
     n_train = train[axis].stop
     fit, val = split_regions([n_train if a == axis else int(n) for a, n in enumerate(shape)], val_fraction,

@@ -56,7 +56,7 @@ class Study:
                  out: str | Path, log: Callable[[str], None] = print, reuse: Sequence[str | Path] = ()) -> None:
         from ssl_em.data.crops import check_same_grid
         from ssl_em.data.normalize import Normalization
-        from ssl_em.data.volume import Region, as_volume, voxel_size_of
+        from ssl_em.data.volume import Region, as_volume, volume_name, voxel_size_of
         from ssl_em.data.volume import spec_path
         from ssl_em.utils.io import claim_output_folder
 
@@ -65,6 +65,7 @@ class Study:
         self.cfg, self.out, self.log = cfg, Path(out), log
         self.reuse = [Path(p) for p in reuse]
         self.raw_vol = as_volume(raw, cfg.voxel_size, cfg.fill_missing)
+        self._labelled_name = f"the labelled volume {volume_name(self.raw_vol)}"
         lab_vol = as_volume(labels, fill_missing=cfg.fill_missing)
         if tuple(self.raw_vol.shape) != tuple(lab_vol.shape) or len(self.raw_vol.shape) != 3:
             raise LabelError(f"labels shape {tuple(lab_vol.shape)} does not match raw shape "
@@ -125,7 +126,7 @@ class Study:
         patch = list(plan.patch_shape)
         while True:
             try:
-                self.regions = plan_regions(work, patch, cfg.eval_fraction, cfg.val_fraction)
+                self.regions = plan_regions(work, patch, cfg.eval_fraction, cfg.val_fraction, what=self._labelled_name)
                 break
             except ConfigError:
                 if "patch_shape" in fixed or min(patch[1:]) <= 2 * stride[1]:
