@@ -218,22 +218,52 @@ def test_exported_encoder_loads_with_the_pretrained_weights(tmp_path):
     assert sidecar["metadata"]["normalization"]["mode"] == "percentile"
 
 
+class RankRecord(Callback):
+    """Writes what each DDP rank saw (a digest of every crop it trained on) and its weights at the end."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.crops = out, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import hashlib
+
+        tensors = batch.values() if isinstance(batch, dict) else [batch]
+        for t in (t for t in tensors if isinstance(t, torch.Tensor)):
+            self.crops += [hashlib.sha1(crop.detach().cpu().numpy().tobytes()).hexdigest() for crop in t]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import hashlib
+
+        weights = hashlib.sha1(b"".join(v.detach().cpu().numpy().tobytes()
+                                        for _, v in sorted(pl_module.state_dict().items()))).hexdigest()
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps({"crops": self.crops,
+                                                                                 "weights": weights}))
+
+
 def test_ddp_with_two_cpu_processes(tmp_path):
-    """Lightning DDP (gloo) over 2 CPU processes through the real CLI; both ranks train the same model."""
+    """Lightning DDP (gloo) over 2 CPU processes through the real CLI: the ranks train on disjoint crops
+    and end with identical weights (gradients were averaged, not two models trained side by side)."""
+    import os
     import subprocess
     import sys
 
     root = tmp_path / "ddp"
+    record = {"class_path": "test_training.RankRecord", "init_args": {"out": str(tmp_path)}}
     cmd = [sys.executable, "-m", "ssl_em.cli", "fit", "--config", str(REPO / "recipes/pretrain/spark_unet3d_tiny.yaml"),
            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
            "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root),
            "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                               "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}]),
+                                               "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}},
+                                              record]),
            "--precision", "32", "--data.init_args.samples_per_epoch", "12",
            *_tiny_model("unet"), *TINY_DATA]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "distributed_backend=gloo" in done.stderr + done.stdout
     ckpt = load_checkpoint(root / "ckpt" / "last.ckpt")
     assert ckpt["global_step"] == 3
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(len(r["crops"]) >= 3 for r in ranks)
+    assert not set(ranks[0]["crops"]) & set(ranks[1]["crops"]), "both ranks trained on the same crops"
+    assert ranks[0]["weights"] == ranks[1]["weights"]

@@ -124,7 +124,7 @@ def quiet_lightning():
         lg.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
-            # resuming pretraining mid-epoch is fine: crops are random draws, the next ones as good as any
+            # resuming pretraining mid-epoch: the loader is offset to the first crop not yet used (pretrain)
             for message in (".*LeafSpec.*", ".*validation_step.*val_dataloader.*", ".*does not have many workers.*",
                             ".*resuming from a checkpoint that ended before the epoch ended.*"):
                 warnings.filterwarnings("ignore", message=message)
@@ -350,9 +350,14 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     before = float(saved["seconds"]) if saved is not None else 0.0
     start = time.perf_counter()
     elapsed = lambda: before + time.perf_counter() - start  # noqa: E731
+    # crops are drawn from their index: a resumed run continues at the first crop the killed one never
+    # used, so it ends where an uninterrupted run ends (Lightning restarts a plain loader's epoch)
+    from torch.utils.data import Subset
+
+    done = len(losses) * cfg.batch_size
+    loader = DataLoader(Subset(ds, range(done, len(ds))) if done else ds, batch_size=cfg.batch_size, num_workers=0)
     with quiet_lightning():
-        trainer.fit(module, train_dataloaders=DataLoader(ds, batch_size=cfg.batch_size, num_workers=0),
-                    ckpt_path=str(last) if saved is not None else None)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if saved is not None else None)
     seconds = elapsed()
     out_dir.mkdir(parents=True, exist_ok=True)
     x_steps = list(range(1, len(losses) + 1))
