@@ -105,8 +105,7 @@ def make_plan(voxel_size: Sequence[float], task: str, shape: Sequence[int] | Non
     sz, sy, sx = (int(s) for s in stride)
     px = min(max_crop, max(4 * sy, sy * math.ceil(min_context_nm / min(spacing[1:]) / sy)))
     # z >= 4x coarser: the thinnest crop the network takes (2-D where it can): more places per step teach
-    # more than neighbouring sections of one place (VNC mito, plain U-Net, 200 steps, the same voxels per
-    # step: IoU 0.62 from 16 crops of 1 x 128 x 128, 0.51 from 8 of 2 x 128 x 128; benchmarks/unet_baseline.py)
+    # more than neighbouring sections of one place (measured: benchmarks/unet_baseline.py, docs/guide.md)
     depth = 1 if aniso >= 4 else 8 if aniso >= 2 else 16
     depth = max(sz, sz * round(depth / sz))
     reasons["crop"] = (f">= {min_context_nm / 1000:g} um in-plane; depth {depth} for anisotropy {aniso:.1f}")

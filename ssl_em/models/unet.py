@@ -15,8 +15,7 @@ voxels after every conv and BatchNorm statistics come from visible voxels only
 
 Why this network and not ssl-em's former residual U-Net (GroupNorm, added skips, one block per level):
 with the same depth and widths, trained from scratch on the same labels and steps, the residual one
-reached half the plain U-Net's IoU on VNC mitochondria (0.221 vs 0.457 at one labelled section;
-``benchmarks/results/vnc_mito_unet2d_patches.md``).
+learnt far less on VNC mitochondria (``benchmarks/results/vnc_mito_unet2d_patches.md``).
 """
 
 from __future__ import annotations

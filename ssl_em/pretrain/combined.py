@@ -13,14 +13,8 @@ makes a harder positive pair than augmentation alone. Both terms share one encod
 Loss: ``(reconstruction(view1) + reconstruction(view2)) / 2 + contrastive_weight * NT-Xent``. The two
 terms are kept in ``last_terms`` (logged as ``train/reconstruction`` / ``train/contrastive``).
 ``contrastive_weight`` 0.01 (default) brings the NT-Xent term (~3 at the start, batch 8) to the scale
-of a raw-target MSE (~0.05). Measured on the phantom (100 steps, batch 8, 8x32x32 crops, frozen-feature
-mitochondria probe AP, seeds 0 / 1 / 2): ``vit3d_test_patch4`` mae_simclr 0.625 / 0.421 / 0.471 vs MAE
-alone 0.494 / 0.308 / 0.411; ``unet3d_tiny`` spark_simclr 0.377 / 0.284 / 0.395 vs SparK alone
-0.297 / 0.343 / 0.320; at seed 0 weights 0.1 and 1 probed lower (ViT 0.587, 0.601; U-Net 0.245, 0.162).
-The combined objectives reconstruct two crops per sample, so the fair control is the masked objective
-at batch 16: MAE 0.494 / 0.313 / 0.415 (the ViT gain stands), SparK 0.437 / 0.313 / 0.248 (the U-Net gain
-does not: same mean within noise). In such short runs the NT-Xent term itself stays near its
-uninformative value log(2B - 1) (2.71 at batch 8), as plain SimCLR's does for most of 100 steps.
+of a raw-target MSE (~0.05); how the weight and the pairing were chosen, with the probe figures per
+seed: docs/guide.md (Pretraining).
 Features are pooled over each view's visible part of the whole crop, not over the overlap box: the
 two masks hide different units, so the shared box holds different visible features anyway.
 Checkpoints, reconstruction panels and ``export-encoder`` work as for the masked objective alone.

@@ -93,7 +93,7 @@ class StudyConfig:
     eval_fraction: float = 0.3
     val_fraction: float = 0.2
     # evaluation mirrors each window in y and x (and z with depth) and averages, as nnU-Net does; off by
-    # default: 4x the evaluation's compute (VNC at 9.2 nm: 20 s -> 100 s per run on 2 cores)
+    # default: 4x the evaluation's compute
     tta: bool = False
     max_eval_voxels: int = 4_000_000  # the evaluation region is centre-cropped in x to this size
     max_val_voxels: int = 1_000_000  # likewise the validation part scored in the rate sweep
