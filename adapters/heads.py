@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_em.errors import ConfigError
+from ssl_em.utils.shapes import Triple
 
 __all__ = ["DenseHead", "LinearHead3D", "SegmentationModel", "UNETRDecoder3D", "build_segmentation_model"]
 
-Triple = tuple[int, int, int]
 
 
 def _prime_factors(n: int) -> list[int]:

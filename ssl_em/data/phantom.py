@@ -38,6 +38,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ssl_em.errors import ArgumentParser, ConfigError
+from ssl_em.utils.shapes import to_triple
 
 _TASKS = {"mito": "mito", "mitochondria": "mito", "synapse": "synapse", "synapses": "synapse",
           "cleft": "synapse", "clefts": "synapse", "neuron": "neurons", "neurons": "neurons",
@@ -527,16 +528,6 @@ def _render(cells: np.ndarray, membrane: np.ndarray, mito: np.ndarray, mito_axes
 
 
 # -- public API --------------------------------------------------------------------------------------
-def _triple(value: Any, name: str, cast: type) -> tuple:
-    try:
-        vals = tuple(cast(v) for v in (value if np.ndim(value) else (value,) * 3))
-    except (TypeError, ValueError):
-        raise ConfigError(f"phantom {name} {value!r}: expected three numbers (z, y, x)") from None
-    if len(vals) != 3 or not all(v > 0 for v in vals):
-        raise ConfigError(f"phantom {name} {value!r}: expected three positive numbers (z, y, x)")
-    return vals
-
-
 def make_phantom(shape: tuple[int, int, int] = (64, 256, 256), voxel_size: tuple[float, float, float] = (40, 8, 8),
                  seed: int = 0, *, missing_section_rate: float = 0.0, config: PhantomConfig | None = None,
                  progress: bool = False) -> Phantom:
@@ -549,8 +540,8 @@ def make_phantom(shape: tuple[int, int, int] = (64, 256, 256), voxel_size: tuple
     """
     from tqdm.auto import tqdm
 
-    shape = _triple(shape, "shape", int)
-    vs = _triple(voxel_size, "voxel size", float)
+    shape = to_triple(shape, "phantom shape", int, positive=True)
+    vs = to_triple(voxel_size, "phantom voxel size", float, positive=True)
     if not 0 <= missing_section_rate <= 1:
         raise ConfigError(f"missing_section_rate={missing_section_rate!r}: must lie in [0, 1]")
     if int(seed) < 0:

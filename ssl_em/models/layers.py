@@ -14,18 +14,8 @@ from einops import rearrange
 from torch import nn
 
 from ssl_em.errors import ConfigError
+from ssl_em.utils.shapes import Triple
 
-Triple = tuple[int, int, int]
-
-
-def to_triple(value: int | Sequence[int], name: str = "value") -> Triple:
-    """``8 -> (8, 8, 8)``; a 3-sequence (JSON gives lists) -> tuple of ints; anything else is a ConfigError."""
-    if isinstance(value, int):
-        return (value, value, value)
-    values = tuple(int(v) for v in value)
-    if len(values) != 3:
-        raise ConfigError(f"{name} {tuple(value)} must be one int or three (z, y, x)")
-    return values  # type: ignore[return-value]
 
 
 def check_divisible(shape: Sequence[int], patch: Triple, what: str = "crop") -> Triple:

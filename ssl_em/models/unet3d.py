@@ -36,8 +36,8 @@ from ssl_em.errors import ConfigError
 from ssl_em.models.layers import UNetContract, resize_mask
 from ssl_em.models.pretrained import timm_default_cfgs
 from ssl_em.models.registry import build_encoder, register_encoder
+from ssl_em.utils.shapes import Triple
 
-Triple = tuple[int, int, int]
 
 __all__ = ["MaskedGroupNorm", "ResBlock3d", "ResidualUNet3D"]
 

@@ -23,9 +23,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ssl_em.errors import ConfigError
-from ssl_em.models.layers import PatchEmbed3D, Triple, check_divisible, sincos_pos_embed_3d, to_triple
+from ssl_em.models.layers import PatchEmbed3D, check_divisible, sincos_pos_embed_3d
 from ssl_em.models.pretrained import timm_default_cfgs
 from ssl_em.models.registry import build_encoder, register_encoder
+from ssl_em.utils.shapes import Triple, to_triple
 
 __all__ = ["VisionTransformer3D"]
 

@@ -34,16 +34,7 @@ from ssl_em.data.normalize import Normalization, default_normalization
 from ssl_em.errors import ConfigError
 from ssl_em.predict.store import BlockId, mark_done
 from ssl_em.utils.precision import autocast, resolve_device
-
-Triple = tuple[int, int, int]
-
-
-def as_triple(value: int | Sequence[int], name: str) -> Triple:
-    t = (int(value),) * 3 if np.isscalar(value) else tuple(int(v) for v in value)  # type: ignore[arg-type]
-    if len(t) != 3:
-        raise ConfigError(f"{name}={value!r} must be one int or three (z, y, x)")
-    return t  # type: ignore[return-value]
-
+from ssl_em.utils.shapes import Triple
 
 @dataclass(frozen=True)
 class BlockPlan:

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from ssl_em.data.volume import as_volume, spec_path
 from ssl_em.errors import ConfigError, VolumeError
-from ssl_em.predict.blocks import BlockJob, BlockPlan, as_triple, describe, resolve_normalization, source_voxel_size
+from ssl_em.predict.blocks import BlockJob, BlockPlan, describe, resolve_normalization, source_voxel_size
 from ssl_em.predict.dask_backend import run_dask
 from ssl_em.predict.store import BlockId, prepare_output
 from ssl_em.utils.precision import resolve_device
+from ssl_em.utils.shapes import to_triple
 
 __all__ = ["inference_memory_format", "model_fingerprint", "predict_volume"]
 
@@ -152,9 +153,9 @@ def predict_volume(
     if len(source.shape) not in (3, 4):
         raise VolumeError(f"input {describe(src)} has shape {tuple(source.shape)}; expected (z, y, x) or (c, z, y, x)")
     shape = tuple(int(s) for s in source.shape[-3:])
-    block, ov = as_triple(block_shape, "block_shape"), as_triple(overlap, "overlap")
+    block, ov = to_triple(block_shape, "block_shape"), to_triple(overlap, "overlap")
     region = tuple(b + o for b, o in zip(block, ov))
-    window = region if window_shape is None else as_triple(window_shape, "window_shape")
+    window = region if window_shape is None else to_triple(window_shape, "window_shape")
     if any(w > r for w, r in zip(window, region)):
         raise ConfigError(f"window_shape {window} is larger than block + overlap {region}")
     # an axis that fits in one region is one block: both its ends are the volume's border, so

@@ -54,10 +54,11 @@ from ssl_em.data.normalize import default_normalization
 from ssl_em.data.volume import as_volume, spec_path
 from ssl_em.errors import ConfigError, VolumeError
 from ssl_em.predict import instances as inst
-from ssl_em.predict.blocks import BlockPlan, Triple, as_triple, describe
+from ssl_em.predict.blocks import BlockPlan, describe
 from ssl_em.predict.dask_backend import dask_client
 from ssl_em.predict.store import BlockId, array_folder, create_output_array
 from ssl_em.utils.io import atomic_path, check_output, writer_attrs
+from ssl_em.utils.shapes import Triple, to_triple
 
 Method = Literal["components", "watershed", "mito", "affinities"]
 INSTANCE_METHODS = ("components", "watershed", "mito", "affinities")
@@ -363,8 +364,8 @@ def blockwise_instances(
         raise ConfigError(f"min_volume_nm3={min_volume_nm3} needs a voxel size: {describe(src)} has none, "
                           "pass voxel_size=(z, y, x) nm")
     shape = tuple(int(s) for s in source.shape[-3:])
-    block = as_triple(block_shape, "block_shape")
-    h = (1, 1, 1) if method == "components" else as_triple(halo, "halo")
+    block = to_triple(block_shape, "block_shape")
+    h = (1, 1, 1) if method == "components" else to_triple(halo, "halo")
     region = tuple(b + 2 * v for b, v in zip(block, h))
     plan = BlockPlan(shape, block, tuple(2 * v for v in h), region)  # type: ignore[arg-type]
     dst = Path(dst)

@@ -23,8 +23,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ssl_em.errors import ConfigError
-from ssl_em.models.layers import Triple, sincos_pos_embed_3d
+from ssl_em.models.layers import sincos_pos_embed_3d
 from ssl_em.models.vit3d import init_weights
+from ssl_em.utils.shapes import Triple
 
 __all__ = ["DEFAULT_TARGET", "MaskedAutoencoder3D", "gaussian_blur_3d"]
 

@@ -29,10 +29,9 @@ from einops import rearrange
 from torch import nn
 
 from ssl_em.errors import ConfigError
-from ssl_em.models.layers import to_triple
 from ssl_em.models.layers import resize_mask
+from ssl_em.utils.shapes import Triple, to_triple
 
-Triple = tuple[int, int, int]
 TARGETS = ("raw", "normalized", "lowpass")
 
 __all__ = ["Denoising3D", "MaskedInpainting3D", "SparKMasked3D", "gaussian_lowpass", "masked_mse"]
