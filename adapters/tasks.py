@@ -25,6 +25,7 @@ from torch import nn
 
 from ssl_em.adapters.losses import BCEDiceLoss, CLDiceLoss
 from ssl_em.errors import ConfigError, LabelError
+from ssl_em.plan import is_anisotropic
 
 __all__ = ["MembraneTask", "MitoTask", "NeuronTask", "SynapseTask", "Task", "get_task", "list_tasks"]
 
@@ -34,13 +35,6 @@ NEURON_OFFSETS: Offsets = (
     (-2, 0, 0), (0, -3, 0), (0, 0, -3),  # long range (Lee et al. 2017): see across thin gaps,
     (-3, 0, 0), (0, -9, 0), (0, 0, -9),  # shorter in z because sections are thicker than pixels
 )
-
-
-def _in_plane(voxel_size: Sequence[float] | None) -> bool:
-    """Boundaries drawn per section: known anisotropic (ssTEM) voxels (unknown ones are drawn in 3-D)."""
-    from ssl_em.plan import is_anisotropic
-
-    return voxel_size is not None and is_anisotropic(voxel_size)
 
 
 class Task:
@@ -181,7 +175,7 @@ class MitoTask(Task):
         if self.split == "distance":
             return (labels > 0)[None], mask[None].copy()
         inst = connected_components(labels > 0) if labels.max() <= 1 else labels
-        if _in_plane(self.voxel_size):
+        if is_anisotropic(self.voxel_size):  # boundaries drawn per section
             boundary = np.stack([find_boundaries(s, mode="inner") for s in inst])
         else:
             boundary = find_boundaries(inst, mode="inner")

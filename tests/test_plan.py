@@ -97,20 +97,22 @@ def test_plain_unet_follows_the_plan_2d_for_ssTEM_3d_for_isotropic() -> None:
 
 def test_one_anisotropy_rule_for_augmentation_and_boundaries() -> None:
     """ssTEM (z > 2x in-plane) gets in-plane augmentation and per-section mitochondrion boundaries;
-    near-isotropic voxels get 3-D ones, everywhere by the same rule."""
+    near-isotropic voxels get 3-D ones, everywhere by the same rule; an unknown voxel size is read as
+    serial sections by both (they disagreed before)."""
     from ssl_em.adapters import get_task
     from ssl_em.data.datamodule import EMDataModule
     from ssl_em.plan import is_anisotropic
-    from ssl_em.study.train import _anisotropic
 
     assert is_anisotropic((50, 4.6, 4.6)) and is_anisotropic((17, 8, 8))
     assert not is_anisotropic((16, 8, 8)) and not is_anisotropic((10, 10, 10))
     labels = np.zeros((5, 12, 12), np.int64)
     labels[1:4, 3:9, 3:9] = 1  # one mitochondrion through three sections
-    for vs in ((17.0, 8.0, 8.0), (16.0, 8.0, 8.0)):
-        boundary = get_task("mito", voxel_size=list(vs))._targets(labels, np.ones_like(labels))[0][1]
+    assert is_anisotropic(None)
+    for vs in ((17.0, 8.0, 8.0), (16.0, 8.0, 8.0), None):
+        boundary = get_task("mito", voxel_size=None if vs is None else list(vs))._targets(
+            labels, np.ones_like(labels))[0][1]
         # a 3-D inner boundary swallows the object's first section; a per-section one only rings it
         assert bool(boundary[1, 5, 5]) != is_anisotropic(vs) and boundary[1, 3, 5]
         dm = EMDataModule(task="mito")
         dm.voxel_size = vs  # what setup() reads from the volume
-        assert dm._augment_kwargs()["anisotropic"] == is_anisotropic(vs) == _anisotropic(vs)
+        assert dm._augment_kwargs()["anisotropic"] == is_anisotropic(vs)

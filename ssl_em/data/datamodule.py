@@ -274,7 +274,7 @@ class EMDataModule(L.LightningDataModule):
         from ssl_em.plan import is_anisotropic
 
         return dict(
-            anisotropic=vs is None or is_anisotropic(vs),  # ssTEM unless the voxels say otherwise
+            anisotropic=is_anisotropic(vs),  # ssTEM unless the voxels say otherwise
             square_pixels=vs is None or abs(vs[1] - vs[2]) <= 1e-3 * vs[1],
             strength=self.hparams.augment_strength,
         )

@@ -35,13 +35,6 @@ class Labelled:
     normalization: dict[str, Any]
 
 
-def _anisotropic(vs: Sequence[float] | None) -> bool:
-    """In-plane augmentation unless the voxels say otherwise (ssTEM is the default)."""
-    from ssl_em.plan import is_anisotropic
-
-    return vs is None or is_anisotropic(vs)
-
-
 def build_module(method: str, cfg: StudyConfig, encoder_dir: str | Path | None, seed: int, lr: float,
                  steps: int) -> Any:
     """The ``FineTuning`` module of ``method``; random inits come from ``seed`` (``scratch`` and
@@ -287,7 +280,7 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     from ssl_em.data.normalize import Normalization
     from ssl_em.data.volume import as_volume, volume_name
     from ssl_em.models import save_encoder
-    from ssl_em.plan import DownsampledVolume
+    from ssl_em.plan import DownsampledVolume, is_anisotropic
     from ssl_em.pretrain.module import Pretraining
     from ssl_em.pretrain.panels import save_curve, save_reconstruction_panel
     from ssl_em.utils.precision import lightning_precision, resolve_precision
@@ -306,7 +299,7 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
                          method_kwargs=method_kwargs, lr=fam["lr"], seed=seed)
     vs = cfg.spacing
     common = dict(regions=list(regions), samples_per_epoch=steps * cfg.batch_size, normalization=Normalization(),
-                  augment=default_em_augment(anisotropic=_anisotropic(vs), strength=0.5), seed=seed)
+                  augment=default_em_augment(anisotropic=is_anisotropic(vs), strength=0.5), seed=seed)
     # two-view objectives (SimCLR, DINO, spark_simclr) get two overlapping crops of one place
     ds = (TwoViewDataset(list(volumes), cfg.patch_shape, **common) if module.two_views
           else CropDataset(list(volumes), cfg.patch_shape, **common))
