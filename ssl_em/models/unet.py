@@ -200,10 +200,12 @@ SECTIONS = dict(spacing=(50.0, 9.2, 9.2), patch_shape=(1, 128, 128))
 ISOTROPIC = dict(spacing=(8.0, 8.0, 8.0), patch_shape=(32, 64, 64))
 
 
-def _create(name: str, defaults: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> UNet:
+def _create_unet(variant: str, pretrained: bool = False, defaults: dict[str, Any] | None = None, **kwargs: Any) -> UNet:
+    """timm's variant helper signature; ``defaults`` (the variant's) are merged under ``kwargs`` (the user's)."""
+    defaults = dict(defaults or {})
     if {"pools", "kernels", "spacing", "patch_shape"} & set(kwargs):  # a plan's or a saved layout
         defaults = {k: v for k, v in defaults.items() if k not in ("spacing", "patch_shape")}
-    model = build_encoder(UNet, name, defaults, pretrained, **kwargs)
+    model = build_encoder(UNet, variant, defaults, pretrained, **kwargs)
     # record the resolved layout, not the spacing it came from: the saved encoder rebuilds the same
     # network whatever crop it is later fine-tuned on
     kw = model.encoder_config["kwargs"]
@@ -216,23 +218,24 @@ def _create(name: str, defaults: dict[str, Any], pretrained: bool, kwargs: dict[
 @register_encoder
 def unet_test(pretrained: bool = False, **kwargs: Any) -> UNet:
     """Two-level toy for tests (~2 k parameters), in-plane: patch (1, 2, 2)."""
-    return _create("unet_test", dict(widths=(4, 8), **SECTIONS), pretrained, kwargs)
+    return _create_unet("unet_test", pretrained, defaults=dict(widths=(4, 8), **SECTIONS), **kwargs)
 
 
 @register_encoder
 def unet_small(pretrained: bool = False, **kwargs: Any) -> UNet:
     """The plain U-Net users train (16-256 channels, 4 poolings, ~1.9 M parameters); in-plane by default
     (serial sections, patch (1, 16, 16)); the plan's ``spacing``/``patch_shape`` make it 3-D for FIB-SEM."""
-    return _create("unet_small", dict(widths=(16, 32, 64, 128, 256), **SECTIONS), pretrained, kwargs)
+    return _create_unet("unet_small", pretrained, defaults=dict(widths=(16, 32, 64, 128, 256), **SECTIONS), **kwargs)
 
 
 @register_encoder
 def unet_small_iso(pretrained: bool = False, **kwargs: Any) -> UNet:
     """``unet_small`` for near-isotropic voxels (FIB-SEM): 3-D kernels and poolings, ~5.6 M; patch 16."""
-    return _create("unet_small_iso", dict(widths=(16, 32, 64, 128, 256), **ISOTROPIC), pretrained, kwargs)
+    return _create_unet("unet_small_iso", pretrained,
+                        defaults=dict(widths=(16, 32, 64, 128, 256), **ISOTROPIC), **kwargs)
 
 
 @register_encoder
 def unet_base(pretrained: bool = False, **kwargs: Any) -> UNet:
     """Twice ``unet_small``'s widths (32-512 channels, ~7.8 M parameters; GPU pretraining), in-plane."""
-    return _create("unet_base", dict(widths=(32, 64, 128, 256, 512), **SECTIONS), pretrained, kwargs)
+    return _create_unet("unet_base", pretrained, defaults=dict(widths=(32, 64, 128, 256, 512), **SECTIONS), **kwargs)

@@ -258,8 +258,11 @@ class ResidualUNet3D(UNetContract, nn.Module):
 default_cfgs = timm_default_cfgs()  # shipped weights (ssl_em/weights/) as timm pretrained configs
 
 
-def _create(name: str, defaults: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> ResidualUNet3D:
-    return build_encoder(ResidualUNet3D, name, defaults, pretrained, **kwargs)  # type: ignore[return-value]
+def _create_unet3d(variant: str, pretrained: bool = False, defaults: dict[str, Any] | None = None,
+                   **kwargs: Any) -> ResidualUNet3D:
+    """timm's variant helper signature; ``defaults`` (the variant's) are merged under ``kwargs`` (the user's)."""
+    model = build_encoder(ResidualUNet3D, variant, dict(defaults or {}), pretrained, **kwargs)
+    return model  # type: ignore[return-value]
 
 
 _SIZES: dict[str, dict[str, Any]] = {
@@ -275,37 +278,38 @@ _SIZES: dict[str, dict[str, Any]] = {
 @register_encoder
 def unet3d_test(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
     """Two-stage toy for tests (~3 k parameters), anisotropic: patch (1, 2, 2)."""
-    return _create("unet3d_test", dict(_SIZES["test"], anisotropic_levels=1), pretrained, kwargs)
+    return _create_unet3d("unet3d_test", pretrained, defaults=dict(_SIZES["test"], anisotropic_levels=1), **kwargs)
 
 
 @register_encoder
 def unet3d_test_iso(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
     """Two-stage isotropic toy for tests: patch (2, 2, 2)."""
-    return _create("unet3d_test_iso", dict(_SIZES["test"], anisotropic_levels=0), pretrained, kwargs)
+    return _create_unet3d("unet3d_test_iso", pretrained, defaults=dict(_SIZES["test"], anisotropic_levels=0), **kwargs)
 
 
 @register_encoder
 def unet3d_tiny(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
     """ssTEM, ~0.3 M parameters, CPU-friendly; patch (2, 8, 8)."""
-    return _create("unet3d_tiny", dict(_SIZES["tiny"], anisotropic_levels=2), pretrained, kwargs)
+    return _create_unet3d("unet3d_tiny", pretrained, defaults=dict(_SIZES["tiny"], anisotropic_levels=2), **kwargs)
 
 
 @register_encoder
 def unet3d_tiny_iso(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
     """Isotropic (FIB-SEM), ~0.3 M parameters; patch (8, 8, 8)."""
-    return _create("unet3d_tiny_iso", dict(_SIZES["tiny"], anisotropic_levels=0), pretrained, kwargs)
+    return _create_unet3d("unet3d_tiny_iso", pretrained, defaults=dict(_SIZES["tiny"], anisotropic_levels=0), **kwargs)
 
 
 @register_encoder
 def unet3d_small(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
     """ssTEM, ~1.2 M parameters; patch (2, 8, 8)."""
-    return _create("unet3d_small", dict(_SIZES["small"], anisotropic_levels=2), pretrained, kwargs)
+    return _create_unet3d("unet3d_small", pretrained, defaults=dict(_SIZES["small"], anisotropic_levels=2), **kwargs)
 
 
 @register_encoder
 def unet3d_small_iso(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
     """Isotropic (FIB-SEM), ~1.2 M parameters; patch (8, 8, 8)."""
-    return _create("unet3d_small_iso", dict(_SIZES["small"], anisotropic_levels=0), pretrained, kwargs)
+    return _create_unet3d("unet3d_small_iso", pretrained,
+                          defaults=dict(_SIZES["small"], anisotropic_levels=0), **kwargs)
 
 
 @register_encoder
@@ -313,16 +317,16 @@ def unet2d_small(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
     """ssTEM whose sections are >= 4x thicker than its pixels, where the plan trains on single sections:
     every pooling and kernel in-plane (a 2-D U-Net applied section by section), 5 stages of 16-256
     channels as the plain U-Net baseline; patch (1, 16, 16), ~1.7 M parameters."""
-    return _create("unet2d_small", _SIZES["sections"], pretrained, kwargs)
+    return _create_unet3d("unet2d_small", pretrained, defaults=_SIZES["sections"], **kwargs)
 
 
 @register_encoder
 def unet3d_base(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
     """ssTEM, ~9 M parameters (GPU pretraining); patch (2, 8, 8)."""
-    return _create("unet3d_base", dict(_SIZES["base"], anisotropic_levels=2), pretrained, kwargs)
+    return _create_unet3d("unet3d_base", pretrained, defaults=dict(_SIZES["base"], anisotropic_levels=2), **kwargs)
 
 
 @register_encoder
 def unet3d_base_iso(pretrained: bool = False, **kwargs: Any) -> ResidualUNet3D:
     """Isotropic (FIB-SEM), ~9 M parameters; patch (8, 8, 8)."""
-    return _create("unet3d_base_iso", dict(_SIZES["base"], anisotropic_levels=0), pretrained, kwargs)
+    return _create_unet3d("unet3d_base_iso", pretrained, defaults=dict(_SIZES["base"], anisotropic_levels=0), **kwargs)

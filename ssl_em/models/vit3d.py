@@ -224,8 +224,10 @@ def init_weights(m: nn.Module) -> None:
 
 
 # --- registered variants ----------------------------------------------------------------------
-def _vit3d(name: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
-    return build_encoder(VisionTransformer3D, name, defaults, pretrained, **kwargs)
+def _create_vit3d(variant: str, pretrained: bool = False, defaults: dict[str, Any] | None = None,
+                  **kwargs: Any) -> nn.Module:
+    """timm's variant helper signature; ``defaults`` (the variant's) are merged under ``kwargs`` (the user's)."""
+    return build_encoder(VisionTransformer3D, variant, dict(defaults or {}), pretrained, **kwargs)
 
 
 # shipped weights as timm pretrained configs: timm.create_model("name.tag", pretrained=True) resolves them
@@ -239,66 +241,70 @@ _BASE = dict(embed_dim=768, depth=12, num_heads=12)
 @register_encoder
 def vit3d_test_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Test-size ViT (embed 32, depth 2): for unit tests and smoke runs only."""
-    return _vit3d("vit3d_test_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_TEST), kwargs)
+    return _create_vit3d("vit3d_test_patch2x16", pretrained, defaults=dict(patch_size=(2, 16, 16), **_TEST), **kwargs)
 
 
 @register_encoder
 def vit3d_test_patch4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Test-size ViT with small isotropic (4, 4, 4) patches."""
-    return _vit3d("vit3d_test_patch4", pretrained, dict(img_size=(16, 32, 32), patch_size=4, **_TEST), kwargs)
+    return _create_vit3d("vit3d_test_patch4", pretrained,
+                         defaults=dict(img_size=(16, 32, 32), patch_size=4, **_TEST), **kwargs)
 
 
 @register_encoder
 def vit3d_tiny_patch2x8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ViT-Ti, (2, 8, 8) patches: fine in-plane tokens for thin anisotropic ssTEM structures."""
-    return _vit3d("vit3d_tiny_patch2x8", pretrained, dict(patch_size=(2, 8, 8), **_TINY), kwargs)
+    return _create_vit3d("vit3d_tiny_patch2x8", pretrained, defaults=dict(patch_size=(2, 8, 8), **_TINY), **kwargs)
 
 
 @register_encoder
 def vit3d_tiny_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ViT-Ti (5.5M), (2, 16, 16) patches: anisotropic ssTEM (~40-50 nm sections, 4-8 nm pixels)."""
-    return _vit3d("vit3d_tiny_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_TINY), kwargs)
+    return _create_vit3d("vit3d_tiny_patch2x16", pretrained, defaults=dict(patch_size=(2, 16, 16), **_TINY), **kwargs)
 
 
 @register_encoder
 def vit3d_tiny_patch4x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ViT-Ti, (4, 16, 16) patches: mildly anisotropic data (e.g. 30 nm sections at 8 nm)."""
-    return _vit3d("vit3d_tiny_patch4x16", pretrained, dict(img_size=(32, 128, 128), patch_size=(4, 16, 16), **_TINY),
-                  kwargs)
+    return _create_vit3d("vit3d_tiny_patch4x16", pretrained,
+                         defaults=dict(img_size=(32, 128, 128), patch_size=(4, 16, 16), **_TINY), **kwargs)
 
 
 @register_encoder
 def vit3d_tiny_patch8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ViT-Ti, isotropic (8, 8, 8) patches: FIB-SEM."""
-    return _vit3d("vit3d_tiny_patch8", pretrained, dict(img_size=(64, 64, 64), patch_size=8, **_TINY), kwargs)
+    return _create_vit3d("vit3d_tiny_patch8", pretrained,
+                         defaults=dict(img_size=(64, 64, 64), patch_size=8, **_TINY), **kwargs)
 
 
 @register_encoder
 def vit3d_small_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ViT-S (22M), (2, 16, 16) patches."""
-    return _vit3d("vit3d_small_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_SMALL), kwargs)
+    return _create_vit3d("vit3d_small_patch2x16", pretrained, defaults=dict(patch_size=(2, 16, 16), **_SMALL), **kwargs)
 
 
 @register_encoder
 def vit3d_small_patch4x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ViT-S, (4, 16, 16) patches."""
-    return _vit3d("vit3d_small_patch4x16", pretrained,
-                  dict(img_size=(32, 128, 128), patch_size=(4, 16, 16), **_SMALL), kwargs)
+    return _create_vit3d("vit3d_small_patch4x16", pretrained,
+                         defaults=dict(img_size=(32, 128, 128), patch_size=(4, 16, 16), **_SMALL), **kwargs)
 
 
 @register_encoder
 def vit3d_small_patch8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ViT-S, isotropic (8, 8, 8) patches: FIB-SEM."""
-    return _vit3d("vit3d_small_patch8", pretrained, dict(img_size=(64, 64, 64), patch_size=8, **_SMALL), kwargs)
+    return _create_vit3d("vit3d_small_patch8", pretrained,
+                         defaults=dict(img_size=(64, 64, 64), patch_size=8, **_SMALL), **kwargs)
 
 
 @register_encoder
 def vit3d_base_patch2x16(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ViT-B (86M), (2, 16, 16) patches."""
-    return _vit3d("vit3d_base_patch2x16", pretrained, dict(patch_size=(2, 16, 16), **_BASE), kwargs)
+    return _create_vit3d("vit3d_base_patch2x16", pretrained, defaults=dict(patch_size=(2, 16, 16), **_BASE), **kwargs)
 
 
 @register_encoder
 def vit3d_base_patch8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ViT-B, isotropic (8, 8, 8) patches: FIB-SEM."""
-    return _vit3d("vit3d_base_patch8", pretrained, dict(img_size=(64, 64, 64), patch_size=8, **_BASE), kwargs)
+    return _create_vit3d("vit3d_base_patch8", pretrained,
+                         defaults=dict(img_size=(64, 64, 64), patch_size=8, **_BASE), **kwargs)
