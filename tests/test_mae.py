@@ -10,7 +10,8 @@ from torch import nn
 
 from ssl_em.errors import ConfigError
 from ssl_em.models import create_encoder
-from ssl_em.pretrain.mae import DEFAULT_TARGET, MaskedAutoencoder3D, gaussian_blur_3d
+from ssl_em.pretrain.mae import DEFAULT_TARGET, MaskedAutoencoder3D
+from ssl_em.pretrain.targets import gaussian_blur_3d
 
 
 def make_mae(**kw) -> MaskedAutoencoder3D:

@@ -8,7 +8,8 @@ import torch
 
 import ssl_em.models.unet3d  # noqa: F401  (registers the unet3d variants)
 from ssl_em.errors import ConfigError
-from ssl_em.pretrain.spark import Denoising3D, SparKMasked3D, gaussian_lowpass, masked_mse
+from ssl_em.pretrain.spark import Denoising3D, SparKMasked3D, masked_mse
+from ssl_em.pretrain.targets import gaussian_blur_3d
 
 
 def _unet(**kw):
@@ -81,10 +82,10 @@ def test_targets(target):
 
 def test_gaussian_lowpass_keeps_constants_and_only_blurs_in_plane():
     x = torch.full((1, 1, 3, 9, 9), 2.0)
-    torch.testing.assert_close(gaussian_lowpass(x, (0, 1.5, 1.5)), x)
+    torch.testing.assert_close(gaussian_blur_3d(x, (0, 1.5, 1.5)), x)
     z = torch.zeros(1, 1, 3, 9, 9)
     z[0, 0, 1, 4, 4] = 1
-    b = gaussian_lowpass(z, (0, 1, 1))
+    b = gaussian_blur_3d(z, (0, 1, 1))
     assert b[0, 0, 0].abs().max() == 0 and b[0, 0, 1, 4, 3] > 0
 
 

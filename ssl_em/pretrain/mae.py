@@ -25,36 +25,15 @@ from torch import nn
 from ssl_em.errors import ConfigError
 from ssl_em.models.layers import sincos_pos_embed_3d
 from ssl_em.models.vit3d import init_weights
+from ssl_em.pretrain.targets import gaussian_blur_3d, standardize, visible_count
 from ssl_em.utils.shapes import Triple
 
-__all__ = ["DEFAULT_TARGET", "MaskedAutoencoder3D", "gaussian_blur_3d"]
+__all__ = ["DEFAULT_TARGET", "MaskedAutoencoder3D"]
 
 # On ssTEM a per-patch-normalised target never leaves the predict-zero level and raw and lowpass tie on a
 # probe of the frozen tokens (``benchmarks/mae_targets.py``; figures in README), so the default is the
 # target without an extra hyper-parameter.
 DEFAULT_TARGET = "raw"
-
-
-def gaussian_blur_3d(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(B, C, D, H, W)``; ``sigma`` (z, y, x) in voxels, 0 = leave axis.
-
-    Edges are replicate-padded so a crop border does not darken the target.
-    """
-    channels = x.shape[1]
-    for axis, s in enumerate(sigma):
-        if s <= 0:
-            continue
-        radius = max(1, math.ceil(3 * s))
-        t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
-        k = torch.exp(-0.5 * (t / s) ** 2)
-        k = (k / k.sum()).to(x.dtype)
-        shape = [1, 1, 1]
-        shape[axis] = k.numel()
-        weight = k.reshape(1, 1, *shape).expand(channels, 1, *shape)  # depthwise (C, 1, kz, ky, kx)
-        pad = [0] * 6
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis (x) first
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), weight, groups=channels)
-    return x
 
 
 class MaskedAutoencoder3D(nn.Module):
@@ -143,11 +122,10 @@ class MaskedAutoencoder3D(nn.Module):
         B, N, C = tokens.shape
         d, h, w = grid
         if self.masking == "tube":
-            keep_tubes = min(max(round(h * w * (1 - self.mask_ratio)), 1), h * w - 1) if h * w > 1 else 1
-            len_keep = keep_tubes * d
+            len_keep = visible_count(h * w, self.mask_ratio) * d
             noise = repeat(torch.rand(B, h * w, device=tokens.device), "b (h w) -> b (d h w)", d=d, h=h, w=w)
         else:
-            len_keep = min(max(round(N * (1 - self.mask_ratio)), 1), N - 1) if N > 1 else 1
+            len_keep = visible_count(N, self.mask_ratio)
             noise = torch.rand(B, N, device=tokens.device)  # (B, N) in [0, 1)
         ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
         ids_restore = torch.argsort(ids_shuffle, dim=1)  # inverse permutation
@@ -184,8 +162,7 @@ class MaskedAutoencoder3D(nn.Module):
             x = gaussian_blur_3d(x, self.lowpass_sigma)
         t = self.patchify(x)
         if self.target == "normalized":
-            mean, var = t.mean(dim=-1, keepdim=True), t.var(dim=-1, keepdim=True)
-            t = (t - mean) / (var + 1e-6).sqrt()
+            t = standardize(t)
         return t
 
     def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

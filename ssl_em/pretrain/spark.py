@@ -24,34 +24,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from ssl_em.errors import ConfigError
 from ssl_em.models.layers import resize_mask
+from ssl_em.pretrain.targets import gaussian_blur_3d, standardize, visible_count
 from ssl_em.utils.shapes import Triple, to_triple
 
 TARGETS = ("raw", "normalized", "lowpass")
 
-__all__ = ["Denoising3D", "MaskedInpainting3D", "SparKMasked3D", "gaussian_lowpass", "masked_mse"]
-
-
-def gaussian_lowpass(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, D, H, W) with per-axis ``sigma`` (z, y, x) in voxels (0 = none)."""
-    for axis, s in enumerate(sigma):
-        if s <= 0:
-            continue
-        r = max(1, int(round(3 * s)))
-        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / s) ** 2)
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = 2 * r + 1
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r  # F.pad lists the last axis first
-        c = x.shape[1]
-        weight = (k / k.sum()).reshape(shape).expand(c, 1, *shape[2:])
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), weight, groups=c)
-    return x
+__all__ = ["Denoising3D", "MaskedInpainting3D", "SparKMasked3D", "masked_mse"]
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -126,7 +109,7 @@ class SparKMasked3D(nn.Module):
         b = x.shape[0]
         grid = self.unit_grid(x.shape)
         n = grid[0] * grid[1] * grid[2]
-        keep = max(1, min(n - 1, round(n * (1 - self.mask_ratio))))
+        keep = visible_count(n, self.mask_ratio)
         rank = torch.rand(b, n, device=x.device).argsort(1).argsort(1)  # a random permutation's ranks
         return (rank < keep).to(x.dtype).reshape(b, 1, *grid)
 
@@ -135,10 +118,10 @@ class SparKMasked3D(nn.Module):
         if self.target == "raw":
             return x
         if self.target == "lowpass":
-            return gaussian_lowpass(x, self.lowpass_sigma)
+            return gaussian_blur_3d(x, self.lowpass_sigma)
         u = self.mask_unit  # normalise each mask unit to zero mean, unit variance
         t = rearrange(x, "b c (d u) (h v) (w s) -> b c d h w (u v s)", u=u[0], v=u[1], s=u[2])
-        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
+        t = standardize(t)
         return rearrange(t, "b c d h w (u v s) -> b c (d u) (h v) (w s)", u=u[0], v=u[1], s=u[2])
 
     def forward_pred(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
