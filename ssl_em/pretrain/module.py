@@ -176,7 +176,7 @@ class Pretraining(L.LightningModule):
         return self._step(batch, "val", batch_idx)
 
     @torch.no_grad()
-    def write_panel(self, x: torch.Tensor, path: str | Path | None = None) -> Path | None:
+    def write_panel(self, x: torch.Tensor, path: str | Path | None = None, title: str | None = None) -> Path | None:
         """Save input / masked input / reconstruction for a few z-slices of ``x`` (1, C, D, H, W)."""
         if path is None:
             if self._panel_dir is None:
@@ -191,7 +191,7 @@ class Pretraining(L.LightningModule):
         if not isinstance(panel, dict):  # MAE: (reconstruction, mask volume)
             recon, mask = panel
             panel = {"input": x, "masked input": x * (1 - mask), "reconstruction": recon}
-        return save_reconstruction_panel(panel, path, title=f"{self.hparams.method} step {self.global_step}")
+        return save_reconstruction_panel(panel, path, title=title or f"{self.hparams.method} step {self.global_step}")
 
     def configure_optimizers(self):
         decay, no_decay = [], []

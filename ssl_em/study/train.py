@@ -282,7 +282,7 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     from ssl_em.models import save_encoder
     from ssl_em.plan import DownsampledVolume, is_anisotropic
     from ssl_em.pretrain.module import Pretraining
-    from ssl_em.pretrain.panels import save_curve, save_reconstruction_panel
+    from ssl_em.pretrain.panels import save_curve
     from ssl_em.utils.precision import lightning_precision, resolve_precision
 
     fam = FAMILIES[cfg.family]
@@ -361,14 +361,7 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
                title=f"{module.hparams.encoder} {method} pretraining")
     if hasattr(module.objective, "reconstruct"):  # masked objectives; contrastive ones reconstruct nothing
         x = ds[10**6]["view1" if module.two_views else "raw"][None].to(module.device)
-        module.eval()
-        with torch.no_grad():
-            panel = module.objective.reconstruct(x)
-        if not isinstance(panel, dict):  # MAE: (reconstruction, mask volume)
-            recon, mask = panel
-            panel = {"input": x, "masked input": x * (1 - mask), "reconstruction": recon}
-        save_reconstruction_panel(panel, out_dir / "reconstruction.png",
-                                  title=f"{method} after {len(losses)} steps (a fresh crop)")
+        module.write_panel(x, out_dir / "reconstruction.png", title=f"{method} after {len(losses)} steps (a fresh crop)")
     meta = {"method": method, "method_kwargs": method_kwargs, "steps": len(losses), "seconds": round(seconds, 1),
             "voxel_size": list(vs) if vs else None, "normalization": ds.normalizations[0].to_dict(),
             # the schema ``ssl-em export-encoder`` writes (EMDataModule.describe): one way to read a sidecar
