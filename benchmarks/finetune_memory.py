@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny encoders, small crop (< 1 min on CPU)")
     p.add_argument("--encoders", nargs="+", default=None)
-    p.add_argument("--patch", type=int, nargs=3, default=None, help="crop z y x")
+    p.add_renamed("--crop", "--patch", type=int, nargs=3, default=None, help="training crop z y x")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--methods", nargs="+", default=["lora", "lora_decoder", "frozen", "full"],
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     encoders = args.encoders or (["vit3d_tiny_patch2x16", "unet3d_tiny"] if args.quick
                                  else ["vit3d_small_patch2x16", "unet3d_small"])
-    patch = tuple(args.patch or ((8, 32, 32) if args.quick else (16, 128, 128)))
+    patch = tuple(args.crop or ((8, 32, 32) if args.quick else (16, 128, 128)))
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     config = {"encoders": encoders, "patch": patch, "batch": args.batch, "lora_rank": args.rank,
               "methods": args.methods, "grad_checkpointing": [False, True],

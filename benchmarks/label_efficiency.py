@@ -42,7 +42,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fractions", default="0.01,0.05,0.1,1.0",
                    help="label regimes: fractions of the z-sections labelled ('' for none)")
     p.add_argument("--patches", default="", help="label regimes: numbers of painted patches, e.g. 1,4,16")
-    p.add_argument("--patch-size", type=int, default=256, help="painted patch side at the working spacing")
+    p.add_renamed("--painted-size", "--patch-size", type=int, default=256, help="a painted square's side at the working "
+                  "spacing")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default="lora,frozen,full,scratch,lora_random,unet,rf")
     p.add_argument("--encoder", metavar="NAME_OR_PATH", default="auto",
@@ -79,7 +80,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "spark_simclr, the best measured in contrastive_vs_mae.py)")
     p.add_argument("--encoder-lr-scale", type=float, default=1.0,
                    help="pretrained methods train the encoder path at this fraction of their rate (default 1)")
-    p.add_argument("--patch", help="crop z,y,x at the working spacing (default: the plan's)")
+    p.add_renamed("--crop", "--patch", metavar="Z,Y,X", help="training crop z,y,x at the working spacing (default: "
+                  "the plan's)")
     p.add_argument("--voxel-size", help="z,y,x nm, overriding the files")
     p.add_argument("--out", default="bench_out/label_efficiency")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -128,10 +130,10 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         architecture=arch,
         methods=("lora", "scratch") if quick else tuple(args.methods.split(",")),
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
-        patches=() if quick else _numbers(args.patches, int), patch_size=args.patch_size,
+        patches=() if quick else _numbers(args.patches, int), patch_size=args.painted_size,
         steps=12 if quick else args.steps, eval_steps=(4, 8) if quick else _numbers(args.eval_steps, int), pretrain_steps=6 if quick else pretrain_steps,
         val_every=4 if quick else args.val_every, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
-        patch_shape=(8, 32, 32) if quick else _numbers(args.patch, int) if args.patch else None, voxel_size=vs,
+        patch_shape=(8, 32, 32) if quick else _numbers(args.crop, int) if args.crop else None, voxel_size=vs,
         downsample=args.downsample, pretrain_method=args.pretrain_method, encoder_lr_scale=args.encoder_lr_scale,
         device=args.device, tta=args.tta,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else args.lrs,

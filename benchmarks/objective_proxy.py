@@ -58,7 +58,7 @@ def study_args(args, objective: str, patches: int, seeds: int, controls: bool) -
               "--lrs", lrs, "--out", str(out), "--threads", str(args.threads)]
     if args.quick:
         return [*common, "--pretrain-steps", "4", "--steps", "4", "--val-every", "2", "--batch-size", "2",
-                "--patch", "1,32,32", "--patch-size", "32"]
+                "--crop", "1,32,32", "--painted-size", "32"]
     data = ["--raw", args.raw, "--labels", args.labels, *(["--unlabeled", *args.unlabeled] if args.unlabeled else [])]
     return [*data, *common, "--pretrain-steps", str(args.pretrain_steps), "--steps", str(args.steps),
             "--batch-size", str(args.batch_size)]

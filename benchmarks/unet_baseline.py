@@ -4,7 +4,7 @@ Both are trained the same way on the same labelled region, crops and batches (th
 under the plan from ``ssl_em.plan``), AdamW with the same rate, the same steps and seed, and scored by
 foreground IoU on the study's disjoint evaluation region (original voxel grid). MONAI's ``UNet`` is
 what the baseline used to be (residual units, strided convolutions, instance norm); ``unet_small`` is
-the classic U-Net people write (``ssl_em.models.unet``). ``--patch 2,128,128`` reproduces the
+the classic U-Net people write (``ssl_em.models.unet``). ``--crop 2,128,128`` reproduces the
 plan-crop comparison quoted in ``ssl_em.plan`` (thicker crops, fewer places per step).
 
     .venv/bin/python benchmarks/unet_baseline.py --quick        # phantom, < 1 min
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patch", help="crop z,y,x at the working spacing (default: the plan's)")
+    p.add_renamed("--crop", "--patch", metavar="Z,Y,X", help="training crop z,y,x at the working spacing (default: "
+                  "the plan's)")
     p.add_argument("--batch-size", type=int, help="crops per step (default: the plan's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only-plain", action="store_true", help="train unet_small alone (crop/batch comparisons)")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         d = np.load(VNC)
         raw, labels, vs, steps, what = d["raw"], d["mito"], (50.0, 4.6, 4.6), args.steps, "VNC stack 1 mitochondria"
-    patch = tuple(int(v) for v in args.patch.split(",")) if args.patch else None
+    patch = tuple(int(v) for v in args.crop.split(",")) if args.crop else None
     cfg = StudyConfig(task="mito", methods=("unet",), fractions=(1.0,), steps=steps, voxel_size=tuple(vs),
                       patch_shape=patch, batch_size=args.batch_size, precision="32")
     with tempfile.TemporaryDirectory() as out:

@@ -25,9 +25,8 @@ from pathlib import Path
 
 from ssl_em.errors import ArgumentParser, ConfigError
 
-# the demo's CNN: the encoder ssl-em ships (residual U-Net, SparK) and its objective; the plain U-Net family
-# (the study's default) replaces it once its pretrained encoder is shipped
-DEMO_CNN = ("unet3d_tiny", "spark")
+# the labelled and the unlabelled phantom volumes (z, y, x) at 40 x 8 x 8 nm
+PHANTOM_SHAPES = ((24, 1024, 512), (24, 256, 256))
 
 
 def _file_of(spec: str) -> str:
@@ -73,17 +72,20 @@ def build_parser(prog: str = "ssl-em demo") -> argparse.ArgumentParser:
     p.add_argument("--methods", default="lora,scratch,lora_random,rf",
                    help="comma-separated from lora, frozen, full, scratch, lora_random, unet, rf (an ilastik-style "
                    "random forest)")
-    p.add_argument("--patch-size", type=int, default=None, help="painted patch side in voxels at the working "
-                   "spacing (default 64 on the phantom, whose mitochondria are ~15 voxels across; 256 on --data)")
+    p.add_renamed("--painted-size", "--patch-size", type=int, default=None, help="a painted square's side in voxels at "
+                  "the working spacing (default 64 on the phantom, whose mitochondria are ~15 voxels across; 256 on --data)")
     p.add_argument("--seeds", type=int, default=2, help="label draws / initialisations per method and regime "
                    "(default 2: a margin larger than the spread is not noise)")
-    p.add_argument("--patch", help="crop (z,y,x) voxels at the working spacing (default: the plan's)")
+    p.add_renamed("--crop", "--patch", metavar="Z,Y,X", help="training crop (z,y,x) voxels at the working spacing "
+                  "(default: the plan's)")
     p.add_argument("--batch-size", type=int, help="crops per step (default: the plan's)")
     p.add_argument("--downsample", type=int, help="in-plane factor to the working spacing (default: the plan's; "
                    "1 = native)")
     p.add_argument("--voxel-size", help="z,y,x nm (overrides the files)")
     p.add_argument("--fill-missing", action="store_true",
                    help="read zarr chunks absent from --data/--labels stores as the fill value (default: an error)")
+    p.add_argument("--phantom-shape", metavar="Z,Y,X", help="the labelled phantom volume's shape (default "
+                   f"{','.join(map(str, PHANTOM_SHAPES[0]))}; its evaluation region holds tens of mitochondria)")
     p.add_argument("--out", default="ssl_em_out/demo")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 is faster on a "
                    "machine whose cores are busy with other jobs")
@@ -106,22 +108,19 @@ def main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    patch = (8, 32, 32) if tiny else tuple(int(v) for v in _floats(args.patch)) if args.patch else None
+    patch = (8, 32, 32) if tiny else tuple(int(v) for v in _floats(args.crop)) if args.crop else None
     arch = ("unet3d_test" if args.family == "cnn" else "vit3d_test_patch2x16") if tiny else None
-    pretrain_method = None
-    if args.family == "cnn" and not tiny:  # the shipped encoder and its objective, until the U-Net family's ships
-        arch, pretrain_method = DEMO_CNN
     cfg = StudyConfig(
         task=args.task, family=args.family,
-        encoder=resolve_encoder(args.encoder, args.family, arch), architecture=arch, pretrain_method=pretrain_method,
+        encoder=resolve_encoder(args.encoder, args.family, arch), architecture=arch,
         methods=("lora", "scratch") if tiny else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         fractions=(0.25,) if tiny else _floats(args.fractions), seeds=1 if tiny else args.seeds,
         patches=() if tiny else tuple(int(v) for v in _floats(args.patches)),
-        patch_size=args.patch_size or (256 if args.data else 64),
+        patch_size=args.painted_size or (256 if args.data else 64),
         steps=args.steps, pretrain_steps=args.pretrain_steps, val_every=args.val_every, max_minutes=args.minutes,
         patch_shape=patch, batch_size=2 if tiny else args.batch_size, downsample=args.downsample,
         voxel_size=_floats(args.voxel_size) if args.voxel_size else None,  # type: ignore[arg-type]
-        device=args.device, fill_missing=args.fill_missing, sweep_every_fraction=False, max_eval_voxels=1_500_000,
+        device=args.device, fill_missing=args.fill_missing, sweep_every_fraction=False, max_eval_voxels=4_000_000,
         max_val_voxels=400_000, lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if tiny else None,
     )
     if args.labels:
@@ -133,7 +132,9 @@ def main(argv: list[str]) -> int:
     else:
         from ssl_em.data.phantom import make_phantom
 
-        shapes = ((8, 160, 64), (8, 64, 64)) if tiny else ((24, 256, 128), (24, 192, 192))
+        shapes = ((8, 160, 64), (8, 64, 64)) if tiny else (
+            (tuple(int(v) for v in _floats(args.phantom_shape)), PHANTOM_SHAPES[1]) if args.phantom_shape
+            else PHANTOM_SHAPES)
         target, pool = make_phantom(shapes[0], seed=2), make_phantom(shapes[1], seed=1)
         raw, labels, unlabeled = target.raw, target.labels(args.task), [pool.raw]
         cfg.voxel_size = cfg.voxel_size or tuple(float(v) for v in target.voxel_size)  # type: ignore[assignment]

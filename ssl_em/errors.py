@@ -16,6 +16,7 @@ import sys
 import traceback
 import zipfile
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class SslEmError(Exception):
@@ -46,6 +47,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise ConfigError(f"{message} (see '{self.prog} --help')")
+
+    def add_renamed(self, new: str, old: str, **kwargs: Any) -> None:
+        """Option ``new``, with ``old`` kept as a hidden alias that says it was renamed: scripts written
+        for the old name keep working (one name per meaning: ``--crop`` is the training crop,
+        ``--painted-size`` a painted square's side, ``patch_size`` an encoder's token stride)."""
+        dest = kwargs.pop("dest", new.lstrip("-").replace("-", "_"))
+        self.add_argument(new, dest=dest, **kwargs)
+
+        class Renamed(argparse.Action):
+            def __call__(self, parser, namespace, values, option_string=None):
+                print(f"{parser.prog}: {old} is now {new}; the old name will go in a later release", file=sys.stderr)
+                setattr(namespace, dest, values)
+
+        self.add_argument(old, dest=dest, action=Renamed, help=argparse.SUPPRESS,
+                          **{k: v for k, v in kwargs.items() if k in ("type", "nargs", "metavar")})
 
 
 def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None:

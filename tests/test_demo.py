@@ -33,3 +33,18 @@ def test_labelled_raw_is_the_data_spec_from_the_labels_file():
     data = ["/d/stack2.npz:raw", "/d/stack1.npz:raw"]
     assert pick_labelled(data, "/d/stack1.npz:mito") == "/d/stack1.npz:raw"
     assert pick_labelled(data, "/d/other.h5:/labels") == data[0]
+
+
+def test_renamed_flags_keep_old_scripts_working_and_say_so(capsys):
+    """One name per meaning: --crop (the training crop) and --painted-size (a painted square's side);
+    the old --patch / --patch-size still parse, to the same settings, with one line saying the new name."""
+    from ssl_em.demo import build_parser
+
+    new = build_parser().parse_args(["--crop", "1,64,64", "--painted-size", "32"])
+    assert capsys.readouterr().err == ""
+    old = build_parser().parse_args(["--patch", "1,64,64", "--patch-size", "32"])
+    err = capsys.readouterr().err.splitlines()
+    assert (old.crop, old.painted_size) == (new.crop, new.painted_size) == ("1,64,64", 32)
+    assert err == ["ssl-em demo: --patch is now --crop; the old name will go in a later release",
+                   "ssl-em demo: --patch-size is now --painted-size; the old name will go in a later release"]
+    assert "--patch-size" not in build_parser().format_help()
