@@ -170,8 +170,12 @@ class FineTuning(L.LightningModule):
         if stage == "fit" and datamodule is not None:
             from ssl_em.models.pretrained import check_voxel_size
 
-            check_voxel_size(getattr(datamodule, "voxel_size", None), self.encoder_voxel_size,
+            data_voxel = getattr(datamodule, "voxel_size", None)
+            check_voxel_size(data_voxel, self.encoder_voxel_size,
                              what=f"fine-tuning data {hp['raw'] if isinstance(hp.get('raw'), str) else 'volume'}")
+            if data_voxel is not None and getattr(self.task, "voxel_size", False) is None:
+                # the task draws boundaries by the data's anisotropy; unset in a recipe, it comes from the data
+                self.task.voxel_size = list(data_voxel)
         labels = datamodule.given("labels") if hasattr(datamodule, "given") else hp.get("labels")
         if stage == "fit" and labels is not None:
             self.check_labels(labels, hp.get("ignore_value"), fill_missing=bool(hp.get("fill_missing", False)))

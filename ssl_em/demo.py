@@ -104,6 +104,8 @@ def main(argv: list[str]) -> int:
 
     if args.labels and not args.data:
         raise ConfigError(f"--labels {args.labels} needs --data with the matching raw volume")
+    if args.phantom_shape and args.data:
+        raise ConfigError("--phantom-shape sizes the built-in phantom; with --data the volumes are yours")
     if args.minutes is not None and args.minutes <= 0:
         raise ConfigError(f"--minutes {args.minutes} must be positive")
     tiny = args.tiny

@@ -196,7 +196,7 @@ def run_main(name: str, main: Callable[[list[str]], int | None], argv: Sequence[
             traceback.print_exc()
         message, code = describe_error(err)
         print(f"{name}: error: {message}", file=sys.stderr)
-        if not debug:
+        if argv is None and not debug:  # a process of its own (a console script), about to exit
             _quiet_teardown()
         return code
 
@@ -205,7 +205,7 @@ def _quiet_teardown() -> None:
     """After the one line, what is torn down on the way out repeats the failure: zarr's event loop logs
     each pending chunk read ("Task was destroyed but it is pending!") and DataLoader workers' and
     async writers' finalizers print "Exception ignored" tracebacks (a corrupt chunk read in a worker:
-    ~130 lines). Those say nothing the line did not."""
+    ~130 lines). Those say nothing the line did not. Process-wide, so only for a command's own process."""
     import logging
 
     logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)

@@ -30,8 +30,9 @@ from ssl_em.errors import ConfigError
 def is_anisotropic(voxel_size: Sequence[float] | None) -> bool:
     """z more than twice as coarse as the finest in-plane side (ssTEM): the one rule for in-plane
     augmentation and in-plane instance boundaries (nnU-Net's layout rule uses the same 2x). Unknown
-    (None): serial sections, the common case, and the safe guess for both uses (3-D boundaries would
-    mark whole section faces of ssTEM objects; in-plane ones on isotropic data are merely thinner)."""
+    (None): serial sections, the common case (3-D boundaries would mark whole section faces of ssTEM
+    objects; in-plane ones on isotropic data miss the faces parallel to the sections); fine-tuning
+    gives the task the data's voxel size where the data module knows it."""
     if voxel_size is None:
         return True
     return float(voxel_size[0]) > 2 * min(float(v) for v in voxel_size[1:])

@@ -435,7 +435,7 @@ def test_what_is_torn_down_after_the_error_stays_quiet(tmp_path):
         "    left.append(loop.create_task(read_chunk())); loop.run_until_complete(asyncio.sleep(0))\n"
         "    left.append(Reader())\n"
         "    raise ConfigError('raw.zarr: cannot read box (0, 0, 0)..(8, 32, 32)')\n"
-        "code = run_main('ssl-em fit', main, [])\n"
+        "code = run_main('ssl-em fit', main)\n"  # argv None: a command's own process, as a console script runs
         "left.clear(); gc.collect()\n"
         "sys.exit(code)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)

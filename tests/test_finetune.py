@@ -230,3 +230,20 @@ def test_validation_soft_dice_ranks_runs_that_predict_no_foreground_yet():
     assert timid["val/iou"] == bolder["val/iou"] == 0.0
     assert bolder["val/soft_dice"] > 3 * timid["val/soft_dice"] > 0
     assert sure["val/iou"] == 1.0 and sure["val/soft_dice"] > 0.99
+
+
+def test_a_recipe_task_takes_the_data_voxel_size_for_its_boundaries():
+    """``ssl-em fit`` builds the task from the recipe, without a voxel size: it takes the data's, so
+    mitochondrion boundaries follow the data's anisotropy (per section for the 40 x 8 x 8 nm phantom)."""
+    import lightning as L
+
+    from ssl_em.adapters.finetune import FineTuning
+    from ssl_em.data.datamodule import EMDataModule
+
+    module = FineTuning(task="mito", encoder="unet3d_test", adapter="full", export_on_fit_end=False)
+    assert module.task.voxel_size is None
+    data = EMDataModule(task="mito", patch_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 96, 96),
+                        samples_per_epoch=2, val_fraction=0, num_workers=0)
+    L.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              accelerator="cpu").fit(module, datamodule=data)
+    assert module.task.voxel_size == [40.0, 8.0, 8.0]

@@ -380,9 +380,14 @@ def test_study_pretrains_with_a_two_view_objective(tmp_path):
     assert (tmp_path / "out" / "pretrain" / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_study_pretraining_resumes_after_a_kill(tmp_path):
+@pytest.mark.parametrize("kill_at", [2, 5])  # before and after half the budget: Lightning treats them apart
+def test_study_pretraining_resumes_after_a_kill(tmp_path, kill_at):
     """A long pretraining killed part-way continues from its last checkpoint when rerun: the steps and
-    the loss curve add up to the budget, and the checkpoints go once the encoder is exported."""
+    the loss curve add up to the budget, the checkpoints go once the encoder is exported, and it ends
+    with the weights of a pretraining never killed (it restarted its crops at index 0 before)."""
+    import torch
+    from safetensors.torch import load_file
+
     from ssl_em.data.phantom import make_phantom
     from ssl_em.study.train import Progress, pretrain
 
@@ -391,27 +396,24 @@ def test_study_pretraining_resumes_after_a_kill(tmp_path):
                       patch_shape=(8, 32, 32), batch_size=2, voxel_size=pool.voxel_size, precision="32")
     original = Progress.on_train_batch_end
 
-    def killed_at_step_4(self, trainer, *args):
+    def killed(self, trainer, *args):
         original(self, trainer, *args)
-        if trainer.global_step == 4:
+        if trainer.global_step == kill_at:
             raise RuntimeError("killed")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Progress, "on_train_batch_end", killed_at_step_4)
+        mp.setattr(Progress, "on_train_batch_end", killed)
         with pytest.raises(RuntimeError, match="killed"):
             pretrain([pool.raw], [None], cfg, tmp_path / "pre")
     assert (tmp_path / "pre" / "ckpt" / "last.ckpt").is_file()
-    # the kill came before step 4's checkpoint: the last one holds step 3, and the curve beside it 3 losses
-    assert len(json.loads((tmp_path / "pre" / "ckpt" / "losses.json").read_text())["losses"]) == 3
+    # the kill came before that step's checkpoint: the last one holds the step before, and as many losses
+    done = kill_at - 1
+    assert len(json.loads((tmp_path / "pre" / "ckpt" / "losses.json").read_text())["losses"]) == done
     lines: list[str] = []
     enc = pretrain([pool.raw], [None], cfg, tmp_path / "pre", log=lines.append)
-    assert any("resuming" in line and "step 3" in line for line in lines)
+    assert any("resuming" in line and f"step {done}" in line for line in lines)
     meta = json.loads((enc / "encoder.json").read_text())["metadata"]
     assert meta["steps"] == 6 and not (tmp_path / "pre" / "ckpt").exists()
-    # and it ends where a pretraining never killed ends: the same weights
-    import torch
-    from safetensors.torch import load_file
-
     whole = pretrain([pool.raw], [None], cfg, tmp_path / "whole", log=lambda _: None)
     resumed, uninterrupted = load_file(enc / "encoder.safetensors"), load_file(whole / "encoder.safetensors")
     assert resumed.keys() == uninterrupted.keys()
@@ -584,3 +586,12 @@ def test_a_pretraining_volume_changed_in_place_redoes_the_pretraining_and_what_s
     assert after.digest(None) != before[None] and after.digest("full") != before["full"]
     assert after.digest("scratch") == before["scratch"] and after.digest("rf") == before["rf"]
 
+
+
+def test_an_encoders_pretraining_volumes_read_from_either_sidecar_schema():
+    """Study encoders saved before the sidecar had one schema list their volumes as a plain list."""
+    from ssl_em.study.runner import _volumes_of
+
+    assert _volumes_of({"data": {"volumes": ["a.zarr", "b.h5:raw"]}}) == ["a.zarr", "b.h5:raw"]
+    assert _volumes_of({"data": ["a.zarr (in-plane x1/2)"]}) == ["a.zarr (in-plane x1/2)"]
+    assert _volumes_of({}) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -149,3 +150,17 @@ def test_bad_configs():
         VisionTransformer3D(pos_embed="rope", depth=1)
     with pytest.raises(ConfigError, match="patch_size"):
         VisionTransformer3D(patch_size=(16, 16), depth=1)
+
+
+def test_sizes_given_as_one_number_or_three_and_only_whole_voxels():
+    from ssl_em.errors import ConfigError
+    from ssl_em.utils.shapes import to_triple
+
+    assert to_triple(8, "patch_size") == (8, 8, 8) and to_triple([2, 16, 16], "patch_size") == (2, 16, 16)
+    assert to_triple(np.array([1, 2, 3]), "block") == (1, 2, 3)
+    assert to_triple((40, 8.5, 8.5), "voxel size", float, positive=True) == (40.0, 8.5, 8.5)
+    for bad, match in ((2.5, "whole numbers"), ((2, 16), "one number or three"), ("a,b", "one number or three")):
+        with pytest.raises(ConfigError, match=match):
+            to_triple(bad, "patch_size")
+    with pytest.raises(ConfigError, match="positive"):
+        to_triple((0, 8, 8), "phantom shape", int, positive=True)

@@ -38,6 +38,13 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+
+def _volumes_of(meta: dict[str, Any]) -> list[str]:
+    """The pretraining volumes an encoder's sidecar names: ``data.volumes`` (the export schema), or the plain
+    list that study encoders saved before 2026-12-06 wrote."""
+    data = meta.get("data")
+    return list(data.get("volumes") or []) if isinstance(data, dict) else list(data or [])
+
 class Study:
     """A label-efficiency study on one labelled volume; ``run()`` writes everything into ``out``.
 
@@ -126,7 +133,9 @@ class Study:
         patch = list(plan.patch_shape)
         while True:
             try:
-                self.regions = plan_regions(work, patch, cfg.eval_fraction, cfg.val_fraction, what=self._labelled_name)
+                where = f" at the working spacing (in-plane x1/{plan.downsample})" if plan.downsample > 1 else ""
+                self.regions = plan_regions(work, patch, cfg.eval_fraction, cfg.val_fraction,
+                                            what=self._labelled_name + where)
                 break
             except ConfigError:
                 if "patch_shape" in fixed or min(patch[1:]) <= 2 * stride[1]:
@@ -264,7 +273,7 @@ class Study:
         if cfg.encoder and cfg.pretrain_steps <= 0:  # record the encoder's own pretraining, done before this study
             self.pretraining = {"encoder": cfg.encoder, "architecture": sidecar["architecture"], "steps": 0,
                                 **{f"encoder_{k}": meta[k] for k in ("method", "steps", "seconds") if k in meta},
-                                "encoder_data": (meta.get("data") or {}).get("volumes", [])}
+                                "encoder_data": _volumes_of(meta)}
             return cfg.encoder
         if cfg.pretrain_steps <= 0:
             raise ConfigError("pretraining budget is 0 steps and no --encoder given: nothing to fine-tune from")
@@ -281,7 +290,7 @@ class Study:
         sidecar = read_sidecar(enc)
         meta = sidecar["metadata"]
         self.pretraining = {"encoder": str(enc), "architecture": sidecar["architecture"], "method": meta["method"],
-                            "steps": meta["steps"], "seconds": meta["seconds"], "data": meta["data"]["volumes"]}
+                            "steps": meta["steps"], "seconds": meta["seconds"], "data": _volumes_of(meta)}
         self._append(key, {"pretraining": self.pretraining})
         return str(enc)
 

@@ -105,6 +105,19 @@ def build_data(data: Labelled, train: Box, val: Box | None, mask: np.ndarray, cf
                         mask=mask)
 
 
+class _ResumeAt:
+    """Sampler over indices ``start .. n - 1`` whose length is the whole epoch's ``n`` (see ``pretrain``)."""
+
+    def __init__(self, start: int, n: int) -> None:
+        self.start, self.n = start, n
+
+    def __iter__(self):
+        return iter(range(self.start, self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
 @contextlib.contextmanager
 def quiet_lightning():
     """A study runs dozens of Trainers: keep their start-up notes (accelerator, tips, "max_steps
@@ -344,11 +357,10 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     start = time.perf_counter()
     elapsed = lambda: before + time.perf_counter() - start  # noqa: E731
     # crops are drawn from their index: a resumed run continues at the first crop the killed one never
-    # used, so it ends where an uninterrupted run ends (Lightning restarts a plain loader's epoch)
-    from torch.utils.data import Subset
-
-    done = len(losses) * cfg.batch_size
-    loader = DataLoader(Subset(ds, range(done, len(ds))) if done else ds, batch_size=cfg.batch_size, num_workers=0)
+    # used, so it ends where an uninterrupted run ends. Lightning restarts a plain loader's epoch and
+    # counts the steps done against its length: the loader keeps the epoch's length, its sampler the offset.
+    loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=0,
+                        sampler=_ResumeAt(len(losses) * cfg.batch_size, len(ds)))
     with quiet_lightning():
         trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if saved is not None else None)
     seconds = elapsed()

@@ -48,15 +48,17 @@ def _remove_until_gone(tmp: Path, patience_s: float = 2.0) -> None:
     """Delete a failed write's temporary. zarr writes chunks concurrently: when one write fails (a full
     disk), the others still in flight land after a first ``rmtree``, and the partial copy would hold the
     space the user has to free; so delete until nothing comes back."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
+    deadline, quiet = time.monotonic() + patience_s, 0
+    while quiet < 2 and time.monotonic() < deadline:  # gone, and still gone 50 ms later
+        if os.path.lexists(tmp):
+            quiet = 0
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         else:
-            tmp.unlink(missing_ok=True)
+            quiet += 1
         time.sleep(0.05)
-        if not os.path.lexists(tmp) or time.monotonic() > deadline:
-            return
 
 
 def _remove_stale_temporaries(target: Path) -> None:

@@ -20,6 +20,8 @@ def to_triple(value: Any, name: str = "value", cast: type = int, positive: bool 
         raise ConfigError(f"{name} {value!r}: expected one number or three (z, y, x)") from None
     if len(values) != 3:
         raise ConfigError(f"{name} {value!r}: expected one number or three (z, y, x)")
+    if cast is int and any(float(v) != int(v) for v in (value if np.ndim(value) else (value,))):
+        raise ConfigError(f"{name} {value!r}: expected whole numbers of voxels (z, y, x)")
     if positive and not all(v > 0 for v in values):
         raise ConfigError(f"{name} {value!r}: expected positive numbers (z, y, x)")
     return values
