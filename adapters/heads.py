@@ -29,7 +29,6 @@ from ssl_em.utils.shapes import Triple
 __all__ = ["DenseHead", "LinearHead3D", "SegmentationModel", "UNETRDecoder3D", "build_segmentation_model"]
 
 
-
 def _prime_factors(n: int) -> list[int]:
     out, p = [], 2
     while n > 1:

@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
         from ssl_em.data.phantom import make_phantom
 
         shapes = ((8, 160, 64), (8, 64, 64)) if tiny else (
-            (tuple(int(v) for v in _floats(args.phantom_shape)), PHANTOM_SHAPES[1]) if args.phantom_shape
+            (_floats(args.phantom_shape), PHANTOM_SHAPES[1]) if args.phantom_shape
             else PHANTOM_SHAPES)
         target, pool = make_phantom(shapes[0], seed=2), make_phantom(shapes[1], seed=1)
         raw, labels, unlabeled = target.raw, target.labels(args.task), [pool.raw]

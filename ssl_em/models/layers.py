@@ -17,7 +17,6 @@ from ssl_em.errors import ConfigError
 from ssl_em.utils.shapes import Triple
 
 
-
 def check_divisible(shape: Sequence[int], patch: Triple, what: str = "crop") -> Triple:
     """Return the token grid ``shape // patch`` or raise a one-line ConfigError naming the axis."""
     shape = tuple(int(s) for s in shape[-3:])

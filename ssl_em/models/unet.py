@@ -33,7 +33,6 @@ from ssl_em.models.pretrained import timm_default_cfgs
 from ssl_em.models.registry import build_encoder, register_encoder
 from ssl_em.utils.shapes import Triple
 
-
 __all__ = ["MaskedBatchNorm3d", "UNet", "layout"]
 
 

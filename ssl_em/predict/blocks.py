@@ -36,6 +36,7 @@ from ssl_em.predict.store import BlockId, mark_done
 from ssl_em.utils.precision import autocast, resolve_device
 from ssl_em.utils.shapes import Triple
 
+
 @dataclass(frozen=True)
 class BlockPlan:
     """The block grid over a volume of spatial ``shape`` (z, y, x); picklable, pure geometry."""

@@ -158,9 +158,10 @@ class Study:
         the regions, the labelled volume's contents, and of the encoder what the method depends on: its
         weights for the methods that start from them, its architecture for ``scratch`` / ``lora_random``,
         nothing for ``unet`` and ``rf``; where the study pretrains, for the pretraining and the methods that
-        start from it, a fingerprint of the unlabelled volumes. Not the encoder's path, nor what no single run depends on (a line's
-        key names its method, regime and seed): the lists of methods, seeds and painted-patch regimes, and the
-        wall-clock guard; so a table grows by a seed, a method or a regime without redoing what it holds."""
+        start from it, a fingerprint of the unlabelled volumes. Not the encoder's path, nor what no single
+        run depends on (a line's key names its method, regime and seed): the lists of methods, seeds and
+        painted-patch regimes, and the wall-clock guard; so a table grows by a seed, a method or a regime
+        without redoing what it holds."""
         if self._digest_base is None:
             skip = ("max_minutes", "methods", "seeds", "patches", "encoder")
             cfg = {k: v for k, v in asdict(self.cfg).items() if k not in skip}

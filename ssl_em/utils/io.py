@@ -48,16 +48,18 @@ def _remove_until_gone(tmp: Path, patience_s: float = 2.0) -> None:
     """Delete a failed write's temporary. zarr writes chunks concurrently: when one write fails (a full
     disk), the others still in flight land after a first ``rmtree``, and the partial copy would hold the
     space the user has to free; so delete until nothing comes back."""
-    deadline, quiet = time.monotonic() + patience_s, 0
-    while quiet < 2 and time.monotonic() < deadline:  # gone, and still gone 50 ms later
+    deadline, absent = time.monotonic() + patience_s, 0
+    while time.monotonic() < deadline:
         if os.path.lexists(tmp):
-            quiet = 0
+            absent = 0
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
         else:
-            quiet += 1
+            absent += 1
+            if absent == 2:  # gone, and still gone 50 ms later
+                return
         time.sleep(0.05)
 
 
