@@ -130,11 +130,9 @@ def test_a_failed_write_leaves_nothing_even_when_writes_in_flight_land_after_the
     """zarr writes chunks concurrently: on a full disk one write fails while others still land, and a
     chunk write recreates its folders (``mkdir(parents=True)``). Here one lands right after the first
     delete, for certain; the temporary is deleted until nothing comes back (it was left holding the space)."""
-    import shutil as shutil_module
-
     from ssl_em.utils import io
 
-    real_rmtree, calls = shutil_module.rmtree, []
+    real_rmtree, calls = io.shutil.rmtree, []
 
     def rmtree_then_a_late_chunk(path, *args, **kwargs):
         real_rmtree(path, *args, **kwargs)
