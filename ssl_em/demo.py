@@ -25,11 +25,8 @@ from pathlib import Path
 
 from ssl_em.errors import ArgumentParser, ConfigError
 
-# the demo's CNN: the residual encoder ssl-em shipped first, with its objective; the table's U-Net
-# (unet_small.spark_vnc_isbi) takes its place once a phantom shows its win within the demo's budget
-DEMO_CNN = ("unet3d_tiny", "spark")
 # the labelled and the unlabelled phantom volumes (z, y, x) at 40 x 8 x 8 nm
-PHANTOM_SHAPES = ((24, 256, 128), (24, 192, 192))
+PHANTOM_SHAPES = ((24, 1024, 512), (24, 256, 256))
 
 
 def _file_of(spec: str) -> str:
@@ -61,8 +58,8 @@ def build_parser(prog: str = "ssl-em demo") -> argparse.ArgumentParser:
                    help="encoder to start from (pretraining continues on --data): 'auto' = the one ssl-em ships "
                    "for the family (ssl-em models --pretrained), 'none' = random init, or a path or name")
     p.add_argument("--steps", type=int, default=200, help="optimiser steps per fine-tuning run (default 200)")
-    p.add_argument("--pretrain-steps", type=int, default=300, help="pretraining steps (default 300; 0 with "
-                   "--encoder: fine-tune it as is)")
+    p.add_argument("--pretrain-steps", type=int, help="pretraining steps before fine-tuning (default: 0 from a "
+                   "pretrained --encoder, which is fine-tuned as is; 300 from random init)")
     p.add_argument("--val-every", type=int, default=25, help="validate (and keep the best weights) every N steps")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock guard: start no run after this "
                    "(a rerun continues); budgets are --steps")
@@ -115,17 +112,15 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     patch = (8, 32, 32) if tiny else tuple(int(v) for v in _floats(args.crop)) if args.crop else None
     arch = ("unet3d_test" if args.family == "cnn" else "vit3d_test_patch2x16") if tiny else None
-    pretrain_method = None
-    if args.family == "cnn" and not tiny:
-        arch, pretrain_method = DEMO_CNN
+    encoder = resolve_encoder(args.encoder, args.family, arch)
+    pretrain_steps = args.pretrain_steps if args.pretrain_steps is not None else 0 if encoder else 300
     cfg = StudyConfig(
-        task=args.task, family=args.family,
-        encoder=resolve_encoder(args.encoder, args.family, arch), architecture=arch, pretrain_method=pretrain_method,
+        task=args.task, family=args.family, encoder=encoder, architecture=arch,
         methods=("lora", "scratch") if tiny else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         fractions=(0.25,) if tiny else _floats(args.fractions), seeds=1 if tiny else args.seeds,
         patches=() if tiny else tuple(int(v) for v in _floats(args.patches)),
         patch_size=args.painted_size or (256 if args.data else 64),
-        steps=args.steps, pretrain_steps=args.pretrain_steps, val_every=args.val_every, max_minutes=args.minutes,
+        steps=args.steps, pretrain_steps=pretrain_steps, val_every=args.val_every, max_minutes=args.minutes,
         patch_shape=patch, batch_size=2 if tiny else args.batch_size, downsample=args.downsample,
         voxel_size=_floats(args.voxel_size) if args.voxel_size else None,  # type: ignore[arg-type]
         device=args.device, fill_missing=args.fill_missing, sweep_every_fraction=False, max_eval_voxels=1_500_000,

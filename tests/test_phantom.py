@@ -114,15 +114,21 @@ def test_neurons_are_3d_connected_tubes(phantoms):
         assert np.median(z_extent) >= p.shape[0] // 2
 
 
-def test_global_threshold_does_not_solve_mitochondria(phantoms):
-    raw_iou, smooth_iou = [], []
+def test_intensity_alone_does_not_solve_mitochondria(phantoms):
+    """Dark (glia-like) profiles are as dark as mitochondria, as in real neuropil: no threshold of the
+    raw or of a smoothed, membrane-free image finds them; shape and texture must (learnt from labels)."""
+    raw_iou, smooth_iou, darker = [], [], []
     for p in phantoms:
         m, r = p.mito > 0, p.raw.astype(np.float32)
         raw_iou.append(_best_threshold_iou(r, m))
-        # a grey closing removes thin dark things (membranes, granules); blobs of mitochondria stay dark
-        smooth_iou.append(_best_threshold_iou(ndi.gaussian_filter(ndi.grey_closing(r, (1, 7, 7)), (0, 2, 2)), m))
-    assert np.mean(raw_iou) < 0.35  # dark, but so are membranes, clefts, granules and dark cells
-    assert np.mean(smooth_iou) > np.mean(raw_iou) + 0.1  # a simple local feature helps a lot: learnable
+        # a grey closing removes thin dark things (membranes, granules); dark cells stay as dark as mitochondria
+        smooth = ndi.gaussian_filter(ndi.grey_closing(r, (1, 7, 7)), (0, 2, 2))
+        smooth_iou.append(_best_threshold_iou(smooth, m))
+        cytoplasm = (p.neurons > 0) & ~m & (p.vesicles == 0)
+        darker.append(np.mean(smooth[cytoplasm] < np.median(smooth[m])))
+    # 0.08 of the cells at 0.82 brightness (the phantom before): smoothed 0.41 IoU, 0.016 darker
+    assert np.mean(raw_iou) < 0.35 and np.mean(smooth_iou) < 0.3, (raw_iou, smooth_iou)
+    assert np.mean(darker) > 0.1, darker
 
 
 def test_intensity_order_like_sstem(ph):

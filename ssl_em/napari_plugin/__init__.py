@@ -1,4 +1,4 @@
-"""napari plugin (npe2): open any volume ssl-em reads, paint a few labels, fine-tune with LoRA, look, correct.
+"""napari plugin (npe2): open any volume ssl-em reads, paint a few labels, fine-tune the shipped encoder, look, correct.
 
 ``napari.yaml`` declares a reader (every volume spec ssl-em opens, lazily, OME-Zarr pyramids as multiscale
 dask arrays, voxel size as the layer scale), sample data (the phantom) and the fine-tuning widget. The

@@ -1,6 +1,6 @@
-"""The fine-tuning widget: image + painted Labels layer -> LoRA fine-tune in a worker thread (progress,
+"""The fine-tuning widget: image + painted Labels layer -> fine-tune in a worker thread (progress,
 cancel) -> probability and instance layers; predict the whole volume blockwise to a zarr opened lazily;
-save the adapter; train again after corrections from the adapter trained so far."""
+save the fine-tuned model; train again after corrections from the weights trained so far."""
 
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ class FineTuneWidget(Container):
         self.labels = ComboBox(label="painted labels", choices=self._layers("Labels"))
         self.encoder = LineEdit(label="encoder", value=DEFAULT_ENCODER)
         self.steps = SpinBox(label="steps", value=100, min=1, max=100_000)
-        self.train_button = PushButton(text="Fine-tune (LoRA)")
+        self.train_button = PushButton(text="Fine-tune")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, min=0, max=100)
         self.predict_button = PushButton(text="Predict whole volume", enabled=False)
-        self.save_path = FileEdit(label="adapter folder", mode="d", value=str(Path.home() / "ssl_em_adapter"))
-        self.save_button = PushButton(text="Save adapter", enabled=False)
+        self.save_path = FileEdit(label="model folder", mode="d", value=str(Path.home() / "ssl_em_model"))
+        self.save_button = PushButton(text="Save model", enabled=False)
         self.status = Label(value=f"paint {PAINT_BACKGROUND} = background, {PAINT_OBJECT} = structure, then fine-tune")
         self.status.native.setWordWrap(True)
         self.extend([self.image, self.labels, self.encoder, self.steps, self.train_button, self.cancel_button,
