@@ -103,7 +103,7 @@ def test_the_package_licence_follows_the_base_encoders_training_data():
     from ssl_em.adapters.bioimageio import package_license
     from ssl_em.errors import ConfigError
 
-    shipped = {"base": {"name_or_path": "unet3d_tiny.spark_vnc"}, "metadata": {}}
+    shipped = {"base": {"name_or_path": "unet_small.spark_vnc_isbi"}, "metadata": {}}
     assert package_license(shipped, None) == "CC-BY-NC-SA-3.0"  # the VNC training data's share-alike licence
     assert package_license(shipped, "CC-BY-NC-SA-3.0") == "CC-BY-NC-SA-3.0"
     with pytest.raises(ConfigError, match="share-alike term requires CC-BY-NC-SA-3.0"):

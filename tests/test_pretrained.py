@@ -104,8 +104,8 @@ def test_voxel_size_mismatch_is_reported_with_the_numbers():
 
 
 def test_a_bare_architecture_name_never_loads_shipped_weights(tmp_path, monkeypatch):
-    """``unet3d_tiny`` means the architecture (random init in probes and studies); only the tagged
-    name ``unet3d_tiny.spark_vnc`` loads the shipped weights."""
+    """``unet_small`` means the architecture (random init in probes and studies); only the tagged
+    name ``unet_small.spark_vnc_isbi`` loads the shipped weights."""
     monkeypatch.setenv("SSL_EM_ENCODERS", str(tmp_path))
     arch = SHIPPED[0].split(".", 1)[0]
     with pytest.raises(CheckpointError, match="no encoder folder"):

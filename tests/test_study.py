@@ -62,6 +62,8 @@ def test_config_rejects_unknown_methods_and_fractions():
         StudyConfig(fractions=(0.0,))
     cfg = StudyConfig(methods=("lora", "scratch"), fractions=(0.1, 1.0), seeds=2, lrs={"lora": (1e-3,)})
     assert budget_units(cfg) == pytest.approx(2 * 2 * 2 + 2 * 3 * cfg.sweep_share)  # scratch sweeps 3 rates twice
+    patches_only = StudyConfig(methods=("full", "scratch"), fractions=(), patches=(4,), seeds=2)
+    assert budget_units(patches_only) == 2 * 2  # nothing to validate a rate on: no sweep
     with pytest.raises(ConfigError, match="steps 0"):
         StudyConfig(steps=0)
     for bad in ({"full": (-1e-3,)}, {"full": ()}, {"magic": (1e-3,)}):

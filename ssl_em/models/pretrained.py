@@ -4,8 +4,8 @@ Each lives in ``ssl_em/weights/<architecture>.<tag>/`` as ``encoder.safetensors`
 (the export format of :mod:`ssl_em.models.weights_io`), its model card ``README.md`` and loss curve
 ``loss.png``. Three ways in, all reading the same files, none touching the network::
 
-    ssl_em.load_encoder("unet3d_tiny.spark_vnc")
-    ssl_em.create_encoder("unet3d_tiny.spark_vnc", pretrained=True)
+    ssl_em.load_encoder("unet_small.spark_vnc_isbi")
+    ssl_em.create_encoder("unet_small.spark_vnc_isbi", pretrained=True)
     timm.create_model("unet3d_tiny", pretrained=True)   # after ``import ssl_em``; the default tag
 
 The folders are also timm pretrained configs (``timm.list_pretrained("unet3d*")`` lists them), so

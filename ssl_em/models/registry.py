@@ -79,7 +79,7 @@ def list_encoders(pattern: str = "*") -> list[str]:
 def create_encoder(name: str, **overrides: Any) -> nn.Module:
     """Build a registered encoder; ``overrides`` replace its defaults (e.g. ``patch_size=(2, 8, 8)``).
 
-    ``pretrained=True`` loads shipped weights: ``name`` may carry their tag (``"unet3d_tiny.spark_vnc"``).
+    ``pretrained=True`` loads shipped weights: ``name`` may carry their tag (``"unet_small.spark_vnc_isbi"``).
     """
     if name.split(".", 1)[0] not in _ENCODERS:
         close = difflib.get_close_matches(name, _ENCODERS, n=3)
@@ -95,7 +95,7 @@ def load_encoder(path_or_name: str | os.PathLike, *, strict: bool = True,
     """Rebuild an encoder from ``encoder.json`` and load ``encoder.safetensors``; returned in eval mode.
 
     ``path_or_name``: the folder, either file, the name of an encoder shipped with ssl-em
-    (``ssl-em models --pretrained``, e.g. ``"unet3d_tiny.spark_vnc"``), or a bare name looked up under
+    (``ssl-em models --pretrained``, e.g. ``"unet_small.spark_vnc_isbi"``), or a bare name looked up under
     ``$SSL_EM_ENCODERS`` (default ``~/.cache/ssl-em/encoders/NAME``). The sidecar dict is attached as
     ``model.pretrained_metadata`` (``["metadata"]["voxel_size"]`` etc.).
     """
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="ssl-em models", description="List registered encoders and shipped weights.")
     parser.add_argument("pattern", nargs="?", default="*", help="shell-style name filter, e.g. 'vit3d_small*'")
     parser.add_argument("--info", metavar="NAME", help="one encoder's configuration; for shipped weights "
-                        "(e.g. unet3d_tiny.spark_vnc) also its model card")
+                        "(e.g. unet_small.spark_vnc_isbi) also its model card")
     parser.add_argument("--pretrained", action="store_true", help="list only encoders shipped with weights")
     args = parser.parse_args(list(argv or []))
     import json

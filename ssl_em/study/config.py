@@ -204,6 +204,7 @@ def budget_units(cfg: StudyConfig) -> float:
     total = 0.0
     for m in (m for m in cfg.methods if m not in NOT_TRAINED):
         k = len(_lrs(cfg, m))
-        sweeps = 0 if k < 2 else (max(1, len(cfg.fractions)) if cfg.sweep_every_fraction else 1)
+        # painted patches alone leave nothing to validate on: no sweep (Study.sweep takes the grid's centre)
+        sweeps = 0 if k < 2 or not cfg.fractions else len(cfg.fractions) if cfg.sweep_every_fraction else 1
         total += len(cfg.regimes) * cfg.seeds + sweeps * k * cfg.sweep_share
     return total
