@@ -90,8 +90,9 @@ def test_the_whole_loop_in_napari_on_a_big_pyramid(make_napari_viewer, qtbot, bi
     assert raw.multiscale and raw.data[0].shape == BIG and len(raw.data) >= 3
     qtbot.wait(200)
     opened = _rss_mb() - rss_start
-    # the layer draws from the pyramid's coarse levels: a few tiles read, not the 201 MB level 0
-    assert opened < 120, f"opening the pyramid took {opened:.0f} MB"
+    # the layer draws from the pyramid's coarse levels: a few tiles read, never level 0 whole (192 MB in
+    # uint8 alone); measured +91 MB on napari 0.9.2 and +144 MB on napari 0.5.0 (the oldest declared)
+    assert opened < np.prod(BIG) / 2**20, f"opening the pyramid took {opened:.0f} MB: level 0 was read whole"
 
     painted = viewer.add_labels(np.zeros(BIG, np.uint8), name="painted", scale=raw.scale)  # napari's "new labels"
     viewer.dims.set_current_step(0, 8)
