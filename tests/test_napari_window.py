@@ -148,9 +148,11 @@ def test_the_whole_loop_in_napari_on_a_big_pyramid(make_napari_viewer, qtbot, bi
     assert preview.data[z][tile].mean() > preview.data[z][~tile].mean() + 0.1
     _shot(viewer, "3_result", tmp_path)
     trained_rss = _rss_mb() - rss_start - stack_rss
-    # bounded: the painted box, the model, its optimiser and the preview; reading level 0 whole would cost
-    # 192 MB in uint8 plus 768 MB in float32
-    assert trained_rss < 2 * np.prod(BIG) / 2**20, f"training and its preview took {trained_rss:.0f} MB"
+    # bounded: the painted box, the model, its optimiser and the preview, never level 0 in float32 (768 MB;
+    # reading it whole would cost 192 MB in uint8 on top). Measured: +227 MB with the residual unet3d_tiny and
+    # LoRA; up to +449 MB with unet_small in full when this file runs alone (torch's first training loads
+    # its kernels and allocator pools here, not in an earlier test)
+    assert trained_rss < 4 * np.prod(BIG) / 2**20, f"training and its preview took {trained_rss:.0f} MB"
 
     # cancel: stops after the step it is in, the viewer stays usable
     widget.steps.value = 500
