@@ -75,6 +75,9 @@ class FineTuneSession:
         from ssl_em.adapters.finetune import FineTuning
         from ssl_em.models import list_encoders, load_encoder
 
+        import torch
+
+        torch.manual_seed(self.seed)  # the new head's init: the session's seed, not whatever ran before
         # in full at the table's rate, from the pretrained weights or (an architecture by name) from random init
         pretrained = None if self.encoder in list_encoders() else self.encoder
         arch = load_encoder(self.encoder).encoder_config["architecture"] if pretrained else self.encoder
