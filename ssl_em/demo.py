@@ -141,11 +141,13 @@ def main(argv: list[str]) -> int:
         shapes = ((8, 160, 64), (8, 64, 64)) if tiny else (
             (_floats(args.phantom_shape), PHANTOM_SHAPES[1]) if args.phantom_shape
             else PHANTOM_SHAPES)
-        target, pool = make_phantom(shapes[0], seed=2), make_phantom(shapes[1], seed=1)
-        raw, labels, unlabeled = target.raw, target.labels(args.task), [pool.raw]
+        target = make_phantom(shapes[0], seed=2)
+        raw, labels = target.raw, target.labels(args.task)
+        # the unlabelled volume only where the demo pretrains: a shipped encoder is fine-tuned as is
+        unlabeled = [make_phantom(shapes[1], seed=1).raw] if pretrain_steps > 0 else None
         cfg.voxel_size = cfg.voxel_size or tuple(float(v) for v in target.voxel_size)  # type: ignore[assignment]
-        print(f"phantom: labelled volume {shapes[0]} (seed 2), unlabelled volume {shapes[1]} (seed 1), "
-              f"voxel size {cfg.voxel_size} nm")
+        pool = f", unlabelled volume {shapes[1]} (seed 1)" if unlabeled else ""
+        print(f"phantom: labelled volume {shapes[0]} (seed 2){pool}, voxel size {cfg.voxel_size} nm")
     print(f"encoder: {cfg.encoder or 'random init ' + cfg.arch}; pretraining {cfg.pretrain_steps} steps, "
           f"{cfg.steps} steps per fine-tuning run ({budget_units(cfg):g} runs' worth with the rate sweeps), "
           f"methods {', '.join(cfg.methods)}, label regimes {', '.join(r.name for r in cfg.regimes)}")

@@ -6,9 +6,9 @@ Each lives in ``ssl_em/weights/<architecture>.<tag>/`` as ``encoder.safetensors`
 
     ssl_em.load_encoder("unet_small.spark_vnc_isbi")
     ssl_em.create_encoder("unet_small.spark_vnc_isbi", pretrained=True)
-    timm.create_model("unet3d_tiny", pretrained=True)   # after ``import ssl_em``; the default tag
+    timm.create_model("unet_small", pretrained=True)    # after ``import ssl_em``; the default tag
 
-The folders are also timm pretrained configs (``timm.list_pretrained("unet3d*")`` lists them), so
+The folders are also timm pretrained configs (``timm.list_pretrained("unet*")`` lists them), so
 timm resolves ``name.tag`` itself and hands the entrypoint the config, which loads here.
 """
 

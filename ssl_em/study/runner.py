@@ -38,12 +38,12 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-
 def _volumes_of(meta: dict[str, Any]) -> list[str]:
     """The pretraining volumes an encoder's sidecar names: ``data.volumes`` (the export schema), or the plain
     list that study encoders saved before 2026-12-06 wrote."""
     data = meta.get("data")
     return list(data.get("volumes") or []) if isinstance(data, dict) else list(data or [])
+
 
 class Study:
     """A label-efficiency study on one labelled volume; ``run()`` writes everything into ``out``.
