@@ -38,6 +38,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unlabeled", nargs="+", metavar="SPEC", help="pretraining volumes (default: --raw itself)")
     p.add_argument("--raw", metavar="SPEC", help="labelled raw volume (default: a phantom)")
     p.add_argument("--labels", metavar="SPEC", help="its labels")
+    p.add_argument("--eval-raw", metavar="SPEC", help="a separate evaluation volume (e.g. a dataset's own test "
+                   "volume): the whole labelled volume then trains and the scores come from all of this one")
+    p.add_argument("--eval-labels", metavar="SPEC", help="the evaluation volume's labels")
     p.add_argument("--task", default="mito", choices=("mito", "synapse", "neuron", "membrane"))
     p.add_argument("--fractions", default="0.01,0.05,0.1,1.0",
                    help="label regimes: fractions of the z-sections labelled ('' for none)")
@@ -54,6 +57,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "(IoU against fine-tuning steps: results.md and steps.png)")
     p.add_argument("--tta", action="store_true", help="evaluate with test-time mirroring (y, x flips: 4x the "
                    "evaluation's compute)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the training region (in y) held out to "
+                   "validate and keep the best weights; 0: none, every run keeps its last weights")
     p.add_argument("--val-every", type=int, default=50, help="validate and keep the best weights every N steps")
     p.add_argument("--batch-size", type=int, help="crops per step (default: the plan's, ssl_em.plan)")
     p.add_argument("--downsample", type=int, help="in-plane factor to the working spacing (default: the plan's; "
@@ -132,14 +137,17 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
         patches=() if quick else _numbers(args.patches, int), patch_size=args.painted_size,
         steps=12 if quick else args.steps, eval_steps=(4, 8) if quick else _numbers(args.eval_steps, int), pretrain_steps=6 if quick else pretrain_steps,
-        val_every=4 if quick else args.val_every, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
+        val_every=4 if quick else args.val_every, val_fraction=args.val_fraction, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.crop, int) if args.crop else None, voxel_size=vs,
         downsample=args.downsample, pretrain_method=args.pretrain_method, encoder_lr_scale=args.encoder_lr_scale,
         device=args.device, tta=args.tta,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else args.lrs,
     )
     print("configuration:", json.dumps({k: v for k, v in asdict(cfg).items()}, default=str))
-    study = Study(raw, labels, unlabeled, cfg, Path(args.out) / family, reuse=args.reuse)
+    if (args.eval_raw is None) != (args.eval_labels is None):
+        sys.exit("--eval-raw and --eval-labels go together")
+    evaluation = (args.eval_raw, args.eval_labels) if args.eval_raw else None
+    study = Study(raw, labels, unlabeled, cfg, Path(args.out) / family, reuse=args.reuse, evaluation=evaluation)
     if args.pretrain_only:
         return f"{family}: pretrained encoder in {study.pretrain_only()}"
     records = study.run()

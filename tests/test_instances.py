@@ -116,3 +116,20 @@ def test_merge_labels_across_faces():
     pairs = merge_labels_across_faces(a, b)
     assert pairs.tolist() == [[1, 101], [2, 102]]
     assert merge_labels_across_faces(a, np.zeros_like(b)).shape == (0, 2)
+
+
+def test_boundary_affinities_cut_exactly_at_the_boundary():
+    """A pixel classifier's boundary map becomes the task's affinities: edges touching a boundary voxel
+    are cut, the rest joined, so the agglomeration finds the objects the boundary separates."""
+    from ssl_em.predict.instances import affinity_agglomeration, boundary_affinities
+
+    labels = np.zeros((4, 12, 20), np.int32)
+    labels[:, :, :9], labels[:, :, 10:] = 1, 2
+    offsets = ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, 0, -3))
+    aff = boundary_affinities((labels == 0).astype(np.float32), offsets)
+    assert aff.shape == (4, *labels.shape)
+    assert aff[2, :, :, 9].max() == 0 and aff[2, :, :, 10].max() == 0  # both edges touching x = 9
+    assert aff[3, :, :, 12].max() == 0 and aff[3, :, :, 13].min() == 1  # long range: 12 - 3 = 9
+    seg = affinity_agglomeration(aff, offsets, 0.5)
+    assert len(np.unique(seg[labels == 1])) == 1 and len(np.unique(seg[labels == 2])) == 1
+    assert seg[0, 0, 0] != seg[0, 0, 19]

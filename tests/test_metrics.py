@@ -217,3 +217,42 @@ def test_evaluate_neuron_on_gala(gala_path, tmp_path):
 
     zs = save_worst_slices(tmp_path / "w.png", seg, gt, "neuron")
     assert len(zs) == 3 and (tmp_path / "w.png").exists()
+
+
+def test_isbi_foreground_restricted_scores_match_pair_counting_and_entropies():
+    """V_rand and V_info of the ISBI 2012 challenge from their definitions, brute force: ordered voxel
+    pairs inside gt objects, pred's boundary voxels (0) each a segment of their own."""
+    from sklearn.metrics import mutual_info_score
+
+    from ssl_em.metrics.contingency import foreground_restricted_scores
+
+    rng = np.random.default_rng(0)
+    gt, pred = rng.integers(0, 4, (12, 10)), rng.integers(0, 5, (12, 10))
+    v_rand, v_info = foreground_restricted_scores(pred, gt)
+    fg = gt.ravel() > 0
+    g, p = gt.ravel()[fg], pred.ravel()[fg].astype(np.int64)
+    p = np.where(p == 0, 100 + np.arange(p.size), p)  # boundary voxels: singletons
+    same_g, same_p = g[:, None] == g[None], p[:, None] == p[None]
+    assert v_rand == pytest.approx(2 * (same_g & same_p).sum() / (same_g.sum() + same_p.sum()))
+
+    def h(x):
+        q = np.unique(x, return_counts=True)[1] / x.size
+        return -(q * np.log(q)).sum()
+
+    assert v_info == pytest.approx(2 * mutual_info_score(g, p) / (h(g) + h(p)))
+    assert foreground_restricted_scores(gt, gt) == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+def test_membrane_scores_rank_boundary_errors_on_isbi_labels(isbi_path):
+    """On real ISBI 2012 membranes: the labels themselves score 1; gaps that merge cells cost more Rand
+    score than the same membrane drawn thicker."""
+    from scipy import ndimage
+
+    gt = np.load(isbi_path)["membrane"][:3] > 0
+    assert M.evaluate(gt.astype(np.float32), gt, "membrane")["vrand"] == pytest.approx(1.0)
+    thick = M.evaluate(ndimage.binary_dilation(gt, np.ones((1, 3, 3))).astype(np.float32), gt, "membrane")
+    gaps = gt.copy()
+    gaps[:, :, ::16] = False  # a cut through every membrane every 16 pixels: neighbouring cells merge
+    merged = M.evaluate(gaps.astype(np.float32), gt, "membrane")
+    assert 0.8 < thick["vrand"] < 1.0 and merged["vrand"] < thick["vrand"] - 0.2
+    assert merged["vinfo"] < thick["vinfo"]

@@ -597,3 +597,30 @@ def test_an_encoders_pretraining_volumes_read_from_either_sidecar_schema():
     assert _volumes_of({"data": {"volumes": ["a.zarr", "b.h5:raw"]}}) == ["a.zarr", "b.h5:raw"]
     assert _volumes_of({"data": ["a.zarr (in-plane x1/2)"]}) == ["a.zarr (in-plane x1/2)"]
     assert _volumes_of({}) == []
+
+
+def test_a_separate_evaluation_volume_scores_neurons_and_the_boundary_forest(tmp_path):
+    """A dataset's own test volume (gala's raw_test / neuron_test): the whole labelled volume trains, the
+    scores come from all of the other one, and ``rf`` reaches neurons through boundary affinities."""
+    from ssl_em.data.phantom import make_phantom
+
+    train, test = make_phantom((8, 64, 96), seed=3), make_phantom((8, 48, 80), seed=4)
+    np.savez(tmp_path / "neurons.npz", raw=train.raw, ids=train.neurons, raw_test=test.raw, ids_test=test.neurons)
+    spec = f"{tmp_path / 'neurons.npz'}"
+    cfg = StudyConfig(task="neuron", architecture="unet3d_test", methods=("rf",), fractions=(1.0,), steps=2,
+                      patch_shape=(8, 32, 32), voxel_size=(20.0, 20.0, 20.0), precision="32")
+    study = Study(f"{spec}:raw", f"{spec}:ids", None, cfg, tmp_path / "out",
+                  evaluation=(f"{spec}:raw_test", f"{spec}:ids_test"))
+    assert study.regions.train == (slice(0, 8), slice(0, 64), slice(0, 96))  # all of it trains
+    assert study.regions.evaluation == (slice(0, 8), slice(0, 48), slice(0, 80))  # all of the other one scores
+    np.testing.assert_array_equal(study.ev_gt, test.neurons)
+    (record,) = [r for r in study.run() if r["metric"] == "voi"]
+    # the forest's boundaries find cells: far better than one segment for the volume (VOI = H(gt))
+    ids, counts = np.unique(test.neurons[test.neurons > 0], return_counts=True)
+    one_segment = float(-(counts / counts.sum() * np.log2(counts / counts.sum())).sum())
+    assert record["value"] < 0.5 * one_segment
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["evaluation_volume"].endswith("neurons.npz:raw_test")
+    with pytest.raises(ConfigError, match="both the evaluation volume and a pretraining volume"):
+        Study(f"{spec}:raw", f"{spec}:ids", [f"{spec}:raw_test"], cfg, tmp_path / "out2",
+              evaluation=(f"{spec}:raw_test", f"{spec}:ids_test"))

@@ -56,7 +56,9 @@ def evaluate(
       within ``synapse_distance_nm``.
     - ``neuron``: VOI merge / split / sum (bits) and ARAND (gt label 0 ignored), from one
       contingency table; expected run length (nm and normalised) when ``erl``.
-    - ``membrane``: voxel IoU, Dice, precision, recall of the membrane class (non-zero).
+    - ``membrane``: voxel IoU, Dice, precision, recall of the membrane class (non-zero); and the ISBI 2012
+      challenge's foreground-restricted ``vrand`` and ``vinfo`` (higher is better) of the cells they
+      enclose: per z-section, the 4-connected regions of non-membrane in each, averaged over sections.
     Float predictions are probabilities, thresholded at ``threshold``. Voxels where ``mask`` is
     False are ignored (instance / detection / ERL scores see them as background).
     """
@@ -86,6 +88,8 @@ def evaluate(
             pi, gi = np.where(mask, pi, 0), np.where(mask, gi, 0)
         det = synapse_f1(pi, gi, vs, synapse_distance_nm)
         out.update({f"detection_{k}": float(v) for k, v in det.items()})
+    elif task == "membrane":
+        out["vrand"], out["vinfo"] = membrane_cell_scores(p, g, mask)
     elif task == "neuron":
         if pred.dtype.kind not in "biu" or gt.dtype.kind not in "biu":
             raise LabelError(f"neuron evaluation needs integer label volumes, got {pred.dtype} and {gt.dtype}")
@@ -98,6 +102,27 @@ def evaluate(
             g = gt if mask is None else np.where(mask, gt, 0)
             out["erl_nm"], out["erl_normalized"] = expected_run_length(pred, g, vs)
     return out
+
+
+def membrane_cell_scores(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean over z-sections of :func:`~ssl_em.metrics.contingency.foreground_restricted_scores` between the
+    cells (4-connected non-membrane regions) of two membrane masks (z, y, x) or (y, x); masked-out voxels
+    count as membrane in ``gt`` (not scored)."""
+    from scipy import ndimage
+
+    from ssl_em.metrics.contingency import foreground_restricted_scores
+
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    if gt.ndim == 2:
+        pred, gt = pred[None], gt[None]
+        mask = None if mask is None else np.asarray(mask)[None]
+    scores = []
+    for z in range(gt.shape[0]):
+        cells_gt = ndimage.label(~gt[z] if mask is None else ~gt[z] & mask[z])[0]
+        if not cells_gt.any():
+            continue
+        scores.append(foreground_restricted_scores(ndimage.label(~pred[z])[0], cells_gt))
+    return tuple(float(v) for v in np.mean(scores, axis=0)) if scores else (1.0, 1.0)  # type: ignore[return-value]
 
 
 def error_map(pred: np.ndarray, gt: np.ndarray, task: str, threshold: float = 0.5) -> np.ndarray:

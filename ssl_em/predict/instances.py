@@ -147,6 +147,20 @@ def affinity_boundary(affinities: np.ndarray, offsets: Offsets) -> np.ndarray:
     return 1.0 - lowest
 
 
+def boundary_affinities(boundary: np.ndarray, offsets: Offsets) -> np.ndarray:
+    """Affinities ``(C, z, y, x)`` from a boundary probability map: ``1 - max(b(v), b(v + o))`` per offset
+    ``o``, so a pixel classifier's boundaries (ilastik's route to neurons) go through the same
+    agglomeration as a network's affinities. Voxels whose ``v + o`` leaves the volume get ``1 - b(v)``."""
+    boundary = np.asarray(boundary, np.float32)
+    offs = [tuple(int(v) for v in o) for o in offsets]
+    out = np.empty((len(offs), *boundary.shape), np.float32)
+    for c, o in enumerate(offs):
+        out[c] = boundary
+        src, dst = _box_slices(boundary.shape, o)
+        np.maximum(out[c][src], boundary[dst], out=out[c][src])
+    return 1.0 - out
+
+
 def region_graph(fragments: np.ndarray, affinities: np.ndarray, offsets: Offsets):
     """Edges between fragments with their summed affinity, edge count and adjacency.
 

@@ -110,9 +110,6 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in STUDY_METHODS]
         if unknown:
             raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(STUDY_METHODS)}")
-        if "rf" in self.methods and self.task == "neuron":
-            raise ConfigError("method rf (a foreground pixel classifier) has no neuron affinities: "
-                              "drop it for --task neuron")
         bad = [f for f in self.fractions if not 0 < f <= 1]
         if bad:
             raise ConfigError(f"label fractions {bad} must be in (0, 1]")
@@ -142,7 +139,7 @@ class StudyConfig:
         check_positive(self.seeds, "seeds")
         check_fraction(self.encoder_lr_scale, "encoder_lr_scale", allow_one=True)
         check_fraction(self.eval_fraction, "eval_fraction")
-        check_fraction(self.val_fraction, "val_fraction")
+        check_fraction(self.val_fraction, "val_fraction", allow_zero=True)  # 0: no validation, last weights
         check_fraction(self.sweep_share, "sweep_share", allow_zero=True, allow_one=True)
         for name in ("batch_size", "downsample", "max_minutes"):
             if getattr(self, name) is not None:

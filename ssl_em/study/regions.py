@@ -24,14 +24,17 @@ class Regions:
 
 
 def plan_regions(shape: Sequence[int], patch_shape: Sequence[int], eval_fraction: float = 0.3,
-                 val_fraction: float = 0.2, axis: int = 1, what: str = "the labelled volume") -> Regions:
+                 val_fraction: float = 0.2, axis: int = 1, what: str = "the labelled volume",
+                 evaluation_shape: Sequence[int] | None = None) -> Regions:
     """Split ``shape`` (z, y, x) along ``axis`` (in-plane: every region keeps all z-sections, so
     sparse z-labels exist in each) as ``[fit | val] | gap | evaluation`` with the data module's
     :func:`split_regions`.
 
     The gap is half a patch, so no training crop reaches within half a receptive field of the
-    region it is scored on; every part is at least one patch wide. Raises ConfigError when the
-    volume is too small.
+    region it is scored on; every part is at least one patch wide. With ``evaluation_shape`` (a separate
+    evaluation volume, e.g. a dataset's own test volume) the whole of ``shape`` trains (``[fit | val]``)
+    and ``evaluation`` is all of that other volume. ``val_fraction`` 0: no validation part (an empty ``val``
+    slab; ``fit`` is the whole training region). Raises ConfigError when the volume is too small.
     """
     p = int(patch_shape[axis])
     short = [f"{'zyx'[i]} {int(s)} < {int(q)}" for i, (s, q) in enumerate(zip(shape, patch_shape)) if int(s) < int(q)]
@@ -39,9 +42,15 @@ def plan_regions(shape: Sequence[int], patch_shape: Sequence[int], eval_fraction
         raise ConfigError(f"{what}: shape {tuple(int(s) for s in shape)}, read as (z, y, x), is smaller than the "
                           f"smallest crop {tuple(int(q) for q in patch_shape)} ({', '.join(short) or 'not 3-D'}): "
                           "check the axis order (an image stack, not channels) or give a smaller crop")
-    train, ev = split_regions(shape, eval_fraction, axis=axis, min_size=p, gap=-(-p // 2), what=what,
-                              setting="eval_fraction")
+    if evaluation_shape is not None:
+        train, ev = tuple(slice(0, int(n)) for n in shape), tuple(slice(0, int(n)) for n in evaluation_shape)
+    else:
+        train, ev = split_regions(shape, eval_fraction, axis=axis, min_size=p, gap=-(-p // 2), what=what,
+                                  setting="eval_fraction")
     n_train = train[axis].stop
+    if val_fraction == 0:  # no validation slab: every run keeps its last weights
+        fit, val = train, tuple(slice(n_train, n_train) if a == axis else b for a, b in enumerate(train))
+        return Regions(train, ev, fit, val)
     fit, val = split_regions([n_train if a == axis else int(n) for a, n in enumerate(shape)], val_fraction,
                              axis=axis, min_size=p, what="the training region", setting="val_fraction")
     check_disjoint(fit, val, ("validation", "fine-tuning"))

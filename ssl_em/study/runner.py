@@ -57,10 +57,14 @@ class Study:
             and sweeps that match this study's digest for the method (``scratch``, ``unet`` and ``rf`` do not
             depend on the encoder's weights, so a table of another encoder shares them) are copied into
             this study's ``results.jsonl`` instead of being redone.
+        evaluation: ``(raw, labels)`` of a separate evaluation volume on the same grid (a dataset's own test
+            volume): then the whole labelled volume trains and the scores come from all of that one (never a
+            pretraining volume); None: a held-back part of the labelled volume.
     """
 
     def __init__(self, raw: Any, labels: Any, unlabeled: Sequence[Any] | None, cfg: StudyConfig,
-                 out: str | Path, log: Callable[[str], None] = print, reuse: Sequence[str | Path] = ()) -> None:
+                 out: str | Path, log: Callable[[str], None] = print, reuse: Sequence[str | Path] = (),
+                 evaluation: tuple[Any, Any] | None = None) -> None:
         from ssl_em.data.crops import check_same_grid
         from ssl_em.data.normalize import Normalization
         from ssl_em.data.volume import Region, as_volume, volume_name, voxel_size_of
@@ -78,11 +82,22 @@ class Study:
             raise LabelError(f"labels shape {tuple(lab_vol.shape)} does not match raw shape "
                              f"{tuple(self.raw_vol.shape)} (both must be (z, y, x))")
         check_same_grid(lab_vol, self.raw_vol, cfg.voxel_size, "labels")
-        inputs = [spec_path(v) for v in (raw, labels, *(unlabeled or ()), cfg.encoder)]  # pretraining writes
+        self.eval_vol = None
+        if evaluation is not None:
+            self.eval_vol, ev_lab_vol = (as_volume(v, cfg.voxel_size, cfg.fill_missing) for v in evaluation)
+            name = volume_name(self.eval_vol)
+            if tuple(self.eval_vol.shape) != tuple(ev_lab_vol.shape) or len(self.eval_vol.shape) != 3:
+                raise LabelError(f"evaluation labels shape {tuple(ev_lab_vol.shape)} does not match its raw's "
+                                 f"{tuple(self.eval_vol.shape)} ({name}; both must be (z, y, x))")
+            check_same_grid(self.eval_vol, self.raw_vol, cfg.voxel_size, "evaluation raw")
+            check_same_grid(ev_lab_vol, self.raw_vol, cfg.voxel_size, "evaluation labels")
+            if name in {volume_name(as_volume(v, cfg.voxel_size, cfg.fill_missing)) for v in unlabeled or ()}:
+                raise ConfigError(f"{name} is both the evaluation volume and a pretraining volume: a score must "
+                                  "come from data the encoder never saw")
+        inputs = [spec_path(v) for v in (raw, labels, *(unlabeled or ()), *(evaluation or ()), cfg.encoder)]
         claim_output_folder(self.out, [p for p in inputs if p is not None])  # an encoder into out/pretrain
         cfg.voxel_size = voxel_size_of(self.raw_vol, cfg.voxel_size)
-        full = tuple(slice(0, n) for n in self.raw_vol.shape)
-        raw_np, lab_np = np.asarray(self.raw_vol[full]), np.asarray(lab_vol[full])
+        raw_np, lab_np = np.asarray(self.raw_vol[full_of(self.raw_vol)]), np.asarray(lab_vol[full_of(lab_vol)])
         self.plan = self._plan(raw_np.shape)  # fills cfg.downsample, patch_shape, batch_size
         self.log(self.plan.describe())
         # everything trains at the working spacing; scores are computed on the original grid
@@ -94,8 +109,12 @@ class Study:
         self.eval_box = _trim(self.regions.evaluation, cfg.max_eval_voxels // (d * d), at_least=cfg.patch_shape[2])
         self.eval_box_original = tuple(slice(b.start * (d if i else 1), b.stop * (d if i else 1))
                                        for i, b in enumerate(self.eval_box))
+        if self.eval_vol is not None:
+            raw_np, lab_np = np.asarray(self.eval_vol[full_of(self.eval_vol)]), np.asarray(ev_lab_vol[full_of(ev_lab_vol)])
+            raw_w = downsample(raw_np, d)
         self.ev_raw = norm(raw_np[self.eval_box_original])  # original grid: overlays and scores
         self.ev_gt = lab_np[self.eval_box_original]
+        self.ev_work = norm(raw_w[self.eval_box])  # the working grid: what the networks predict
         self.records: list[dict[str, Any]] = []
         self.runs: list[dict[str, Any]] = []
         self.sections_shown: dict[tuple[str, str], np.ndarray] = {}  # (method, regime): shown eval section, seed 0
@@ -134,8 +153,12 @@ class Study:
         while True:
             try:
                 where = f" at the working spacing (in-plane x1/{plan.downsample})" if plan.downsample > 1 else ""
+                ev_shape = None
+                if self.eval_vol is not None:
+                    ev = self.eval_vol.shape
+                    ev_shape = (ev[0], ev[1] // plan.downsample, ev[2] // plan.downsample)
                 self.regions = plan_regions(work, patch, cfg.eval_fraction, cfg.val_fraction,
-                                            what=self._labelled_name + where)
+                                            what=self._labelled_name + where, evaluation_shape=ev_shape)
                 break
             except ConfigError:
                 if "patch_shape" in fixed or min(patch[1:]) <= 2 * stride[1]:
@@ -167,7 +190,8 @@ class Study:
             cfg = {k: v for k, v in asdict(self.cfg).items() if k not in skip}
             regions = {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()}
             data = hashlib.blake2b(digest_size=8)
-            for array in (self.data.raw, self.data.labels):
+            for array in (self.data.raw, self.data.labels, *((self.ev_raw, self.ev_gt) if self.eval_vol is not None
+                                                             else ())):
                 data.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
             self._digest_base = {"config": cfg, "regions": regions, "shape": list(self.data.raw.shape),
                                  "data": data.hexdigest()}
@@ -365,7 +389,9 @@ class Study:
     def _pixel_classifier(self, seed: int, mask: np.ndarray,
                           ev_raw: np.ndarray) -> tuple[Any, np.ndarray, dict[str, Any]]:
         """The ``rf`` baseline on the same labels (``mask`` in the fit part): the task, its
-        probabilities on the evaluation region (foreground; other channels 0) and the run record."""
+        probabilities on the evaluation region (foreground; other channels 0) and the run record. For
+        neurons it classifies boundaries (label 0) and turns them into the task's affinities
+        (:func:`~ssl_em.predict.instances.boundary_affinities`), as ilastik's boundary-based workflows do."""
         from ssl_em.adapters import get_task
         from ssl_em.baselines import PixelClassifier
 
@@ -377,12 +403,18 @@ class Study:
             raise _GuardReached
         start = time.perf_counter()
         try:
-            clf = PixelClassifier(seed=seed).fit(raw, labels > 0, mask)
+            target = labels == 0 if cfg.task == "neuron" else labels > 0  # neurons: their boundaries
+            clf = PixelClassifier(seed=seed).fit(raw, target, mask)
         except LabelError as err:  # e.g. labelled sections without foreground in the fit part
             self.log(f"    rf: {err}")
             return task, None, {"lr": 0.0, "status": "no_training_labels", "validated": False, "steps": 0}
-        probs = np.zeros((task.num_outputs, *ev_raw.shape), np.float32)
-        probs[0] = clf.predict(ev_raw)
+        if cfg.task == "neuron":
+            from ssl_em.predict.instances import boundary_affinities
+
+            probs = boundary_affinities(clf.predict(ev_raw), task.offsets)
+        else:
+            probs = np.zeros((task.num_outputs, *ev_raw.shape), np.float32)
+            probs[0] = clf.predict(ev_raw)
         info = {"lr": 0.0, "status": "ok", "validated": False, "steps": 0, "trees": clf.n_trees,
                 "features": 1 + 8 * len(clf.sigmas), "seconds": round(time.perf_counter() - start, 1)}
         return task, probs, info
@@ -425,11 +457,13 @@ class Study:
         return self._append(key, {"lr": best, "scores": scores})["lr"]
 
     def _save(self) -> None:
+        from ssl_em.data.volume import volume_name
         from ssl_em.utils.io import atomic_write_text
 
         doc = {"config": asdict(self.cfg), "pretraining": self.pretraining,
                "regions": {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()},
                "evaluation_box": [[b.start, b.stop] for b in self.eval_box_original],
+               "evaluation_volume": volume_name(self.eval_vol if self.eval_vol is not None else self.raw_vol),
                "plan": self.plan.to_dict(),
                "normalization": self.data.normalization, "precision": self.precisions, "runs": self.runs,
                "records": self.records, "step_records": self.step_records}
@@ -449,7 +483,7 @@ class Study:
             self.log(f"{len(self.done)} finished step(s) found in {self.out / RESULTS}: skipping them")
         # baselines without an encoder (unet, rf) need no pretraining
         enc = self.encoder() if any(m in ADAPTER for m in cfg.methods) else None
-        ev_raw = data.raw[self.eval_box]  # the working grid; scores on the original one (self.ev_gt)
+        ev_raw = self.ev_work  # the working grid; scores on the original one (self.ev_gt)
         n_pairs, pair = len(cfg.regimes) * len(cfg.methods), 0
         chosen: dict[str, float] = {}
         stopped = False
@@ -530,6 +564,10 @@ class Study:
         if seed == 0 and shown.exists() and entry["metrics"]:  # not a file an older, different run left
             self.sections_shown[(method, regime.name)] = np.load(shown)
         self._save()
+
+
+def full_of(vol: Any) -> Box:
+    return tuple(slice(0, int(n)) for n in vol.shape)
 
 
 class _GuardReached(Exception):
