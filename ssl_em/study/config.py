@@ -29,9 +29,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
 LR_GRID = {"lora": (6e-3, 2e-2, 6e-2), "lora_random": (6e-3, 2e-2, 6e-2), "frozen": (1e-2, 3e-2, 1e-1),
            "full": (6e-4, 2e-3, 6e-3), "scratch": (6e-4, 2e-3, 6e-3), "unet": (6e-4, 2e-3, 6e-3), "rf": (0.0,)}
 METRICS = {"mito": ("iou", "dice", "ap50"), "synapse": ("iou", "dice", "detection_f1"), "neuron": ("voi", "arand"),
-           "membrane": ("iou", "dice")}
+           "membrane": ("iou", "dice", "vrand", "vinfo")}
 LOWER_IS_BETTER = {"voi", "arand"}
-_NAMES = {"iou": "IoU", "dice": "Dice", "ap50": "AP50", "voi": "VOI", "arand": "ARAND", "detection_f1": "F1"}
+_NAMES = {"iou": "IoU", "dice": "Dice", "ap50": "AP50", "voi": "VOI", "arand": "ARAND", "detection_f1": "F1", "vrand": "V_rand",
+          "vinfo": "V_info"}
 
 
 @dataclass(frozen=True)
