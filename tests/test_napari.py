@@ -90,6 +90,23 @@ def test_session_takes_an_encoder_family_by_name_and_trains_it_from_random_init(
     assert volumetric.patch_shape == (8, 64, 64)  # 3-D kernels: crops of several sections
 
 
+def test_a_synapse_session_chooses_its_post_processing_on_the_painted_voxels_and_saves_it(phantom, tmp_path):
+    from ssl_em.adapters.io import load_finetuned
+
+    painted = np.zeros(SHAPE, np.uint8)
+    clefts = phantom.labels("synapse") > 0
+    z = int(np.argmax(clefts.sum(axis=(1, 2))))
+    painted[z][clefts[z]] = PAINT_OBJECT
+    painted[z][~clefts[z] & (np.random.default_rng(0).random(clefts[z].shape) < 0.3)] = PAINT_BACKGROUND
+    s = FineTuneSession(phantom.raw, phantom.voxel_size, task="synapse", encoder="unet_test", precision="32")
+    s.fine_tune(painted, steps=3)
+    chosen = s.module.task.calibrated
+    assert set(chosen) == {"threshold", "min_volume_nm3"} and chosen["min_volume_nm3"] > 0
+    assert (s.module.task.threshold, s.module.task.min_volume_nm3) == (chosen["threshold"], chosen["min_volume_nm3"])
+    loaded = load_finetuned(s.save(tmp_path / "synapse"))
+    assert (loaded.task.threshold, loaded.task.min_volume_nm3) == (chosen["threshold"], chosen["min_volume_nm3"])
+
+
 def test_reader_opens_any_spec_lazily_with_pyramid_and_voxel_size(phantom, tmp_path):
     pytest.importorskip("dask")
     from ssl_em.cli import main as cli_main

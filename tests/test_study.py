@@ -624,3 +624,30 @@ def test_a_separate_evaluation_volume_scores_neurons_and_the_boundary_forest(tmp
     with pytest.raises(ConfigError, match="both the evaluation volume and a pretraining volume"):
         Study(f"{spec}:raw", f"{spec}:ids", [f"{spec}:raw_test"], cfg, tmp_path / "out2",
               evaluation=(f"{spec}:raw_test", f"{spec}:ids_test"))
+
+
+def test_synapse_runs_choose_their_post_processing_on_their_own_labels(tmp_path):
+    """Every synapse run (network and forest) calibrates threshold and minimum cleft size on its painted
+    patches and records them; turning calibration off is another study (no stale record reused), while
+    for tasks without calibration the setting leaves their records valid."""
+    from ssl_em.adapters.tasks import SynapseTask
+    from ssl_em.data.phantom import make_phantom
+
+    target = make_phantom((8, 160, 96), seed=2)
+    kwargs = dict(task="synapse", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(), patches=(2,),
+                  patch_size=48, steps=4, patch_shape=(2, 32, 32), batch_size=2, voxel_size=target.voxel_size,
+                  lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
+    study = Study(target.raw, target.labels("synapse"), [target.raw], StudyConfig(**kwargs), tmp_path / "out")
+    study.run()
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["scratch", "rf"]
+    for r in runs:
+        settings = r["postprocess"]
+        assert settings["threshold"] in SynapseTask.THRESHOLDS and settings["min_volume_nm3"] > 0
+        assert 0 <= settings["labelled_iou"] <= 1
+    off = Study(target.raw, target.labels("synapse"), [target.raw], StudyConfig(**kwargs, calibrate=False), tmp_path / "out")
+    assert off.digest("rf") != study.digest("rf") and not off._finished()
+    mito = {**kwargs, "task": "mito"}
+    a = Study(target.raw, target.mito, [target.raw], StudyConfig(**mito), tmp_path / "m")
+    b = Study(target.raw, target.mito, [target.raw], StudyConfig(**mito, calibrate=False), tmp_path / "m")
+    assert a.digest("rf") == b.digest("rf")

@@ -169,6 +169,10 @@ class FineTuneSession:
             trainer.fit(self.module, datamodule=dm)
         self.normalization = dm.normalization
         self.total_steps += trainer.global_step
+        if self.module.task.calibrates:  # e.g. the synapse threshold and minimum size, from the painted voxels
+            with tempfile.TemporaryDirectory(prefix="ssl_em_napari_") as tmp:
+                probs = np.asarray(self.predict(Path(tmp) / "calibration.zarr", box=box))
+            self.module.task.calibrate(probs, labels, mask, self.voxel_size)
         return TrainResult(trainer.global_step, self.total_steps, state["cancelled"], state["loss"])
 
     def _lightning_precision(self, datamodule: Any, device_type: str) -> str:

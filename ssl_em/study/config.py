@@ -96,6 +96,9 @@ class StudyConfig:
     # evaluation mirrors each window in y and x (and z with depth) and averages, as nnU-Net does; off by
     # default: 4x the evaluation's compute
     tta: bool = False
+    # post-processing settings each run chooses on its own labels, the validation slab's when it has one
+    # (the synapse threshold and minimum cleft size: Task.calibrate); False: the task's defaults
+    calibrate: bool = True
     max_eval_voxels: int = 4_000_000  # the evaluation region is centre-cropped in x to this size
     max_val_voxels: int = 1_000_000  # likewise the validation part scored in the rate sweep
     voxel_size: tuple[float, float, float] | None = None

@@ -186,7 +186,11 @@ class Study:
         painted-patch regimes, and the wall-clock guard; so a table grows by a seed, a method or a regime
         without redoing what it holds."""
         if self._digest_base is None:
+            from ssl_em.adapters import get_task
+
             skip = ("max_minutes", "methods", "seeds", "patches", "encoder")
+            if not get_task(self.cfg.task).calibrates:  # a setting without effect keeps older records valid
+                skip += ("calibrate",)
             cfg = {k: v for k, v in asdict(self.cfg).items() if k not in skip}
             regions = {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()}
             data = hashlib.blake2b(digest_size=8)
@@ -398,26 +402,45 @@ class Study:
         cfg = self.cfg
         task = get_task(cfg.task, **cfg.task_kwargs)
         fit = self.regions.fit
-        raw, labels, mask = self.data.raw[fit], self.data.labels[fit], mask[fit]
+        raw, labels, fit_mask = self.data.raw[fit], self.data.labels[fit], mask[fit]
         if time.perf_counter() > self.deadline:
             raise _GuardReached
         start = time.perf_counter()
         try:
             target = labels == 0 if cfg.task == "neuron" else labels > 0  # neurons: their boundaries
-            clf = PixelClassifier(seed=seed).fit(raw, target, mask)
+            clf = PixelClassifier(seed=seed).fit(raw, target, fit_mask)
         except LabelError as err:  # e.g. labelled sections without foreground in the fit part
             self.log(f"    rf: {err}")
             return task, None, {"lr": 0.0, "status": "no_training_labels", "validated": False, "steps": 0}
-        if cfg.task == "neuron":
-            from ssl_em.predict.instances import boundary_affinities
 
-            probs = boundary_affinities(clf.predict(ev_raw), task.offsets)
-        else:
-            probs = np.zeros((task.num_outputs, *ev_raw.shape), np.float32)
-            probs[0] = clf.predict(ev_raw)
+        def predict(raw: np.ndarray) -> np.ndarray:
+            if cfg.task == "neuron":
+                from ssl_em.predict.instances import boundary_affinities
+
+                return boundary_affinities(clf.predict(raw), task.offsets)
+            probs = np.zeros((task.num_outputs, *raw.shape), np.float32)
+            probs[0] = clf.predict(raw)
+            return probs
+
         info = {"lr": 0.0, "status": "ok", "validated": False, "steps": 0, "trees": clf.n_trees,
-                "features": 1 + 8 * len(clf.sigmas), "seconds": round(time.perf_counter() - start, 1)}
-        return task, probs, info
+                "features": 1 + 8 * len(clf.sigmas)}
+        info.update(self._calibrate(task, predict, mask, self._validation(mask)))
+        info["seconds"] = round(time.perf_counter() - start, 1)
+        return task, predict(ev_raw), info
+
+    def _calibrate(self, task: Any, predict: Callable[[np.ndarray], np.ndarray], mask: np.ndarray,
+                   val: Box | None) -> dict[str, Any]:
+        """``task.calibrate`` on the run's own labels: predictions (``predict`` of working-grid raw) on the
+        validation slab ``val`` when the run has one, else on the fit part, scored on its labelled voxels;
+        ``{"postprocess": settings}`` for the record ({} without calibration)."""
+        if not (self.cfg.calibrate and task.calibrates):
+            return {}
+        box = val if val is not None else self.regions.fit
+        settings = task.calibrate(predict(np.asarray(self.data.raw[box])), np.asarray(self.data.labels[box]),
+                                  mask[box], self.data.voxel_size)
+        self.log(f"    post-processing from {'the validation slab' if val is not None else 'its labels'}: "
+                 + (", ".join(f"{k} {v:g}" for k, v in settings.items()) or "no foreground there, defaults kept"))
+        return {"postprocess": settings}
 
     def _lrs(self, method: str) -> tuple[float, ...]:
         return _lrs(self.cfg, method)
@@ -525,6 +548,8 @@ class Study:
                 if module is not None:
                     task = module.task
                     work = self.out / "work" / name.replace(" ", "_")
+                    info.update(self._calibrate(task, lambda raw: evaluate(module, raw, cfg, work, info["precision"]),
+                                                mask, self._validation(mask)))
                     probs = evaluate(module, ev_raw, cfg, work, info["precision"])
                     info["trainable_params"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
                     at_steps = {}
