@@ -48,6 +48,17 @@ def test_random_forest_on_two_labelled_sections_beats_chance_on_unseen_regions(p
         PixelClassifier().fit(raw, truth, np.zeros_like(mask))
     with pytest.raises(ConfigError, match="before fit"):
         PixelClassifier().predict(raw)
+    # out-of-bag: held-out-like predictions of the training pixels, weighted back to the labels' balance
+    oob, y, w = clf.out_of_bag()
+    assert oob.shape == y.shape == w.shape and y.any() and (~y).any() and np.isfinite(oob).all()
+    labelled = mask[:, :100] > 0
+    assert np.isclose(w[y].sum(), (truth[:, :100] & labelled).sum(), rtol=1e-3)
+    assert np.isclose(w[~y].sum(), (~truth[:, :100] & labelled).sum(), rtol=1e-3)
+    fitted = clf.predict(raw[:, :100])[labelled]  # its own training sections: nearly perfect
+    own, held = (ranking_average_precision(p, t) for p, t in ((fitted, truth[:, :100][labelled]), (oob, y)))
+    assert 0.5 < held < own, (held, own)
+    with pytest.raises(ConfigError, match="out_of_bag before fit"):
+        PixelClassifier().out_of_bag()
 
 
 def test_rf_is_a_study_method_scored_like_the_others(tmp_path) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ssl_em.data.labels import check_disjoint, label_sections
-from ssl_em.errors import ConfigError
+from ssl_em.errors import ConfigError, LabelError
 from ssl_em.study import (
     METRICS,
     Study,
@@ -624,6 +624,13 @@ def test_a_separate_evaluation_volume_scores_neurons_and_the_boundary_forest(tmp
     with pytest.raises(ConfigError, match="both the evaluation volume and a pretraining volume"):
         Study(f"{spec}:raw", f"{spec}:ids", [f"{spec}:raw_test"], cfg, tmp_path / "out2",
               evaluation=(f"{spec}:raw_test", f"{spec}:ids_test"))
+    # a misshaped pair is a one-line error naming the volume, before anything is written
+    for pair, named in (((f"{spec}:raw", f"{spec}:ids_test"), None), ((f"{spec}:raw_test", f"{spec}:ids"), "evaluation")):
+        with pytest.raises(LabelError, match=r"labels shape \(8, (48, 80|64, 96)\) does not match raw shape") as err:
+            Study(*pair, None, cfg, tmp_path / "out3") if named is None else \
+                Study(f"{spec}:raw", f"{spec}:ids", None, cfg, tmp_path / "out3", evaluation=pair)
+        assert "neurons.npz" in str(err.value) and "\n" not in str(err.value)
+        assert (named or "labelled") in str(err.value) and not (tmp_path / "out3").exists()
 
 
 def test_synapse_runs_choose_their_post_processing_on_their_own_labels(tmp_path):

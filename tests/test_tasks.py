@@ -155,6 +155,12 @@ def test_synapse_calibration_on_painted_patches_removes_false_clefts():
     after = evaluate(task.postprocess(probs[None], vs), truth, "synapse", vs)
     assert before["detection_fp"] > 100 and after["detection_fp"] < 0.1 * before["detection_fp"]
     assert after["iou"] > before["iou"] + 0.2 and after["detection_recall"] >= 0.8 * before["detection_recall"]
+    # the threshold from weighted samples (a forest's out-of-bag pixels) instead of the probability volume
+    known = painted > 0
+    samples = (probs[known], clefts[known], np.ones(int(known.sum()), np.float32))
+    assert get_task("synapse").calibrate(None, truth, painted, vs, samples=samples) == settings
+    wrong = (1 - probs[known], clefts[known], np.ones(int(known.sum()), np.float32))  # an inverted classifier
+    assert get_task("synapse").calibrate(None, truth, painted, vs, samples=wrong)["labelled_iou"] < 0.5
     assert get_task("synapse").calibrate(probs[None], truth, np.zeros_like(painted), vs) == {}  # nothing labelled
     with pytest.raises(LabelError, match="differ in shape"):
         task.calibrate(probs[None, :-1], truth, painted, vs)

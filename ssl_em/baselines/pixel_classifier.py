@@ -10,7 +10,9 @@ time, so a 20 x 1024 x 1024 volume never holds more than one section's features 
 
 The forest (scikit-learn, 100 trees) trains on labelled pixels sampled from the annotated sections
 or painted patches (at most ``max_samples``, foreground oversampled as ilastik users paint it), and
-predicts foreground probabilities section by section.
+predicts foreground probabilities section by section. Its out-of-bag predictions of the sampled
+pixels (:meth:`PixelClassifier.out_of_bag`) stand in for held-out ones where no labelled voxel is left
+over, e.g. to choose a threshold from a few painted patches.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class PixelClassifier:
     seed: int = 0
     n_jobs: int = 2
     forest: Any = field(default=None, repr=False)
+    _sample: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # (classes, weights) fitted
 
     def fit(self, raw: np.ndarray, labels: np.ndarray, mask: np.ndarray,
             progress: Callable[[str], None] | None = None) -> PixelClassifier:
@@ -89,9 +92,23 @@ class PixelClassifier:
         if y.min() == y.max():
             raise LabelError("the pixel classifier needs labelled foreground and background pixels")
         self.forest = RandomForestClassifier(n_estimators=self.n_trees, n_jobs=self.n_jobs, random_state=self.seed,
-                                             min_samples_leaf=2)
+                                             min_samples_leaf=2, oob_score=True)
         self.forest.fit(np.concatenate(xs), y)
+        # each sampled pixel stands for this many labelled pixels of its class (foreground is oversampled)
+        weights = np.where(y == 1, fg_total / max(int((y == 1).sum()), 1), bg_total / max(int((y == 0).sum()), 1))
+        self._sample = (y, weights.astype(np.float32))
         return self
+
+    def out_of_bag(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(probabilities, truth, weights)`` of the pixels the forest trained on: each pixel's foreground
+        probability from the trees that did not see it (so not the near-perfect fit of its own training
+        pixels), its class, and how many labelled pixels of its class it stands for."""
+        if self.forest is None or self._sample is None:
+            from ssl_em.errors import ConfigError
+
+            raise ConfigError("PixelClassifier.out_of_bag before fit")
+        probs = np.nan_to_num(self.forest.oob_decision_function_[:, 1], nan=0.5).astype(np.float32)
+        return probs, self._sample[0].astype(bool), self._sample[1]
 
     def predict(self, raw: np.ndarray) -> np.ndarray:
         if self.forest is None:

@@ -78,17 +78,13 @@ class Study:
         self.raw_vol = as_volume(raw, cfg.voxel_size, cfg.fill_missing)
         self._labelled_name = f"the labelled volume {volume_name(self.raw_vol)}"
         lab_vol = as_volume(labels, fill_missing=cfg.fill_missing)
-        if tuple(self.raw_vol.shape) != tuple(lab_vol.shape) or len(self.raw_vol.shape) != 3:
-            raise LabelError(f"labels shape {tuple(lab_vol.shape)} does not match raw shape "
-                             f"{tuple(self.raw_vol.shape)} (both must be (z, y, x))")
+        _check_pair(self.raw_vol, lab_vol, self._labelled_name)
         check_same_grid(lab_vol, self.raw_vol, cfg.voxel_size, "labels")
         self.eval_vol = None
         if evaluation is not None:
             self.eval_vol, ev_lab_vol = (as_volume(v, cfg.voxel_size, cfg.fill_missing) for v in evaluation)
             name = volume_name(self.eval_vol)
-            if tuple(self.eval_vol.shape) != tuple(ev_lab_vol.shape) or len(self.eval_vol.shape) != 3:
-                raise LabelError(f"evaluation labels shape {tuple(ev_lab_vol.shape)} does not match its raw's "
-                                 f"{tuple(self.eval_vol.shape)} ({name}; both must be (z, y, x))")
+            _check_pair(self.eval_vol, ev_lab_vol, f"the evaluation volume {name}")
             check_same_grid(self.eval_vol, self.raw_vol, cfg.voxel_size, "evaluation raw")
             check_same_grid(ev_lab_vol, self.raw_vol, cfg.voxel_size, "evaluation labels")
             if name in {volume_name(as_volume(v, cfg.voxel_size, cfg.fill_missing)) for v in unlabeled or ()}:
@@ -424,21 +420,25 @@ class Study:
 
         info = {"lr": 0.0, "status": "ok", "validated": False, "steps": 0, "trees": clf.n_trees,
                 "features": 1 + 8 * len(clf.sigmas)}
-        info.update(self._calibrate(task, predict, mask, self._validation(mask)))
+        val = self._validation(mask)  # held-out labels when there are some, else the forest's out-of-bag pixels
+        info.update(self._calibrate(task, predict, mask, val, None if val is not None else clf.out_of_bag()))
         info["seconds"] = round(time.perf_counter() - start, 1)
         return task, predict(ev_raw), info
 
     def _calibrate(self, task: Any, predict: Callable[[np.ndarray], np.ndarray], mask: np.ndarray,
-                   val: Box | None) -> dict[str, Any]:
+                   val: Box | None, samples: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
         """``task.calibrate`` on the run's own labels: predictions (``predict`` of working-grid raw) on the
-        validation slab ``val`` when the run has one, else on the fit part, scored on its labelled voxels;
-        ``{"postprocess": settings}`` for the record ({} without calibration)."""
+        validation slab ``val`` when the run has one, else on the fit part (or the given labelled
+        ``samples``), scored on its labelled voxels; ``{"postprocess": settings}`` for the record ({}
+        without calibration)."""
         if not (self.cfg.calibrate and task.calibrates):
             return {}
         box = val if val is not None else self.regions.fit
-        settings = task.calibrate(predict(np.asarray(self.data.raw[box])), np.asarray(self.data.labels[box]),
-                                  mask[box], self.data.voxel_size)
-        self.log(f"    post-processing from {'the validation slab' if val is not None else 'its labels'}: "
+        probs = predict(np.asarray(self.data.raw[box])) if samples is None else None
+        settings = task.calibrate(probs, np.asarray(self.data.labels[box]), mask[box], self.data.voxel_size,
+                                  samples=samples)
+        source = "the validation slab" if val is not None else "its out-of-bag pixels" if samples else "its labels"
+        self.log(f"    post-processing from {source}: "
                  + (", ".join(f"{k} {v:g}" for k, v in settings.items()) or "no foreground there, defaults kept"))
         return {"postprocess": settings}
 
@@ -589,6 +589,13 @@ class Study:
         if seed == 0 and shown.exists() and entry["metrics"]:  # not a file an older, different run left
             self.sections_shown[(method, regime.name)] = np.load(shown)
         self._save()
+
+
+def _check_pair(raw: Any, labels: Any, what: str) -> None:
+    """One-line LabelError naming ``what`` unless ``labels`` has ``raw``'s 3-D (z, y, x) shape."""
+    if tuple(raw.shape) != tuple(labels.shape) or len(raw.shape) != 3:
+        raise LabelError(f"{what}: labels shape {tuple(labels.shape)} does not match raw shape {tuple(raw.shape)} "
+                         "(both must be (z, y, x))")
 
 
 def full_of(vol: Any) -> Box:
