@@ -199,8 +199,8 @@ def distance_fragments(boundary: np.ndarray, mask: np.ndarray | None = None,
     whole); distances, ``sigma`` and ``min_distance`` are in units
     of the finest axis of ``voxel_size`` (so a 5x coarser z gets 5x fewer voxels of each). Each seed
     sits deep inside an object, so a faint gap in the boundary cannot join two objects' seeds, as the
-    components of a thresholded boundary map do (on gala's test volume with a random forest's
-    boundaries: VOI 0.78-1.02 across these settings, 0.82-4.45 across seed thresholds 0.1-0.5).
+    components of a thresholded boundary map do (the two designs and these settings on gala's test
+    volume: ``benchmarks/neuron_postprocess.py``, records in benchmarks/results/neuron_postprocess).
     """
     from scipy import ndimage
     from skimage.feature import peak_local_max
