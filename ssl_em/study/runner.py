@@ -421,7 +421,8 @@ class Study:
         info = {"lr": 0.0, "status": "ok", "validated": False, "steps": 0, "trees": clf.n_trees,
                 "features": 1 + 8 * len(clf.sigmas)}
         val = self._validation(mask)  # held-out labels when there are some, else the forest's out-of-bag pixels
-        info.update(self._calibrate(task, predict, mask, val, None if val is not None else clf.out_of_bag()))
+        oob = clf.out_of_bag() if val is None and task.calibrates_from_samples else None
+        info.update(self._calibrate(task, predict, mask, val, oob))
         info["seconds"] = round(time.perf_counter() - start, 1)
         return task, predict(ev_raw), info
 
