@@ -58,7 +58,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tta", action="store_true", help="evaluate with test-time mirroring (y, x flips: 4x the "
                    "evaluation's compute)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="keep the task's default "
-                   "post-processing (synapses: threshold 0.5, no minimum size) instead of choosing it per run on its "
+                   "post-processing (synapses: threshold 0.5, no minimum size; neurons: agglomeration at 0.5) instead of "
+                   "choosing it per run on its "
                    "own labels (the validation slab's when it has one)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the training region (in y) held out to "
                    "validate and keep the best weights; 0: none, every run keeps its last weights")

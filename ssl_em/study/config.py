@@ -97,7 +97,8 @@ class StudyConfig:
     # default: 4x the evaluation's compute
     tta: bool = False
     # post-processing settings each run chooses on its own labels, the validation slab's when it has one
-    # (the synapse threshold and minimum cleft size: Task.calibrate); False: the task's defaults
+    # (synapses: threshold and minimum cleft size; neurons: agglomeration threshold; Task.calibrate);
+    # False: the task's defaults
     calibrate: bool = True
     max_eval_voxels: int = 4_000_000  # the evaluation region is centre-cropped in x to this size
     max_val_voxels: int = 1_000_000  # likewise the validation part scored in the rate sweep
