@@ -146,6 +146,18 @@ class Task:
         of ``probs`` (e.g. :meth:`~ssl_em.baselines.PixelClassifier.out_of_bag`)."""
         return {}
 
+    @staticmethod
+    def _labelled_voxels(probs: np.ndarray | None, labels: np.ndarray, mask: np.ndarray | None,
+                         probs_read: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``labels`` as an array and the labelled voxels (``mask`` > 0; all where None) for :meth:`calibrate`,
+        their shapes checked against each other and, where ``probs_read``, against ``probs``' last 3 axes."""
+        labels = np.asarray(labels)
+        known = np.ones(labels.shape, bool) if mask is None else np.asarray(mask) > 0
+        if known.shape != labels.shape or (probs_read and (probs is None or np.shape(probs)[-3:] != labels.shape)):
+            raise LabelError(f"calibration probabilities {np.shape(probs)}, labels {labels.shape} and mask "
+                             f"{known.shape} differ in shape")
+        return labels, known
+
     def blockwise_instances_args(self) -> dict[str, Any] | None:
         """Arguments of :func:`ssl_em.predict.stitch.blockwise_instances` that run :meth:`postprocess`
         block by block on volumes larger than memory (``method``, ``threshold``, ...); None when
@@ -254,11 +266,8 @@ class SynapseTask(Task):
         """
         from scipy import ndimage
 
-        labels = np.asarray(labels) > 0
-        known = np.ones(labels.shape, bool) if mask is None else np.asarray(mask) > 0
-        if labels.shape != known.shape or (samples is None and np.shape(probs)[-3:] != labels.shape):
-            raise LabelError(f"calibration probabilities {np.shape(probs)}, labels {labels.shape} and mask "
-                             f"{known.shape} differ in shape")
+        labels, known = self._labelled_voxels(probs, labels, mask, probs_read=samples is None)
+        labels = labels > 0
         if not labels[known].any():
             return {}
         if samples is None:
@@ -344,11 +353,7 @@ class NeuronTask(Task):
         from ssl_em.metrics.contingency import contingency_table, variation_of_information
         from ssl_em.predict.instances import affinity_agglomeration, affinity_boundary, distance_fragments
 
-        labels = np.asarray(labels)
-        known = np.ones(labels.shape, bool) if mask is None else np.asarray(mask) > 0
-        if probs is None or np.shape(probs)[-3:] != labels.shape or known.shape != labels.shape:
-            raise LabelError(f"calibration probabilities {np.shape(probs)}, labels {labels.shape} and mask "
-                             f"{known.shape} differ in shape")
+        labels, known = self._labelled_voxels(probs, labels, mask)
         truth = np.where(known, labels, 0).astype(np.int64)
         if not truth.any():
             return {}

@@ -36,14 +36,16 @@ def test_random_forest_on_two_labelled_sections_beats_chance_on_unseen_regions(p
     raw, truth = phantom.raw / 255.0, phantom.mito > 0
     mask = np.zeros(raw.shape, np.uint8)
     mask[[2, 5]] = 1
-    clf = PixelClassifier(seed=0).fit(raw[:, :100], truth[:, :100], mask[:, :100])
+    clf = PixelClassifier(seed=0, keep_out_of_bag=True).fit(raw[:, :100], truth[:, :100], mask[:, :100])
     prob = clf.predict(raw[:, 100:])
     assert prob.shape == (8, 60, 128) and prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
     chance = truth[:, 100:].mean()
     ap = ranking_average_precision(prob.ravel(), truth[:, 100:].ravel())
     assert ap > 3 * chance, (ap, chance)
-    again = PixelClassifier(seed=0).fit(raw[:, :100], truth[:, :100], mask[:, :100]).predict(raw[:, 100:])
-    np.testing.assert_array_equal(again, prob)  # seeded: the same forest
+    plain = PixelClassifier(seed=0).fit(raw[:, :100], truth[:, :100], mask[:, :100])
+    np.testing.assert_array_equal(plain.predict(raw[:, 100:]), prob)  # seeded: the same forest, out-of-bag or not
+    with pytest.raises(ConfigError, match="keep_out_of_bag"):
+        plain.out_of_bag()
     with pytest.raises(LabelError, match="no labelled pixel"):
         PixelClassifier().fit(raw, truth, np.zeros_like(mask))
     with pytest.raises(ConfigError, match="before fit"):

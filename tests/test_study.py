@@ -564,16 +564,17 @@ def test_finished_runs_are_reused_only_for_the_same_data_and_encoder_weights(tmp
 
 def test_a_pretraining_volume_changed_in_place_redoes_the_pretraining_and_what_starts_from_it(tmp_path):
     """The resume key fingerprints the unlabelled volumes a study pretrains on (shape, dtype, sampled
-    tiles): another volume saved under the same name is another pretraining; scratch and rf stay."""
+    tiles): another volume saved under the same name is another pretraining; scratch and rf stay. Longer
+    fine-tuning (or another rate) redoes the runs but keeps the pretraining, which reads neither."""
     from ssl_em.data.phantom import make_phantom
 
     target, pool = make_phantom((8, 160, 96), seed=2), make_phantom((8, 96, 96), seed=1)
     np.savez(tmp_path / "target.npz", raw=target.raw, mito=target.mito)
     np.save(tmp_path / "pool.npy", pool.raw)
 
-    def study(pretrain_steps=4):
+    def study(pretrain_steps=4, steps=2):
         cfg = StudyConfig(task="mito", architecture="unet3d_test", pretrain_steps=pretrain_steps,
-                          methods=("full", "scratch", "rf"), fractions=(0.25,), steps=2, patch_shape=(2, 32, 32),
+                          methods=("full", "scratch", "rf"), fractions=(0.25,), steps=steps, patch_shape=(2, 32, 32),
                           batch_size=2, voxel_size=target.voxel_size, precision="32")
         return Study(f"{tmp_path / 'target.npz'}:raw", f"{tmp_path / 'target.npz'}:mito", [str(tmp_path / "pool.npy")],
                      cfg, tmp_path / "out", log=lambda _: None)
@@ -581,6 +582,9 @@ def test_a_pretraining_volume_changed_in_place_redoes_the_pretraining_and_what_s
     first = study()
     before = {m: first.digest(m) for m in (None, "full", "scratch", "rf")}
     assert {m: study().digest(m) for m in before} == before  # unchanged volume: the same key
+    longer = study(steps=6)
+    assert longer.digest(None) == before[None] and longer.digest("full") != before["full"]
+    assert study(pretrain_steps=6).digest(None) != before[None]
     changed = pool.raw.copy()
     changed[5, 40:60, 30:50] //= 2  # a small edit, away from any tile's corner
     np.save(tmp_path / "pool.npy", changed)
@@ -653,7 +657,7 @@ def test_synapse_runs_choose_their_post_processing_on_their_own_labels(tmp_path)
         assert settings["threshold"] in SynapseTask.THRESHOLDS and settings["min_volume_nm3"] > 0
         assert 0 <= settings["labelled_iou"] <= 1
     off = Study(target.raw, target.labels("synapse"), [target.raw], StudyConfig(**kwargs, calibrate=False), tmp_path / "out")
-    assert off.digest("rf") != study.digest("rf") and not off._finished()
+    assert off.digest("rf") != study.digest("rf") and list(off._finished()) == [("pretraining",)]  # runs redone
     mito = {**kwargs, "task": "mito"}
     a = Study(target.raw, target.mito, [target.raw], StudyConfig(**mito), tmp_path / "m")
     b = Study(target.raw, target.mito, [target.raw], StudyConfig(**mito, calibrate=False), tmp_path / "m")

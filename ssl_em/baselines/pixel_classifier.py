@@ -51,6 +51,8 @@ class PixelClassifier:
 
     ``fit(raw, labels, mask)``: raw (z, y, x) normalised to 0..1, binary labels, mask > 0 where labels
     hold (annotated sections or painted patches). ``predict(raw) -> (z, y, x)`` foreground probability.
+    ``keep_out_of_bag``: also score each training pixel with the trees that did not see it
+    (:meth:`out_of_bag`; a few seconds per forest, so only where a caller reads them).
     """
 
     n_trees: int = 100
@@ -59,6 +61,7 @@ class PixelClassifier:
     sigmas: tuple[float, ...] = SIGMAS
     seed: int = 0
     n_jobs: int = 2
+    keep_out_of_bag: bool = False
     forest: Any = field(default=None, repr=False)
     _sample: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # (classes, weights) fitted
 
@@ -92,7 +95,7 @@ class PixelClassifier:
         if y.min() == y.max():
             raise LabelError("the pixel classifier needs labelled foreground and background pixels")
         self.forest = RandomForestClassifier(n_estimators=self.n_trees, n_jobs=self.n_jobs, random_state=self.seed,
-                                             min_samples_leaf=2, oob_score=True)
+                                             min_samples_leaf=2, oob_score=self.keep_out_of_bag)
         self.forest.fit(np.concatenate(xs), y)
         # each sampled pixel stands for this many labelled pixels of its class (foreground is oversampled)
         weights = np.where(y == 1, fg_total / max(int((y == 1).sum()), 1), bg_total / max(int((y == 0).sum()), 1))
@@ -103,10 +106,12 @@ class PixelClassifier:
         """``(probabilities, truth, weights)`` of the pixels the forest trained on: each pixel's foreground
         probability from the trees that did not see it (so not the near-perfect fit of its own training
         pixels), its class, and how many labelled pixels of its class it stands for."""
-        if self.forest is None or self._sample is None:
-            from ssl_em.errors import ConfigError
+        from ssl_em.errors import ConfigError
 
+        if self.forest is None or self._sample is None:
             raise ConfigError("PixelClassifier.out_of_bag before fit")
+        if not self.keep_out_of_bag:
+            raise ConfigError("PixelClassifier.out_of_bag: fitted without keep_out_of_bag=True")
         probs = np.nan_to_num(self.forest.oob_decision_function_[:, 1], nan=0.5).astype(np.float32)
         return probs, self._sample[0].astype(bool), self._sample[1]
 

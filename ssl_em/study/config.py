@@ -28,6 +28,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
 # (full, scratch and unet share one grid, centred on the unet's best at all labels, 2e-3)
 LR_GRID = {"lora": (6e-3, 2e-2, 6e-2), "lora_random": (6e-3, 2e-2, 6e-2), "frozen": (1e-2, 3e-2, 1e-1),
            "full": (6e-4, 2e-3, 6e-3), "scratch": (6e-4, 2e-3, 6e-3), "unet": (6e-4, 2e-3, 6e-3), "rf": (0.0,)}
+# StudyConfig fields only the fine-tuning runs read: changing them keeps a study's finished pretraining
+FINE_TUNING_ONLY = ("adapter_kwargs", "encoder_lr_scale", "fractions", "patches", "patch_size", "steps", "eval_steps",
+                    "val_every", "val_samples", "sweep_share", "sweep_every_fraction", "lrs", "tta", "calibrate",
+                    "max_eval_voxels", "max_val_voxels")
 METRICS = {"mito": ("iou", "dice", "ap50"), "synapse": ("iou", "dice", "detection_f1"), "neuron": ("voi", "arand"),
            "membrane": ("iou", "dice", "vrand", "vinfo")}
 LOWER_IS_BETTER = {"voi", "arand"}

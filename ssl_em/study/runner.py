@@ -22,7 +22,7 @@ import numpy as np
 
 from ssl_em.data.volume import Box
 from ssl_em.errors import ConfigError, LabelError
-from ssl_em.study.config import ADAPTER, NOT_TRAINED, Regime, StudyConfig, _lrs
+from ssl_em.study.config import ADAPTER, FINE_TUNING_ONLY, NOT_TRAINED, Regime, StudyConfig, _lrs
 from ssl_em.data.labels import label_sections, paint_patches
 from ssl_em.study.regions import Regions, _trim, plan_regions
 from ssl_em.study.report import shown_section, write_reports
@@ -176,7 +176,8 @@ class Study:
         """What a finished line of ``method`` (None: pretraining) must match to be reused: the configuration,
         the regions, the labelled volume's contents, and of the encoder what the method depends on: its
         weights for the methods that start from them, its architecture for ``scratch`` / ``lora_random``,
-        nothing for ``unet`` and ``rf``; where the study pretrains, for the pretraining and the methods that
+        nothing for ``unet`` and ``rf``; for the pretraining not the settings only fine-tuning reads
+        (``FINE_TUNING_ONLY``: more steps or another rate keep it); where the study pretrains, for the pretraining and the methods that
         start from it, a fingerprint of the unlabelled volumes. Not the encoder's path, nor what no single
         run depends on (a line's key names its method, regime and seed): the lists of methods, seeds and
         painted-patch regimes, and the wall-clock guard; so a table grows by a seed, a method or a regime
@@ -206,6 +207,8 @@ class Study:
             sidecar = read_sidecar(self.cfg.encoder)
             self._encoder_digest[part] = [sidecar["architecture"], sidecar.get("kwargs")]
         what = {**self._digest_base, "encoder": self._encoder_digest.get(part) if part else None}
+        if method is None:  # the pretraining reads none of the fine-tuning settings: a longer table keeps it
+            what["config"] = {k: v for k, v in what["config"].items() if k not in FINE_TUNING_ONLY}
         if self.cfg.pretrain_steps > 0 and (method is None or (method in ADAPTER and ADAPTER[method][1])):
             what["unlabeled"] = self._unlabeled_fingerprint()  # what this study pretrains on
         return hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
@@ -402,9 +405,11 @@ class Study:
         if time.perf_counter() > self.deadline:
             raise _GuardReached
         start = time.perf_counter()
+        val = self._validation(mask)  # held-out labels when there are some, else the forest's out-of-bag pixels
+        from_oob = val is None and cfg.calibrate and task.calibrates_from_samples
         try:
             target = labels == 0 if cfg.task == "neuron" else labels > 0  # neurons: their boundaries
-            clf = PixelClassifier(seed=seed).fit(raw, target, fit_mask)
+            clf = PixelClassifier(seed=seed, keep_out_of_bag=from_oob).fit(raw, target, fit_mask)
         except LabelError as err:  # e.g. labelled sections without foreground in the fit part
             self.log(f"    rf: {err}")
             return task, None, {"lr": 0.0, "status": "no_training_labels", "validated": False, "steps": 0}
@@ -420,8 +425,7 @@ class Study:
 
         info = {"lr": 0.0, "status": "ok", "validated": False, "steps": 0, "trees": clf.n_trees,
                 "features": 1 + 8 * len(clf.sigmas)}
-        val = self._validation(mask)  # held-out labels when there are some, else the forest's out-of-bag pixels
-        oob = clf.out_of_bag() if val is None and task.calibrates_from_samples else None
+        oob = clf.out_of_bag() if from_oob else None
         info.update(self._calibrate(task, predict, mask, val, oob))
         info["seconds"] = round(time.perf_counter() - start, 1)
         return task, predict(ev_raw), info
