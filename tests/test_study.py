@@ -639,17 +639,20 @@ def test_a_separate_evaluation_volume_scores_neurons_and_the_boundary_forest(tmp
 
 def test_synapse_runs_choose_their_post_processing_on_their_own_labels(tmp_path):
     """Every synapse run (network and forest) calibrates threshold and minimum cleft size on its painted
-    patches and records them; turning calibration off is another study (no stale record reused), while
+    patches and records them (the weights scored after ``eval_steps`` choose their own); turning calibration off is another study (no stale record reused), while
     for tasks without calibration the setting leaves their records valid."""
     from ssl_em.adapters.tasks import SynapseTask
     from ssl_em.data.phantom import make_phantom
 
     target = make_phantom((8, 160, 96), seed=2)
     kwargs = dict(task="synapse", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(), patches=(2,),
-                  patch_size=48, steps=4, patch_shape=(2, 32, 32), batch_size=2, voxel_size=target.voxel_size,
-                  lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
-    study = Study(target.raw, target.labels("synapse"), [target.raw], StudyConfig(**kwargs), tmp_path / "out")
+                  patch_size=48, steps=4, eval_steps=(2,), patch_shape=(2, 32, 32), batch_size=2,
+                  voxel_size=target.voxel_size, lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
+    logged: list[str] = []
+    study = Study(target.raw, target.labels("synapse"), [target.raw], StudyConfig(**kwargs), tmp_path / "out",
+                  log=logged.append)
     study.run()
+    assert sum("post-processing from" in line for line in logged) == 3  # scratch after 2 and 4 steps, rf
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert [r["method"] for r in runs] == ["scratch", "rf"]
     for r in runs:

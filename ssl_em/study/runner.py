@@ -557,11 +557,16 @@ class Study:
                                                 mask, self._validation(mask)))
                     probs = evaluate(module, ev_raw, cfg, work, info["precision"])
                     info["trainable_params"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+                    from ssl_em.adapters import get_task
+
                     at_steps = {}
-                    for step, state in sorted(snapshots.items()):  # the same run stopped earlier
-                        module.load_state_dict(state)
+                    for step, state in sorted(snapshots.items()):  # the same run stopped earlier, its own
+                        module.load_state_dict(state)  # post-processing chosen as the final weights' was
+                        early_task = get_task(cfg.task, **cfg.task_kwargs)
+                        self._calibrate(early_task, lambda raw: evaluate(module, raw, cfg, work, info["precision"]),
+                                        mask, self._validation(mask))
                         early = upsample(evaluate(module, ev_raw, cfg, work, info["precision"]), self.ev_gt.shape)
-                        at_steps[str(step)] = score(early, self.ev_gt, task, cfg.voxel_size)
+                        at_steps[str(step)] = score(early, self.ev_gt, early_task, cfg.voxel_size)
                     if at_steps:
                         info["at_steps"] = at_steps
             metrics: dict[str, float] = {}
