@@ -345,23 +345,23 @@ class NeuronTask(Task):
     def calibrate(self, probs: np.ndarray | None, labels: np.ndarray, mask: np.ndarray | None = None,
                   voxel_size: Sequence[float] | None = None, *,
                   samples: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
-        """The agglomeration threshold of :attr:`THRESHOLDS` with the lowest VOI (split + merge) against the
-        labelled voxels' neurons (label 0 and unlabelled voxels ignored; the lowest t on ties). A network
-        whose boundaries are under-confident (affinities ~0.5 across membranes, as one gala seed gave after
-        300 steps) merges every cell at 0.5; the labels show where its own scale cuts. ``samples`` are not
-        used (VOI needs the volume)."""
+        """The threshold of :attr:`THRESHOLDS` (fragment interiors and agglomeration, as
+        :func:`~ssl_em.predict.instances.affinity_agglomeration` uses it) with the lowest VOI (split + merge)
+        against the labelled voxels' neurons (label 0 and unlabelled voxels ignored; the lowest t on ties).
+        A network whose boundaries are under-confident (affinities ~0.6 across membranes, as one gala seed
+        gave after 300 steps) has no boundary at 0.5 and merges every cell; the labels show where its own
+        scale cuts. ``samples`` are not used (VOI needs the volume)."""
         from ssl_em.metrics.contingency import contingency_table, variation_of_information
-        from ssl_em.predict.instances import affinity_agglomeration, affinity_boundary, distance_fragments
+        from ssl_em.predict.instances import affinity_agglomeration
 
         labels, known = self._labelled_voxels(probs, labels, mask)
         truth = np.where(known, labels, 0).astype(np.int64)
         if not truth.any():
             return {}
         probs = np.asarray(probs, np.float32)
-        fragments = distance_fragments(affinity_boundary(probs, self.offsets), None, voxel_size)
         vois = []
         for t in self.THRESHOLDS:
-            seg = affinity_agglomeration(probs, self.offsets, float(t), voxel_size=voxel_size, fragments=fragments)
+            seg = affinity_agglomeration(probs, self.offsets, float(t), voxel_size=voxel_size)
             merge, split = variation_of_information(None, None, table=contingency_table(seg, truth, ignore_b=(0,)))
             vois.append(merge + split)
         self.threshold = float(self.THRESHOLDS[int(np.argmin(vois))])

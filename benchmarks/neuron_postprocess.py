@@ -7,8 +7,10 @@ same affinities and differs only in post-processing:
 
 - ``components t``: fragments are the components of ``boundary < t`` grown by a watershed (the
   design ssl-em used before the distance-transform fragments);
-- ``distance``: :func:`~ssl_em.predict.instances.distance_fragments` (ssl-em's default) and a few of
-  its settings (``inside``, ``sigma``, ``min_distance``);
+- ``distance``: :func:`~ssl_em.predict.instances.distance_fragments` (ssl-em's design; the default
+  row keeps its interiors at ``inside`` 0.5 for every threshold, as ssl-em did before the fragments
+  followed the agglomeration's threshold, ``inside = 1 - t``) and a few of its settings (``inside``,
+  ``sigma``, ``min_distance``);
 each agglomerated by mean affinity at 0.4 / 0.5 / 0.6 (0.5 is the default). The peer is gala's own
 published agglomeration of that volume (``seg_test_agglo4``, scored the same way: VOI split + merge
 in bits and ARAND, gt label 0 ignored). The sensitivity is measured on the test volume only to show

@@ -235,16 +235,19 @@ def affinity_agglomeration(
     """Neuron instances from affinities ``(C, z, y, x)``: watershed fragments + mean-affinity agglomeration.
 
     Channel ``c`` is the probability that voxel ``v`` and ``v + offsets[c]`` belong to one object
-    (any sign convention; nearest-neighbour and long-range offsets). Fragments come from
-    :func:`distance_fragments` of :func:`affinity_boundary` (``voxel_size``: the grid's, for the
-    distances), unless given. Then adjacent fragments are merged greedily in order of their mean
-    affinity over all channels (long-range edges included; means are recomputed after each merge, as in
-    waterz / MALA) until the best mean falls below ``threshold``. Returns uint32 labels 1..n, 0 outside
-    ``mask``.
+    (any sign convention; nearest-neighbour and long-range offsets). ``threshold`` is the affinity
+    below which two voxels are apart, for both steps: fragments (unless given) come from
+    :func:`distance_fragments` with interiors where every nearest-neighbour affinity is above it
+    (:func:`affinity_boundary` below ``1 - threshold``; ``voxel_size``: the grid's, for the distances);
+    then adjacent fragments are merged greedily in order of their mean affinity over all channels
+    (long-range edges included; means are recomputed after each merge, as in waterz / MALA) until the
+    best mean falls below ``threshold``. One number for both: a network whose affinities across membranes
+    sit at 0.6 (under-confident) has no interior/boundary split at 0.5 and would give one fragment
+    whatever the agglomeration's threshold. Returns uint32 labels 1..n, 0 outside ``mask``.
     """
     affinities, offs = _check_affinities(affinities, offsets)
     if fragments is None:
-        fragments = distance_fragments(affinity_boundary(affinities, offs), mask, voxel_size)
+        fragments = distance_fragments(affinity_boundary(affinities, offs), mask, voxel_size, inside=1.0 - threshold)
     fragments = relabel_sequential(fragments)
     u, v, total, count, adjacent = region_graph(fragments, affinities, offs)
     # adjacency: node -> {neighbour: [affinity sum, edge count, adjacent]}
