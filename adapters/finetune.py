@@ -54,6 +54,10 @@ class FineTuning(L.LightningModule):
             peft adapters (:func:`default_grad_checkpointing`), whose point is a small footprint: a
             frozen conv still saves its input for backward, so without it LoRA holds as many
             activations as full fine-tuning (``benchmarks/finetune_memory.py`` measures both).
+        calibrate_on_fit_end: when ``fit`` ends, tasks with post-processing settings (synapse threshold
+            and minimum cleft size, neuron threshold: ``Task.calibrate``) choose them on the data module's
+            labelled validation part (its training labels without one; ``calibration_region``), before
+            the export, so the folder carries them.
         export_on_fit_end: when ``fit`` ends, write a deployable folder (:meth:`export`) that
             ``ssl-em predict --model FOLDER`` runs.
         export_dir: that folder; None = ``<trainer.log_dir>/model``.
@@ -75,6 +79,7 @@ class FineTuning(L.LightningModule):
         min_lr_ratio: float = 0.05,
         encoder_lr_scale: float = 1.0,
         grad_checkpointing: bool | None = None,
+        calibrate_on_fit_end: bool = True,
         export_on_fit_end: bool = True,
         export_dir: str | None = None,
     ) -> None:
@@ -206,6 +211,8 @@ class FineTuning(L.LightningModule):
             self.data_description = datamodule.describe()
 
     def on_fit_end(self) -> None:
+        if self.hparams.get("calibrate_on_fit_end", True) and self.trainer.is_global_zero:  # rank 0 exports
+            self.calibrate(getattr(self.trainer, "datamodule", None))
         if not self.hparams.export_on_fit_end:
             return
         # trainer.log_dir broadcasts rank 0's value under DDP (a collective): every rank reads it
@@ -215,6 +222,31 @@ class FineTuning(L.LightningModule):
             self.export(out)
             print(f"fine-tuned model: {out} (ssl-em predict --model {out} --input ... --output ...)")
         self.trainer.strategy.barrier("ssl_em_export")  # no rank leaves before the folder is complete
+
+    def calibrate(self, datamodule: Any) -> dict[str, float]:
+        """``Task.calibrate`` on ``datamodule.calibration_region()`` (predicted in blocks of the training
+        crop, as ``ssl-em predict`` does); {} where the task has nothing to choose or there are no labels."""
+        if not self.task.calibrates or not hasattr(datamodule, "calibration_region"):
+            return {}
+        region = datamodule.calibration_region()
+        if region is None:
+            return {}
+        import tempfile
+
+        from ssl_em.predict import predict_volume
+
+        raw, labels, mask = region
+        patch = tuple(min(int(p), n) for p, n in zip(datamodule.patch_shape, raw.shape))
+        with tempfile.TemporaryDirectory(prefix="ssl_em_calibration_") as tmp:
+            probs = np.asarray(predict_volume(self.model.eval(), raw, Path(tmp) / "probabilities.zarr",
+                                              tuple(min(n, 2 * p) for n, p in zip(raw.shape, patch)),
+                                              tuple(p // 4 for p in patch), window_shape=patch, activation="sigmoid",
+                                              precision="32", device=str(self.device), batch_size=4,
+                                              progress=False)[:])
+        settings = self.task.calibrate(probs, labels, mask, getattr(datamodule, "voxel_size", None))
+        print("post-processing chosen on the labels: "
+              + (", ".join(f"{k} {v:g}" for k, v in settings.items()) or "no foreground there, defaults kept"))
+        return settings
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ssl_em"] = {

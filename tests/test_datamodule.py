@@ -160,3 +160,28 @@ def test_label_sections_outside_the_volume_are_a_one_line_error():
                           samples_per_epoch=2, val_fraction=0, label_sections=sections)
         with pytest.raises(ConfigError, match="label_sections .* must be z indices in 0..7"):
             dm.setup("fit")
+
+
+def test_calibration_region_is_the_labelled_validation_part_else_the_training_labels(npy_specs):
+    """Where a task chooses its post-processing after fine-tuning: the validation sections (labelled in
+    full), normalised as training crops are; without validation, the training part with only the sections
+    the user labelled marked; cut in y and x to the voxel budget; None for unlabelled data."""
+    raw, mito = npy_specs
+    dm = _dm(raw=raw, labels=mito, task="mito", val_fraction=0.2)
+    assert dm.calibration_region() is None  # before setup
+    dm.setup("fit")
+    image, labels, mask = dm.calibration_region()
+    assert image.shape == labels.shape == mask.shape == (4, 96, 96) and image.dtype == np.float32
+    np.testing.assert_array_equal(labels, np.load(mito)[16:])
+    np.testing.assert_allclose(image, dm.normalization(np.load(raw)[16:]), atol=1e-6)
+    assert mask.all()
+    image, labels, mask = dm.calibration_region(max_voxels=4 * 40 * 40)
+    assert image.shape == (4, 40, 40)  # at least a crop's side (32), centred
+    np.testing.assert_array_equal(labels, np.load(mito)[16:, 28:68, 28:68])
+    few = _dm(raw=raw, labels=mito, task="mito", val_fraction=0, label_sections=[3, 11])
+    few.setup("fit")
+    image, labels, mask = few.calibration_region()
+    assert image.shape == (20, 96, 96) and np.flatnonzero(mask.any(axis=(1, 2))).tolist() == [3, 11]
+    unlabelled = _dm(raw=raw, val_fraction=0.2)
+    unlabelled.setup("fit")
+    assert unlabelled.calibration_region() is None

@@ -248,3 +248,30 @@ def test_a_recipe_task_takes_the_data_voxel_size_for_its_boundaries():
     L.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
               accelerator="cpu").fit(module, datamodule=data)
     assert module.task.voxel_size == [40.0, 8.0, 8.0]
+
+
+def test_cli_fine_tuning_chooses_the_synapse_post_processing_and_the_folder_carries_it(tmp_path, capsys):
+    """``ssl-em fit`` of the synapse recipe (a few steps from random init on the phantom): when fitting ends
+    the task chooses threshold and minimum cleft size on the labelled validation sections, and the
+    exported folder's task is rebuilt with them; ``calibrate_on_fit_end false`` keeps the defaults."""
+    from ssl_em.adapters.tasks import SynapseTask
+
+    def fit(out: Path, *extra: str) -> int:
+        return cli_main(["fit", "--config", str(REPO / "recipes/finetune/synapse_lora.yaml"), *QUIET,
+                         "--trainer.max_steps", "6", "--trainer.limit_val_batches", "0",
+                         "--trainer.default_root_dir", str(out / "run"), "--model.init_args.encoder", "unet3d_test",
+                         "--model.init_args.pretrained", "null", "--model.init_args.adapter", "full",
+                         "--model.init_args.export_dir", str(out / "model"),
+                         "--data.init_args.patch_shape", "[8, 32, 32]", "--data.init_args.phantom_shape", "[24, 96, 96]",
+                         "--data.init_args.batch_size", "2", "--data.init_args.samples_per_epoch", "12", *extra])
+
+    assert fit(tmp_path / "a") == 0
+    assert "post-processing chosen on the labels: threshold" in capsys.readouterr().out
+    chosen = load_finetuned(tmp_path / "a" / "model").task
+    kwargs = load_finetuned(tmp_path / "a" / "model").info["metadata"]["task_kwargs"]
+    assert kwargs["threshold"] == chosen.threshold and chosen.threshold in SynapseTask.THRESHOLDS
+    assert kwargs["min_volume_nm3"] == chosen.min_volume_nm3 > 0
+    assert fit(tmp_path / "b", "--model.init_args.calibrate_on_fit_end", "false") == 0
+    assert "post-processing chosen" not in capsys.readouterr().out
+    default = load_finetuned(tmp_path / "b" / "model").task
+    assert (default.threshold, default.min_volume_nm3) == (SynapseTask().threshold, SynapseTask().min_volume_nm3)

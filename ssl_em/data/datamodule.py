@@ -148,6 +148,7 @@ class EMDataModule(L.LightningDataModule):
         self.volumes: list[str] = []
         self.train_set: CropDataset | None = None
         self.val_set: CropDataset | None = None
+        self._labelled: tuple[Any, Any, Any, Box] | None = None  # raw, labels, mask, box: calibration_region
         self._phantom_voxel: tuple[float, float, float] | None = None
         self._restored: list[Normalization] | None = None  # from a checkpoint (load_state_dict)
 
@@ -247,8 +248,28 @@ class EMDataModule(L.LightningDataModule):
             )
 
         self.train_set = build(train_boxes, hp.samples_per_epoch, hp.seed, train=True)
+        if labels is not None:  # validation sections are labelled in full; without them, the training labels
+            self._labelled = ((raws[0], labels, mask, val_boxes[0]) if val_boxes[0] is not None
+                              else (raws[0], labels, train_mask,
+                                    train_boxes[0] or tuple(slice(0, int(n)) for n in raws[0].shape)))
         has_val = any(b is not None for b in val_boxes)
         self.val_set = build(val_boxes, hp.val_samples, hp.seed + 1, train=False) if has_val else None
+
+    def calibration_region(self, max_voxels: int = 2_000_000) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Normalised raw (float32), labels and mask (1 = labelled) of the labelled volume's validation part
+        (its training part and labels where there is none), cut around its centre in y and x to about
+        ``max_voxels``: where a task chooses its post-processing after fine-tuning (``Task.calibrate``).
+        None without labels or before ``setup``."""
+        if self._labelled is None:
+            return None
+        raw, labels, mask, box = self._labelled
+        z, y, x = (b.stop - b.start for b in box)
+        side = max(int((max_voxels / max(z, 1)) ** 0.5), max(self.patch_shape[1:]))
+        cut = (box[0], *(slice(b.start + max(0, (n - side) // 2), b.start + max(0, (n - side) // 2) + min(n, side))
+                         for b, n in zip(box[1:], (y, x))))
+        known = np.ones([c.stop - c.start for c in cut], np.uint8) if mask is None else (np.asarray(mask[cut]) > 0)
+        return (self.normalizations[0](np.asarray(raw[cut])).astype(np.float32, copy=False), np.asarray(labels[cut]),
+                known.astype(np.uint8))
 
     def _given_regions(self, raws: list[Any]) -> tuple[list[Box], list[Box | None]]:
         """``train_region`` / ``val_region`` as boxes of the one labelled volume, checked disjoint."""

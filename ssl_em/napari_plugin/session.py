@@ -82,7 +82,7 @@ class FineTuneSession:
         pretrained = None if self.encoder in list_encoders() else self.encoder
         arch = load_encoder(self.encoder).encoder_config["architecture"] if pretrained else self.encoder
         module = FineTuning(task=self.task, encoder=arch, pretrained=pretrained, adapter="full", lr=self.lr or 2e-3,
-                            warmup_steps=5, export_on_fit_end=False)
+                            warmup_steps=5, calibrate_on_fit_end=False, export_on_fit_end=False)  # see fine_tune
         if self.patch_shape is None:
             encoder = getattr(module.model, "base_model", module.model).encoder
             stride = encoder.patch_size

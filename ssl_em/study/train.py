@@ -45,7 +45,7 @@ def build_module(method: str, cfg: StudyConfig, encoder_dir: str | Path | None, 
     from ssl_em.models.weights_io import read_sidecar
 
     common = dict(task=cfg.task, task_kwargs=cfg.task_kwargs, lr=lr, warmup_steps=max(1, steps // 20),
-                  export_on_fit_end=False)
+                  calibrate_on_fit_end=False, export_on_fit_end=False)  # the study calibrates (cfg.calibrate)
     torch.manual_seed(seed)
     if method == "unet":  # the plain U-Net users train, from random init, shaped by the plan
         return FineTuning(encoder=UNET_CONTROL, encoder_kwargs=plan_layout(cfg), adapter="full", grad_checkpointing=False,
