@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
 from ssl_em.adapters.losses import dice_loss
@@ -111,18 +110,20 @@ class FineTuning(L.LightningModule):
 
     # ---- targets -------------------------------------------------------------------------------
     def _targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "target" in batch:  # computed in the DataLoader workers (EMDataModule.use_targets)
+            return batch["target"], batch["target_mask"]
         masks = batch["mask"].detach().cpu().numpy() if "mask" in batch else None
         target, mask = self.task.batch_targets(batch["label"].detach().cpu().numpy(), masks)
         device = batch["raw"].device
         return torch.from_numpy(target).to(device), torch.from_numpy(mask).to(device)
 
-    def probe_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of ``batch`` without logging (precision measurement, ``ssl_em.fit``)."""
         target, mask = self._targets(batch)
         return self.task.loss(self(batch["raw"]).float(), target, mask)
 
     def training_step(self, batch, batch_idx):
-        loss = self.probe_loss(batch)
+        loss = self.training_loss(batch)
         if not torch.isfinite(loss):  # Lightning would train on with NaN weights and exit normally
             raise FloatingPointError(f"train loss is {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["raw"].shape[0])
@@ -169,41 +170,22 @@ class FineTuning(L.LightningModule):
                 and "lora_" not in n and "modules_to_save" not in n and "original_module" not in n]
 
     def setup(self, stage: str) -> None:
-        # after the data module's setup (shapes checked there): check label values before step 1
+        # after the data module's setup (shapes checked there): hand it this task's rules before step 1
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        hp = getattr(datamodule, "hparams", None) or {}
-        if stage == "fit" and datamodule is not None:
-            from ssl_em.models.pretrained import check_voxel_size
+        if stage != "fit" or datamodule is None:
+            return
+        from ssl_em.models.pretrained import check_voxel_size
 
-            data_voxel = getattr(datamodule, "voxel_size", None)
-            check_voxel_size(data_voxel, self.encoder_voxel_size,
-                             what=f"fine-tuning data {hp['raw'] if isinstance(hp.get('raw'), str) else 'volume'}")
-            if data_voxel is not None and getattr(self.task, "voxel_size", False) is None:
-                # the task draws boundaries by the data's anisotropy; unset in a recipe, it comes from the data
-                self.task.voxel_size = list(data_voxel)
-        labels = datamodule.given("labels") if hasattr(datamodule, "given") else hp.get("labels")
-        if stage == "fit" and labels is not None:
-            self.check_labels(labels, hp.get("ignore_value"), fill_missing=bool(hp.get("fill_missing", False)))
-
-    def check_labels(self, labels: Any, ignore_value: int | None = None, slab: int = 16,
-                     fill_missing: bool = False) -> None:
-        """Raise LabelError (one line) when ``labels`` (a volume spec or array) hold values outside
-        the task's set; read ``slab`` z-sections at a time (bounded memory). Labels with no foreground
-        where training draws crops are CropDataset's LabelError."""
-        from ssl_em.data.volume import as_volume, volume_name
-        from ssl_em.errors import LabelError
-
-        vol = as_volume(labels, fill_missing=fill_missing)
-        name = volume_name(vol)
-        for z in range(0, int(vol.shape[-3]), slab):
-            part = np.asarray(vol[..., z : z + slab, :, :])
-            if ignore_value is not None:
-                part = np.where(part == ignore_value, 0, part)
-            try:
-                self.task._check_labels(None, part.reshape(part.shape[-3:]) if part.ndim > 3 else part, None)
-            except LabelError as err:
-                raise LabelError(f"{name}: {err}") from None
-        # labels with no foreground where training draws crops: CropDataset says so, per region
+        data_voxel = getattr(datamodule, "voxel_size", None)
+        volumes = getattr(datamodule, "volumes", None) or ["volume"]
+        check_voxel_size(data_voxel, self.encoder_voxel_size, what=f"fine-tuning data {volumes[0]}")
+        if data_voxel is not None and getattr(self.task, "voxel_size", False) is None:
+            # the task draws boundaries by the data's anisotropy; unset in a recipe, it comes from the data
+            self.task.voxel_size = list(data_voxel)
+        if hasattr(datamodule, "check_labels"):  # label values outside the task's set: one line, before step 1
+            datamodule.check_labels(self.task.check_values)
+        if hasattr(datamodule, "use_targets"):  # after voxel_size: the workers' copy of the task has it
+            datamodule.use_targets(self.task.crop_targets)
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -231,18 +213,10 @@ class FineTuning(L.LightningModule):
         region = datamodule.calibration_region()
         if region is None:
             return {}
-        import tempfile
-
-        from ssl_em.predict import predict_volume
+        from ssl_em.predict.blockwise import predict_in_memory
 
         raw, labels, mask = region
-        patch = tuple(min(int(p), n) for p, n in zip(datamodule.patch_shape, raw.shape))
-        with tempfile.TemporaryDirectory(prefix="ssl_em_calibration_") as tmp:
-            probs = np.asarray(predict_volume(self.model.eval(), raw, Path(tmp) / "probabilities.zarr",
-                                              tuple(min(n, 2 * p) for n, p in zip(raw.shape, patch)),
-                                              tuple(p // 4 for p in patch), window_shape=patch, activation="sigmoid",
-                                              precision="32", device=str(self.device), batch_size=4,
-                                              progress=False)[:])
+        probs = predict_in_memory(self.model, raw, datamodule.patch_shape, device=str(self.device))
         settings = self.task.calibrate(probs, labels, mask, getattr(datamodule, "voxel_size", None))
         print("post-processing chosen on the labels: "
               + (", ".join(f"{k} {v:g}" for k, v in settings.items()) or "no foreground there, defaults kept"))

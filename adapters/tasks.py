@@ -60,6 +60,11 @@ class Task:
         """Raise LabelError (one line) for misshaped, empty, NaN or out-of-set inputs (a whole volume)."""
         self._check_labels(raw, labels, mask)
 
+    def check_values(self, labels: np.ndarray) -> None:
+        """Raise LabelError (one line) for label values outside the task's set in ``labels`` (z, y, x), any
+        part of a volume: what the data module checks slab by slab (``EMDataModule.check_labels``)."""
+        self._check_labels(None, labels, None)
+
     def _check_labels(self, raw: np.ndarray | None, labels: np.ndarray, mask: np.ndarray | None) -> None:
         """The checks that also hold for every training crop."""
         labels = np.asarray(labels)
@@ -99,26 +104,27 @@ class Task:
     def _targets(self, labels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def batch_targets(self, labels: np.ndarray, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """A batch of crops: ``labels``/``masks`` (B, [1,] z, y, x) -> ``(target, target_mask)`` (B, C, z, y, x).
+    def crop_targets(self, label: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One training crop: ``label``/``mask`` ([1,] z, y, x) -> ``(target, target_mask)`` (C, z, y, x), the
+        ``label_transform`` the data module's workers run (``EMDataModule.use_targets``).
 
         A crop without labelled voxels (sparse labels) gets zero targets and a zero mask, so it
         contributes nothing instead of failing the empty-labels check.
         """
+        label = np.asarray(label)
+        label = label.reshape(label.shape[-3:])
+        mask = np.ones(label.shape, np.float32) if mask is None else np.asarray(mask).reshape(label.shape)
+        if not (mask > 0).any():
+            empty = np.zeros((self.num_outputs, *label.shape), np.float32)
+            return empty, empty.copy()
+        return self.make_targets(label.astype(np.int64), mask)
+
+    def batch_targets(self, labels: np.ndarray, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A batch of crops: ``labels``/``masks`` (B, [1,] z, y, x) -> ``(target, target_mask)`` (B, C, z, y, x)."""
         labels = np.asarray(labels)
-        masks = np.ones(labels.shape, np.float32) if masks is None else np.asarray(masks)
-        targets, target_masks = [], []
-        for lab, m in zip(labels, masks):
-            lab, m = lab.reshape(lab.shape[-3:]), m.reshape(m.shape[-3:])
-            if not (m > 0).any():
-                empty = np.zeros((self.num_outputs, *lab.shape), np.float32)
-                targets.append(empty)
-                target_masks.append(empty)
-                continue
-            t, tm = self.make_targets(lab.astype(np.int64), m)
-            targets.append(t)
-            target_masks.append(tm)
-        return np.stack(targets), np.stack(target_masks)
+        pairs = [self.crop_targets(lab, None if masks is None else m)
+                 for lab, m in zip(labels, masks if masks is not None else [None] * len(labels))]
+        return np.stack([t for t, _ in pairs]), np.stack([m for _, m in pairs])
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Masked loss on ``(B, C, z, y, x)`` tensors."""

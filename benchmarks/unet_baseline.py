@@ -42,7 +42,7 @@ def train_and_score(name: str, study, steps: int, lr: float, seed: int) -> tuple
     import torch
 
     from ssl_em.plan import upsample
-    from ssl_em.study.train import build_data, build_module, evaluate, score
+    from ssl_em.study.train import build_data, build_module, predict_probabilities, score
 
     cfg = study.cfg
     module = build_module("unet", cfg, None, seed, lr, steps)
@@ -57,7 +57,7 @@ def train_and_score(name: str, study, steps: int, lr: float, seed: int) -> tuple
     start, done = time.perf_counter(), 0
     while done < steps:
         for batch in dm.train_dataloader():
-            loss = module.probe_loss(batch)
+            loss = module.training_loss(batch)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -68,8 +68,7 @@ def train_and_score(name: str, study, steps: int, lr: float, seed: int) -> tuple
                 break
     seconds = time.perf_counter() - start
     module.model.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        probs = evaluate(module, study.data.raw[study.eval_box], cfg, Path(tmp))
+    probs = predict_probabilities(module, study.data.raw[study.eval_box], cfg)
     probs = upsample(probs, study.ev_gt.shape)
     return score(probs, study.ev_gt, module.task, cfg.voxel_size)["iou"], seconds
 

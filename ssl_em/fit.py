@@ -129,7 +129,7 @@ def _measured_precision_of(model: Any, datamodule: Any, device_type: str) -> str
     """Lightning precision for ``precision: auto``, timed on one batch (None: nothing to time)."""
     from ssl_em.utils.precision import describe_record, lightning_precision, measure_datamodule_precision
 
-    if not hasattr(model, "probe_loss") or datamodule is None or not hasattr(datamodule, "train_dataloader"):
+    if not hasattr(model, "training_loss") or datamodule is None or not hasattr(datamodule, "train_dataloader"):
         return None
     record = measure_datamodule_precision(model, datamodule, device_type)
     print(f"ssl-em fit: {describe_record(record)}", file=sys.stderr)

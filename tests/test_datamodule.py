@@ -47,9 +47,9 @@ def test_supervised_batches_and_disjoint_validation(npy_specs):
     assert dm.normalization.fitted and dm.voxel_size == (50.0, 4.6, 4.6)
 
 
-def test_label_slices_keep_few_training_sections(npy_specs):
+def test_n_label_sections_keep_few_training_sections(npy_specs):
     raw, mito = npy_specs
-    dm = _dm(raw=raw, labels=mito, label_slices=2, val_fraction=0.25)
+    dm = _dm(raw=raw, labels=mito, n_label_sections=2, val_fraction=0.25)
     dm.setup("fit")
     mask = dm.train_set.sources[0].mask
     per_slice = np.asarray(mask[(slice(0, 15), slice(0, 96), slice(0, 96))]).any(axis=(1, 2))
@@ -57,6 +57,18 @@ def test_label_slices_keep_few_training_sections(npy_specs):
     for i in range(4):  # every training crop holds a supervised section
         assert dm.train_set[i]["mask"].sum() > 0
     assert dm.val_set[0]["mask"].min() == 1  # validation stays densely labelled
+
+
+def test_the_old_name_label_slices_still_chooses_the_same_sections_with_a_deprecation(npy_specs):
+    raw, mito = npy_specs
+    with pytest.warns(DeprecationWarning, match="n_label_sections"):
+        old = _dm(raw=raw, labels=mito, label_slices=2, val_fraction=0.25)
+    new = _dm(raw=raw, labels=mito, n_label_sections=2, val_fraction=0.25)
+    old.setup("fit"), new.setup("fit")
+    box = (slice(0, 15), slice(0, 96), slice(0, 96))
+    np.testing.assert_array_equal(np.asarray(old.train_set.sources[0].mask[box]),
+                                  np.asarray(new.train_set.sources[0].mask[box]))
+    assert old.hparams.n_label_sections == 2 and "label_slices" not in old.hparams
 
 
 def test_two_views_with_persistent_workers(npy_specs):

@@ -275,3 +275,39 @@ def test_cli_fine_tuning_chooses_the_synapse_post_processing_and_the_folder_carr
     assert "post-processing chosen" not in capsys.readouterr().out
     default = load_finetuned(tmp_path / "b" / "model").task
     assert (default.threshold, default.min_volume_nm3) == (SynapseTask().threshold, SynapseTask().min_volume_nm3)
+
+
+def test_training_targets_are_made_in_the_dataloader_workers():
+    """Fine-tuning hands its task's ``crop_targets`` to the data module: batches from a worker process
+    carry the affinities (neurons of the phantom, augmented crops) the training step used to compute
+    itself from the labels, value for value, and the step receives them without labels."""
+    from ssl_em.data.datamodule import EMDataModule
+
+    def data(workers: int) -> EMDataModule:
+        return EMDataModule(task="neuron", patch_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 96, 96),
+                            samples_per_epoch=4, val_fraction=0, num_workers=workers)
+
+    module = FineTuning(task="neuron", encoder="unet3d_test", adapter="full", export_on_fit_end=False,
+                        calibrate_on_fit_end=False)
+    seen: list[set[str]] = []
+
+    class Keys(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(set(batch))
+
+    workers = data(1)
+    L.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              accelerator="cpu", callbacks=[Keys()]).fit(module, datamodule=workers)
+    assert seen == [{"raw", "target", "target_mask"}]
+    assert workers.label_transform is not None
+    in_workers = next(iter(workers.train_dataloader()))
+
+    in_step = data(0)
+    in_step.setup("fit")
+    plain = next(iter(in_step.train_dataloader()))  # same seed: the same crops, labels not yet targets
+    target, mask = module.task.batch_targets(plain["label"].numpy(), plain["mask"].numpy())
+    assert torch.equal(in_workers["raw"], plain["raw"])
+    assert in_workers["target"].shape == (2, module.task.num_outputs, 8, 32, 32)
+    assert 0 < float(in_workers["target"].mean()) < 1
+    np.testing.assert_array_equal(in_workers["target"].numpy(), target)
+    np.testing.assert_array_equal(in_workers["target_mask"].numpy(), mask)

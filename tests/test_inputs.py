@@ -108,14 +108,14 @@ def test_labels_on_another_voxel_grid_are_refused(phantom, tmp_path: Path) -> No
     assert len(CropDataset([str(raw)], (4, 32, 32), labels=[str(same)]).sources) == 1
 
 
-def test_label_slices_choose_only_annotated_sections(phantom) -> None:
+def test_n_label_sections_choose_only_annotated_sections(phantom) -> None:
     """One annotated section among unannotated ones (ignore value everywhere else): asking for one
     labelled section gives that one, at every seed."""
     labels = np.full(phantom.raw.shape, 255, np.uint8)
     labels[3] = phantom.mito[3] > 0  # the only annotated section (mitochondria and background)
     for seed in range(4):
         dm = EMDataModule(raw=phantom.raw, labels=labels, task="mito", patch_shape=(4, 32, 32), batch_size=2,
-                          samples_per_epoch=4, val_fraction=0.3, ignore_value=255, label_slices=1, seed=seed,
+                          samples_per_epoch=4, val_fraction=0.3, ignore_value=255, n_label_sections=1, seed=seed,
                           augment=False)
         dm.setup("fit")
         keep = dm.train_set.sources[0].mask

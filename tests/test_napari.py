@@ -10,7 +10,6 @@ if not os.environ.get("DISPLAY"):  # headless Qt, before anything imports it; un
 
 import numpy as np
 import pytest
-import torch
 
 from ssl_em.data.phantom import make_phantom
 from ssl_em.errors import LabelError

@@ -55,7 +55,7 @@ class ScriptedStep(torch.nn.Module):
         super().__setstate__(state)
         FakeClock.install()
 
-    def probe_loss(self, batch: dict) -> torch.Tensor:
+    def training_loss(self, batch: dict) -> torch.Tensor:
         precision = "bf16" if torch.is_autocast_enabled("cpu") else "32"
         if precision == "bf16" and self.on_bf16 == "crash":
             os.kill(os.getpid(), signal.SIGSEGV)

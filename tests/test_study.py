@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ssl_em.data.labels import check_disjoint, label_sections
+from ssl_em.data.labels import check_disjoint, sections_for_fraction
 from ssl_em.errors import ConfigError, LabelError
 from ssl_em.study import (
     METRICS,
@@ -47,11 +47,11 @@ def test_regions_refuse_a_volume_too_small():
 
 
 def test_label_fractions_keep_at_least_one_section_reproducibly():
-    assert len(label_sections(20, 0.01, seed=0)) == 1
-    assert len(label_sections(20, 0.25, seed=0)) == 5
-    assert list(label_sections(20, 1.0, seed=3)) == list(range(20))
-    np.testing.assert_array_equal(label_sections(40, 0.1, seed=7), label_sections(40, 0.1, seed=7))
-    draws = {tuple(label_sections(40, 0.1, seed=s)) for s in range(5)}
+    assert len(sections_for_fraction(20, 0.01, seed=0)) == 1
+    assert len(sections_for_fraction(20, 0.25, seed=0)) == 5
+    assert list(sections_for_fraction(20, 1.0, seed=3)) == list(range(20))
+    np.testing.assert_array_equal(sections_for_fraction(40, 0.1, seed=7), sections_for_fraction(40, 0.1, seed=7))
+    draws = {tuple(sections_for_fraction(40, 0.1, seed=s)) for s in range(5)}
     assert len(draws) > 1  # seeds draw different sections
 
 
@@ -138,7 +138,7 @@ def test_tiny_study_end_to_end(tmp_path):
                for r in records)
     assert {r["labelled_voxels"] for r in records} == {2 * int(np.prod([b.stop - b.start for b in study.regions.fit[1:]]))}
     _assert_dice_matches_iou(records)
-    assert [run["label_sections"] for run in doc["runs"]] == [label_sections(8, 0.25, 0).tolist()] * 2
+    assert [run["label_sections"] for run in doc["runs"]] == [sections_for_fraction(8, 0.25, 0).tolist()] * 2
     assert doc["runs"][0]["lr"] in (3e-3, 1e-2) and doc["pretraining"]["steps"] == 6
     assert all(run["steps"] == 12 and run["status"] == "ok" for run in doc["runs"])
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -475,16 +475,16 @@ def test_runs_are_also_scored_after_the_eval_steps(tmp_path):
         def on_train_batch_end(self, trainer, module, *args):
             after_step[trainer.global_step] = next(iter(module.state_dict().values())).detach().clone()
 
-    fit, taken = study_train.fit, {}
+    fine_tune, taken = study_train.fine_tune, {}
 
     def watched_fit(module, *args, **kwargs):
         module.configure_callbacks = lambda: [Watch()]
-        result = fit(module, *args, **kwargs)
+        result = fine_tune(module, *args, **kwargs)
         taken.update(result.snapshots)
         return result
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("ssl_em.study.runner.fit", watched_fit)
+        mp.setattr("ssl_em.study.runner.fine_tune", watched_fit)
         study.run()
     assert sorted(taken) == [1, 3]  # 9 is past the run's end
     first = next(iter(taken[1]))
@@ -660,7 +660,7 @@ def test_synapse_runs_choose_their_post_processing_on_their_own_labels(tmp_path)
         assert settings["threshold"] in SynapseTask.THRESHOLDS and settings["min_volume_nm3"] > 0
         assert 0 <= settings["labelled_iou"] <= 1
     off = Study(target.raw, target.labels("synapse"), [target.raw], StudyConfig(**kwargs, calibrate=False), tmp_path / "out")
-    assert off.digest("rf") != study.digest("rf") and list(off._finished()) == [("pretraining",)]  # runs redone
+    assert off.digest("rf") != study.digest("rf") and list(off.ledger.load()) == [("pretraining",)]  # runs redone
     mito = {**kwargs, "task": "mito"}
     a = Study(target.raw, target.mito, [target.raw], StudyConfig(**mito), tmp_path / "m")
     b = Study(target.raw, target.mito, [target.raw], StudyConfig(**mito, calibrate=False), tmp_path / "m")

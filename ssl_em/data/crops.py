@@ -14,7 +14,7 @@ hook is needed. With persistent workers the epoch must come from the main proces
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,9 +89,13 @@ class CropDataset(Dataset):
     a loss never sees it as a class).
     ``require_labels``: labels with no foreground (nonzero, not ``ignore_value``) in a region are a
     LabelError (a training set that can only teach "background"); False for validation sets.
+    ``label_transform``: ``(label, mask) -> (target, target_mask)`` of one augmented crop, e.g. a task's
+    affinities (``Task.crop_targets``); it runs here, in the DataLoader workers (torch-em's
+    ``label_transform``), so the training step only moves tensors.
 
     Item: ``{"raw": float32 (1, D, H, W)}`` plus, with labels, ``"label"`` (C or 1, D, H, W;
-    int64, float32 for float labels) and ``"mask"`` float32 (1, D, H, W), 1 = supervise.
+    int64, float32 for float labels) and ``"mask"`` float32 (1, D, H, W), 1 = supervise; with a
+    ``label_transform``, ``"target"`` and ``"target_mask"`` (K, D, H, W) in their place.
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class CropDataset(Dataset):
         ignore_value: int | float | None = None,
         voxel_size: Sequence[float] | None = None,
         require_labels: bool = True,
+        label_transform: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         raws = raw if isinstance(raw, (list, tuple)) else [raw]
         n = len(raws)
@@ -118,7 +123,7 @@ class CropDataset(Dataset):
         self.patch_shape = tuple(int(p) for p in patch_shape)
         self.sampler = sampler if sampler is not None else UniformSampler()
         self.augment, self.seed, self.ignore_value = augment, int(seed), ignore_value
-        self.require_labels = require_labels
+        self.require_labels, self.label_transform = require_labels, label_transform
         self.samples_per_epoch, self.epoch = int(samples_per_epoch), 0
         parts = zip(
             raws, *(_listify(x, n, what) for x, what in ((labels, "labels"), (masks, "masks"), (regions, "regions"))),
@@ -207,6 +212,8 @@ class CropDataset(Dataset):
         sample = self._read(src, box)
         if self.augment is not None:
             sample = self.augment(sample, rng)
+        if self.label_transform is not None and "label" in sample:  # in the worker, after augmentation
+            sample["target"], sample["target_mask"] = self.label_transform(sample.pop("label"), sample.pop("mask"))
         return {k: _tensor(v) for k, v in sample.items()}
 
 

@@ -1,7 +1,7 @@
 """Lightning data module for EM pretraining and few-label fine-tuning; its constructor is the config.
 
 Modes (chosen from the arguments, in this order):
-* supervised: ``raw`` + ``labels`` (+ optional ``mask``, ``ignore_value``, ``label_slices``);
+* supervised: ``raw`` + ``labels`` (+ optional ``mask``, ``ignore_value``, ``n_label_sections``);
 * phantom supervised: no files, ``task`` set -> the phantom's raw and the label array for the task;
 * self-supervised: ``unlabeled`` volumes (or ``raw`` alone, or the phantom), single or two views.
 
@@ -13,8 +13,8 @@ checkpoints) records normalisation and voxel size so prediction can reproduce th
 from __future__ import annotations
 
 import os
-
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -34,7 +34,7 @@ from ssl_em.data.samplers import (
     labelled_slices,
 )
 from ssl_em.data.volume import Box, Region, as_volume, volume_name, voxel_size_of
-from ssl_em.errors import ConfigError, check_fraction, check_positive
+from ssl_em.errors import ConfigError, LabelError, check_fraction, check_positive
 
 FORMAT_VERSION = 1
 
@@ -82,13 +82,14 @@ class EMDataModule(L.LightningDataModule):
         sampler: "uniform", "foreground" or "labelled"; None picks labelled for sparse labels,
             foreground for dense labels, uniform without labels.
         ignore_value: label value meaning unlabelled (e.g. -1 or 255).
-        label_slices: keep labels on only this many training z-sections (few-label regime), chosen
+        n_label_sections: keep labels on only this many training z-sections (few-label regime), chosen
             among the sections that hold annotation (mask > 0, or a value other than ``ignore_value``).
+            ``label_slices`` is its old name (deprecated, still read).
         fill_missing: read zarr chunks absent from the stores as the fill value (default: an error).
         train_region, val_region: explicit boxes ``[[z0, z1], [y0, y1], [x0, x1]]`` of one labelled
             volume instead of the ``val_fraction`` split (the label-efficiency study's in-plane slabs).
         label_sections: the z-sections that keep labels (training and validation alike: the only
-            labels a user has), instead of ``label_slices`` drawn at random.
+            labels a user has), instead of ``n_label_sections`` drawn at random.
     """
 
     def __init__(
@@ -114,20 +115,26 @@ class EMDataModule(L.LightningDataModule):
         val_fraction: float = 0.2,
         sampler: Literal["uniform", "foreground", "labelled"] | None = None,
         ignore_value: int | None = None,
-        label_slices: int | None = None,
+        n_label_sections: int | None = None,
         phantom_shape: tuple[int, int, int] = (48, 192, 192),
         seed: int = 0,
         fill_missing: bool = False,
         train_region: list[list[int]] | None = None,
         val_region: list[list[int]] | None = None,
         label_sections: list[int] | None = None,
+        label_slices: int | None = None,
     ) -> None:
         super().__init__()
+        if label_slices is not None:  # the old name (recipes and checkpoints written before it was renamed)
+            warnings.warn("EMDataModule(label_slices=...) is now n_label_sections; label_slices will be removed",
+                          DeprecationWarning, stacklevel=2)
+            if n_label_sections is None:
+                n_label_sections = label_slices
         # arrays given in memory (the study's normalised volume) stay out of the hyper-parameters that
         # every checkpoint stores: a description stands in for them there
         self._in_memory = {k: v for k, v in (("raw", raw), ("labels", labels), ("mask", mask))
                            if v is not None and not isinstance(v, (str, os.PathLike))}
-        self.save_hyperparameters(ignore=list(self._in_memory))
+        self.save_hyperparameters(ignore=[*self._in_memory, "label_slices"])
         for name, value in self._in_memory.items():
             self.hparams[name] = f"<array {tuple(getattr(value, 'shape', ()))} {getattr(value, 'dtype', '')}>"
         if labels is not None and raw is None:
@@ -151,6 +158,7 @@ class EMDataModule(L.LightningDataModule):
         self._labelled: tuple[Any, Any, Any, Box] | None = None  # raw, labels, mask, box: calibration_region
         self._phantom_voxel: tuple[float, float, float] | None = None
         self._restored: list[Normalization] | None = None  # from a checkpoint (load_state_dict)
+        self.label_transform: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
     # ------------------------------------------------------------------ building
 
@@ -221,11 +229,11 @@ class EMDataModule(L.LightningDataModule):
                 raise ConfigError(f"label_sections {bad or sections} must be z indices in 0..{raws[0].shape[0] - 1}")
             keep = SliceMask(raws[0].shape, sections)
             mask = train_mask = keep if mask is None else _AllOf(mask, keep)
-        elif labels is not None and hp.label_slices is not None:  # few-label regime: a few training sections
+        elif labels is not None and hp.n_label_sections is not None:  # few-label regime: a few training sections
             unannotated = _unannotated_sections(labels, mask, hp.ignore_value)
             val_z = range(val_boxes[0][0].start, val_boxes[0][0].stop) if val_boxes[0] else range(0)
             exclude = sorted(set(unannotated) | set(val_z))  # never the validation sections, never blank ones
-            chosen = sparse_slices(raws[0].shape[0], hp.label_slices, seed=hp.seed, exclude=exclude)
+            chosen = sparse_slices(raws[0].shape[0], hp.n_label_sections, seed=hp.seed, exclude=exclude)
             keep = SliceMask(raws[0].shape, chosen)
             train_mask = keep if mask is None else _AllOf(mask, keep)
         sparse = train_mask is not None or hp.ignore_value is not None
@@ -314,8 +322,33 @@ class EMDataModule(L.LightningDataModule):
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # saved in on_train_batch_end
         return int(done) * int(self.hparams.batch_size) if trainer.fit_loop.restarting else 0
 
+    def check_labels(self, check: Callable[[np.ndarray], None], slab: int = 16) -> None:
+        """Run ``check`` (e.g. ``Task.check_values``, raising LabelError) over the labels ``slab`` z-sections at
+        a time (bounded memory), ``ignore_value`` read as background; its error names the labels file."""
+        labels = self.given("labels")
+        if labels is None:
+            return
+        vol = as_volume(labels, fill_missing=self.hparams.get("fill_missing", False))
+        ignore = self.hparams.ignore_value
+        for z in range(0, int(vol.shape[-3]), slab):
+            part = np.asarray(vol[..., z : z + slab, :, :])
+            if ignore is not None:
+                part = np.where(part == ignore, 0, part)
+            try:
+                check(part.reshape(part.shape[-3:]) if part.ndim > 3 else part)
+            except LabelError as err:
+                raise LabelError(f"{volume_name(vol)}: {err}") from None
+
+    def use_targets(self, label_transform: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+        """Compute each labelled crop's training targets in the DataLoader workers with ``label_transform``
+        (``(label, mask) -> (target, target_mask)``, e.g. ``Task.crop_targets``); the fine-tuning module
+        that trains on this data sets it, and batches then carry ``target``/``target_mask``."""
+        self.label_transform = label_transform
+
     def _loader(self, ds: CropDataset, train: bool) -> DataLoader:
         nw = int(self.hparams.num_workers)
+        if not self.hparams.two_views:
+            ds.label_transform = self.label_transform
         return DataLoader(
             ds,
             batch_size=self.hparams.batch_size,

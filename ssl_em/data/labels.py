@@ -94,7 +94,7 @@ def split_regions(shape: Sequence[int], eval_fraction: float, axis: int = 0, min
     return tuple(train), tuple(ev)
 
 
-def label_sections(n_sections: int, fraction: float, seed: int) -> np.ndarray:
+def sections_for_fraction(n_sections: int, fraction: float, seed: int) -> np.ndarray:
     """Sorted z indices that keep labels: ``fraction`` of ``n_sections`` (at least one), per ``seed``."""
     return sparse_slices(int(n_sections), fraction=float(fraction), seed=int(seed))
 

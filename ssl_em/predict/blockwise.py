@@ -72,6 +72,22 @@ def tta_axes(window: Sequence[int]) -> tuple[int, ...]:
     return ((0,) if int(window[0]) > 1 else ()) + (1, 2)
 
 
+def predict_in_memory(model: Any, raw: np.ndarray, window_shape: Sequence[int], *, precision: str = "32",
+                      device: str = "cpu", flips: Sequence[int] = ()) -> np.ndarray:
+    """Sigmoid probabilities (K, z, y, x) of an in-memory, normalised ``raw`` through ``predict_volume``, in
+    windows of the training crop (clipped to ``raw``) overlapping by a quarter: how fine-tuning, the study
+    and calibration see a labelled region exactly as ``ssl-em predict`` would."""
+    import tempfile
+
+    window = tuple(min(int(p), int(n)) for p, n in zip(window_shape, raw.shape))
+    block = tuple(min(int(n), 2 * p) for n, p in zip(raw.shape, window))
+    with tempfile.TemporaryDirectory(prefix="ssl_em_probabilities_") as tmp:
+        out = predict_volume(model.eval(), raw.astype(np.float32, copy=False), Path(tmp) / "probabilities.zarr",
+                             block, tuple(p // 4 for p in window), window_shape=window, activation="sigmoid",
+                             precision=precision, device=device, batch_size=4, progress=False, flips=flips)
+        return np.asarray(out[:])
+
+
 def predict_volume(
     model: Any,
     src: Any,

@@ -17,7 +17,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 from timm.models.vision_transformer import Block
 from torch import nn

@@ -140,7 +140,7 @@ class Pretraining(L.LightningModule):
             self.log(f"{stage}/{name}", value, on_step=stage == "train", on_epoch=stage == "val", batch_size=size)
         return loss
 
-    def probe_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of ``batch`` without logging (precision measurement, ``ssl_em.fit``)."""
         return self._objective_loss(batch)[0]
 

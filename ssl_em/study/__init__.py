@@ -57,8 +57,8 @@ from ssl_em.study.train import (
     Labelled as Labelled,
     build_data as build_data,
     build_module as build_module,
-    evaluate as evaluate,
-    fit as fit,
+    fine_tune as fine_tune,
+    predict_probabilities as predict_probabilities,
     pretrain as pretrain,
     score as score,
 )

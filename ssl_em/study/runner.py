@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -22,14 +21,14 @@ import numpy as np
 
 from ssl_em.data.volume import Box
 from ssl_em.errors import ConfigError, LabelError
+from ssl_em.study.ledger import RESULTS, Ledger
 from ssl_em.study.config import ADAPTER, FINE_TUNING_ONLY, NOT_TRAINED, Regime, StudyConfig, _lrs
-from ssl_em.data.labels import label_sections, paint_patches
+from ssl_em.data.labels import paint_patches, sections_for_fraction
 from ssl_em.study.regions import Regions, _trim, plan_regions
 from ssl_em.study.report import shown_section, write_reports
 from ssl_em.plan import downsample, upsample
-from ssl_em.study.train import Labelled, build_data, build_module, evaluate, fit, monitor_of, pretrain, score
+from ssl_em.study.train import Labelled, build_data, build_module, fine_tune, monitor_of, predict_probabilities, pretrain, score
 
-RESULTS = "results.jsonl"
 TIMING = ("seconds", "precision_record")  # fields that differ between identical runs
 
 
@@ -74,7 +73,6 @@ class Study:
         # the labelled volume is read into memory once (it is the small annotated part); the
         # unlabelled volumes stay lazy
         self.cfg, self.out, self.log = cfg, Path(out), log
-        self.reuse = [Path(p) for p in reuse]
         self.raw_vol = as_volume(raw, cfg.voxel_size, cfg.fill_missing)
         self._labelled_name = f"the labelled volume {volume_name(self.raw_vol)}"
         lab_vol = as_volume(labels, fill_missing=cfg.fill_missing)
@@ -117,7 +115,7 @@ class Study:
         self.pretraining: dict[str, Any] = {}
         self.step_records: list[dict[str, Any]] = []  # by fine-tuning step: cfg.eval_steps and the last
         self.precisions: dict[str, dict[str, Any]] = {}
-        self.done: dict[tuple, dict[str, Any]] = {}
+        self.ledger = Ledger(self.out, self.digest, [Path(p) for p in reuse], log)
         self._digest_base: dict[str, Any] | None = None
         self._encoder_digest: dict[str, Any] = {}  # "weights" / "architecture" of cfg.encoder, read once
         self._unlabeled_digest: str | None = None
@@ -230,47 +228,6 @@ class Study:
             self._unlabeled_digest = h.hexdigest()
         return self._unlabeled_digest
 
-    @staticmethod
-    def _method_of(key: Sequence[Any]) -> str | None:
-        """The method a results.jsonl key belongs to: ("run" | "sweep", method, ...); pretraining has none."""
-        return key[1] if len(key) > 1 else None
-
-    def _finished(self) -> dict[tuple, dict[str, Any]]:
-        done: dict[tuple, dict[str, Any]] = {}
-        for key, entry in self._matching(self.out / RESULTS):
-            done[key] = entry
-        for other in self.reuse:  # another study's runs this one would repeat exactly: copied, not redone
-            if not other.is_file():
-                raise ConfigError(f"--reuse {other}: no such results.jsonl")
-            for key, entry in self._matching(other):
-                if key[0] in ("run", "sweep") and key not in done:
-                    done[key] = self._append(key, {k: v for k, v in entry.items() if k not in ("key", "digest")})
-                    self.log(f"reused from {other}: {' '.join(map(str, key[1:]))}")
-        return done
-
-    def _matching(self, path: Path) -> list[tuple[tuple, dict[str, Any]]]:
-        """(key, entry) of the lines of a results.jsonl whose digest matches this study's for their method."""
-        found = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:  # a line cut short by a kill
-                    continue
-                key = tuple(entry.get("key") or ())
-                if key and entry.get("digest") == self.digest(self._method_of(key)):
-                    found.append((key, entry))
-        return found
-
-    def _append(self, key: tuple, entry: dict[str, Any]) -> dict[str, Any]:
-        entry = {"key": list(key), "digest": self.digest(self._method_of(key)), **entry}
-        with open(self.out / RESULTS, "a") as f:
-            f.write(json.dumps(entry, default=float) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done[key] = entry
-        return entry
-
     # -- pieces ---------------------------------------------------------------------------------
     def _pretraining_regions(self) -> list[Box | None]:
         """The labelled raw, where it is among the unlabelled volumes, only contributes its training
@@ -306,8 +263,8 @@ class Study:
         if cfg.pretrain_steps <= 0:
             raise ConfigError("pretraining budget is 0 steps and no --encoder given: nothing to fine-tune from")
         key = ("pretraining",)
-        if key in self.done and (self.out / "pretrain" / "encoder" / "encoder.json").exists():
-            self.pretraining = self.done[key]["pretraining"]
+        if key in self.ledger.done and (self.out / "pretrain" / "encoder" / "encoder.json").exists():
+            self.pretraining = self.ledger.done[key]["pretraining"]
             self.log(f"pretraining: done before ({self.pretraining['steps']} steps), reusing "
                      f"{self.pretraining['encoder']}")
             return self.pretraining["encoder"]
@@ -319,13 +276,13 @@ class Study:
         meta = sidecar["metadata"]
         self.pretraining = {"encoder": str(enc), "architecture": sidecar["architecture"], "method": meta["method"],
                             "steps": meta["steps"], "seconds": meta["seconds"], "data": _volumes_of(meta)}
-        self._append(key, {"pretraining": self.pretraining})
+        self.ledger.append(key, {"pretraining": self.pretraining})
         return str(enc)
 
     def pretrain_only(self) -> str:
         """Pretrain (or resume the pretraining from its checkpoint) and stop: the encoder's folder. A table
         then starts from it with ``cfg.encoder``, so the long pretraining is run and kept once."""
-        self.done = self._finished()
+        self.ledger.load()
         return self.encoder()
 
     def label_mask(self, regime: Regime, seed: int) -> np.ndarray:
@@ -334,7 +291,7 @@ class Study:
         if regime.patches is not None:
             return paint_patches(self.data.labels, self.regions.fit, regime.patches, self.cfg.patch_size, seed)
         mask = np.zeros(self.data.labels.shape, np.uint8)
-        mask[label_sections(self.data.raw.shape[0], regime.fraction, seed)] = 1
+        mask[sections_for_fraction(self.data.raw.shape[0], regime.fraction, seed)] = 1
         return mask
 
     def _validation(self, mask: np.ndarray) -> Box | None:
@@ -376,7 +333,7 @@ class Study:
             precision, record = self._precision(method, module, dm)
             work = self.out / "work" / name.replace(" ", "_")
             try:
-                result = fit(module, dm, self.cfg, steps, work, name, precision, validate=val is not None)
+                result = fine_tune(module, dm, self.cfg, steps, work, name, precision, validate=val is not None)
             except FloatingPointError as err:
                 self.log(f"    {name}: diverged at lr {attempt_lr:.1e} ({err})")
                 info.setdefault("diverged_at", []).append(attempt_lr)
@@ -464,14 +421,14 @@ class Study:
                 return grid[mid]
             regime = Regime(fraction=cfg.fractions[0])
         key = ("sweep", method, regime.name if cfg.sweep_every_fraction else None)
-        if key in self.done:
-            return self.done[key]["lr"]
+        if key in self.ledger.done:
+            return self.ledger.done[key]["lr"]
         mask = self.label_mask(regime, 0)
         if self._validation(mask) is None:
             # no foreground on the labelled validation sections: nothing can rank the rates, and the
             # loss alone would reward the rate that collapses to background fastest
             self.log(f"    sweep {method}: no foreground on the labelled validation sections, lr {grid[mid]:.1e}")
-            return self._append(key, {"lr": grid[mid], "scores": {}})["lr"]
+            return self.ledger.append(key, {"lr": grid[mid], "scores": {}})["lr"]
         steps = max(1, round(cfg.steps * cfg.sweep_share))
         sign = -1 if monitor_of(cfg.task)[1] == "min" else 1
         scores: dict[str, float] = {}
@@ -482,7 +439,7 @@ class Study:
             scores[f"{lr:g}"] = -math.inf if info["status"] != "ok" or value is None else sign * value
             self.log(f"    sweep {method} lr {lr:.1e}: validation {scores[f'{lr:g}']:.3f}")
         best = max(grid, key=lambda lr: (scores[f"{lr:g}"], lr == grid[mid]))
-        return self._append(key, {"lr": best, "scores": scores})["lr"]
+        return self.ledger.append(key, {"lr": best, "scores": scores})["lr"]
 
     def _save(self) -> None:
         from ssl_em.data.volume import volume_name
@@ -503,12 +460,12 @@ class Study:
 
     # -- the whole study ------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        cfg, data = self.cfg, self.data
+        cfg = self.cfg
         t0 = time.perf_counter()
         self.deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes is not None else math.inf
-        self.done = self._finished()
-        if self.done:
-            self.log(f"{len(self.done)} finished step(s) found in {self.out / RESULTS}: skipping them")
+        self.ledger.load()
+        if self.ledger.done:
+            self.log(f"{len(self.ledger.done)} finished step(s) found in {self.out / RESULTS}: skipping them")
         # baselines without an encoder (unet, rf) need no pretraining
         enc = self.encoder() if any(m in ADAPTER for m in cfg.methods) else None
         ev_raw = self.ev_work  # the working grid; scores on the original one (self.ev_gt)
@@ -542,7 +499,7 @@ class Study:
         cfg = self.cfg
         key = ("run", method, regime.name, seed)
         shown = self.out / "sections" / f"{method}_{regime.name.replace(' ', '_').replace('%', 'pc')}.npy"
-        if key not in self.done:
+        if key not in self.ledger.done:
             mask = self.label_mask(regime, seed)
             name = f"{method} {regime.name} seed {seed}"
             task, probs = None, None
@@ -552,10 +509,9 @@ class Study:
                 module, info, snapshots = self._train(method, seed, lr, cfg.steps, enc, self.regions.fit, mask, name)
                 if module is not None:
                     task = module.task
-                    work = self.out / "work" / name.replace(" ", "_")
-                    info.update(self._calibrate(task, lambda raw: evaluate(module, raw, cfg, work, info["precision"]),
+                    info.update(self._calibrate(task, lambda raw: predict_probabilities(module, raw, cfg, info["precision"]),
                                                 mask, self._validation(mask)))
-                    probs = evaluate(module, ev_raw, cfg, work, info["precision"])
+                    probs = predict_probabilities(module, ev_raw, cfg, info["precision"])
                     info["trainable_params"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
                     from ssl_em.adapters import get_task
 
@@ -563,9 +519,9 @@ class Study:
                     for step, state in sorted(snapshots.items()):  # the same run stopped earlier, its own
                         module.load_state_dict(state)  # post-processing chosen as the final weights' was
                         early_task = get_task(cfg.task, **cfg.task_kwargs)
-                        self._calibrate(early_task, lambda raw: evaluate(module, raw, cfg, work, info["precision"]),
+                        self._calibrate(early_task, lambda raw: predict_probabilities(module, raw, cfg, info["precision"]),
                                         mask, self._validation(mask))
-                        early = upsample(evaluate(module, ev_raw, cfg, work, info["precision"]), self.ev_gt.shape)
+                        early = upsample(predict_probabilities(module, ev_raw, cfg, info["precision"]), self.ev_gt.shape)
                         at_steps[str(step)] = score(early, self.ev_gt, early_task, cfg.voxel_size)
                     if at_steps:
                         info["at_steps"] = at_steps
@@ -583,11 +539,11 @@ class Study:
                      "label_sections": np.flatnonzero(fit_mask.any(axis=(1, 2))).tolist(),
                      "labelled_voxels": int(fit_mask.sum()) * d * d,  # on the original grid
                      "metrics": metrics, **info}
-            self._append(key, entry)
+            self.ledger.append(key, entry)
             text = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or info["status"]
             self.log(f"    {name}: {info.get('steps', 0)} steps, lr {info['lr']:.1e}, best step {info.get('best_step')}"
                      f", {entry['labelled_voxels']} labelled voxels on {len(entry['label_sections'])} sections -> {text}")
-        entry = self.done[key]
+        entry = self.ledger.done[key]
         self.runs.append({k: v for k, v in entry.items() if k not in ("key", "digest", "metrics")})
         for metric, value in entry["metrics"].items():
             self.records.append({"method": method, **self._regime_fields(regime), "seed": seed,

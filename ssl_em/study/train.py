@@ -203,7 +203,7 @@ def _trainer(**kwargs: Any) -> Any:
         return L.Trainer(**kwargs)
 
 
-def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, name: str, precision: str,
+def fine_tune(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, name: str, precision: str,
         validate: bool) -> FitResult:
     """Train ``module`` for ``steps`` optimiser steps; with ``validate``, score the validation crops every
     ``cfg.val_every`` steps and load the best-scoring weights at the end; the weights after each of
@@ -246,27 +246,18 @@ def fit(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: Path, 
     return FitResult(int(trainer.global_step), round(seconds, 1), best_step, score, precision, snapshots.states)
 
 
-def evaluate(module: Any, raw: np.ndarray, cfg: StudyConfig, work: Path, precision: str = "32") -> np.ndarray:
-    """Probabilities (K, z, y, x) of normalised ``raw`` through ``predict_volume`` (the path of
-    ``ssl-em predict``): training-crop windows overlapping by a quarter, Gaussian blending, mirrored at
-    test time with ``cfg.tta``."""
-    from ssl_em.predict import predict_volume
-    from ssl_em.predict.blockwise import tta_axes
+def predict_probabilities(module: Any, raw: np.ndarray, cfg: StudyConfig, precision: str = "32") -> np.ndarray:
+    """Probabilities (K, z, y, x) of normalised ``raw`` as ``ssl-em predict`` makes them (``predict_in_memory``),
+    mirrored at test time with ``cfg.tta``."""
+    from ssl_em.predict.blockwise import predict_in_memory, tta_axes
 
     patch = tuple(int(p) for p in cfg.patch_shape)
-    block = tuple(min(int(n), 2 * p) for n, p in zip(raw.shape, patch))
-    overlap = tuple(p // 4 for p in patch)
-    dst = work / "probabilities.zarr"
-    out = predict_volume(module.model.eval(), raw.astype(np.float32, copy=False), dst, block, overlap,
-                         window_shape=patch, activation="sigmoid", precision=precision, device=cfg.device,
-                         batch_size=4, progress=False, overwrite=True, flips=tta_axes(patch) if cfg.tta else ())
-    probs = np.asarray(out[:])
-    shutil.rmtree(dst, ignore_errors=True)
-    return probs
+    return predict_in_memory(module.model, raw, patch, precision=precision, device=cfg.device,
+                             flips=tta_axes(patch) if cfg.tta else ())
 
 
 def score(probs: np.ndarray, gt: np.ndarray, task: Any, voxel_size: Sequence[float] | None) -> dict[str, float]:
-    """Task post-processing then ``evaluate``: the study's metrics (``METRICS[task.name]``)."""
+    """Task post-processing then ``ssl_em.metrics.evaluate``: the study's metrics (``METRICS[task.name]``)."""
     from ssl_em.metrics.evaluate import evaluate as evaluate_segmentation
 
     vs = tuple(voxel_size) if voxel_size is not None else (1.0, 1.0, 1.0)

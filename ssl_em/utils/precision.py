@@ -156,7 +156,7 @@ def measure_datamodule_precision(module, datamodule, device_type: str, **kwargs)
 
 def measure_module_precision(module, batch: dict, device_type: str, use_cache: bool = True,
                              timeout_s: float | None = None, margin: float = 0.9, repeats: int = 3) -> dict:
-    """Choose ``"32"`` or ``"bf16"`` for training a LightningModule with ``probe_loss(batch)`` (forward,
+    """Choose ``"32"`` or ``"bf16"`` for training a LightningModule with ``training_loss(batch)`` (forward,
     loss and backward on ``batch``) on ``device_type``: fp32 is timed here, bf16 in a child process
     (:func:`probe_in_child`, so a crash or a hang of a bf16 kernel costs nothing), and bf16 is chosen only
     when it is finite and at least ``1 / margin`` times faster. The module's weights, buffers and the
@@ -230,7 +230,7 @@ def _module_step(module, batch: dict, device_type: str):
     def step(precision: str) -> float:
         module.zero_grad(set_to_none=True)
         with autocast(precision, device_type):
-            loss = module.probe_loss(batch)
+            loss = module.training_loss(batch)
         loss.backward()
         return float(loss.detach())
 
