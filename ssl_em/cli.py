@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("ssl_em.models.registry", "list registered encoders (or --info NAME)"),
     "export-encoder": ("ssl_em.pretrain.export_encoder", "export an encoder from a training checkpoint to safetensors + JSON"),
     "export-bioimageio": ("ssl_em.adapters.bioimageio", "package a fine-tuned model for the BioImage Model Zoo (spec 0.5)"),
-    "validate": ("ssl_em.pretrain.probe", "frozen-feature linear probe of an encoder on a labelled volume (AP, IoU)"),
+    "validate": ("ssl_em.pretrain.validate", "frozen-feature linear probe of an encoder on a labelled volume (AP, IoU)"),
     "predict": ("ssl_em.predict.cli", "blockwise prediction of a volume with a trained model"),
     "evaluate": ("ssl_em.metrics.evaluate", "score a segmentation against ground truth (IoU, VOI, ARAND, ...)"),
 }

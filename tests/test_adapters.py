@@ -186,7 +186,7 @@ def test_lora_on_two_labelled_slices_of_real_em_raises_mito_ap(vnc_crop):
     above the untrained model and chance. Measured over init seeds 0-5 (fp32): AP 0.024-0.043 untrained
     (chance 0.037) -> 0.076-0.191 trained, at least 2.1x the larger of the two. IoU at logit 0 was
     asserted before and failed at other seeds (0.045 vs 0.037): 30 steps leave the logits uncalibrated."""
-    from ssl_em.pretrain.probe import ranking_average_precision
+    from sklearn.metrics import average_precision_score
 
     raw, mito = vnc_crop["raw"], vnc_crop["mito"]  # (8, 128, 128); mitochondria in sections 0-2
     x = torch.from_numpy(((raw - raw.mean()) / raw.std()).astype(np.float32))[None, None]
@@ -201,7 +201,7 @@ def test_lora_on_two_labelled_slices_of_real_em_raises_mito_ap(vnc_crop):
     def ap() -> float:
         with torch.no_grad():
             logits = model(x)[0, 0].numpy()[held_out]
-        return ranking_average_precision(logits.ravel(), truth.ravel())
+        return average_precision_score(truth.ravel(), logits.ravel())
 
     untrained = ap()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

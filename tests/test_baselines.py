@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.metrics import average_precision_score
 
 from ssl_em.baselines import PixelClassifier, section_features
 from ssl_em.data.phantom import make_phantom
 from ssl_em.errors import ConfigError, LabelError
-from ssl_em.pretrain.probe import ranking_average_precision
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_random_forest_on_two_labelled_sections_beats_chance_on_unseen_regions(p
     prob = clf.predict(raw[:, 100:])
     assert prob.shape == (8, 60, 128) and prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
     chance = truth[:, 100:].mean()
-    ap = ranking_average_precision(prob.ravel(), truth[:, 100:].ravel())
+    ap = average_precision_score(truth[:, 100:].ravel(), prob.ravel())
     assert ap > 3 * chance, (ap, chance)
     plain = PixelClassifier(seed=0).fit(raw[:, :100], truth[:, :100], mask[:, :100])
     np.testing.assert_array_equal(plain.predict(raw[:, 100:]), prob)  # seeded: the same forest, out-of-bag or not
@@ -57,7 +57,7 @@ def test_random_forest_on_two_labelled_sections_beats_chance_on_unseen_regions(p
     assert np.isclose(w[y].sum(), (truth[:, :100] & labelled).sum(), rtol=1e-3)
     assert np.isclose(w[~y].sum(), (~truth[:, :100] & labelled).sum(), rtol=1e-3)
     fitted = clf.predict(raw[:, :100])[labelled]  # its own training sections: nearly perfect
-    own, held = (ranking_average_precision(p, t) for p, t in ((fitted, truth[:, :100][labelled]), (oob, y)))
+    own, held = (average_precision_score(t, p) for p, t in ((fitted, truth[:, :100][labelled]), (oob, y)))
     assert 0.5 < held < own, (held, own)
     with pytest.raises(ConfigError, match="out_of_bag before fit"):
         PixelClassifier().out_of_bag()

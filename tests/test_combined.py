@@ -10,7 +10,7 @@ import torch
 import ssl_em
 from ssl_em.errors import ConfigError
 from ssl_em.pretrain.combined import MAESimCLR3D, SparKSimCLR3D
-from ssl_em.pretrain.contrastive import nt_xent_loss
+from ssl_em.pretrain.losses import nt_xent_loss
 from ssl_em.pretrain.mae import MaskedAutoencoder3D
 from ssl_em.pretrain.spark import SparKMasked3D
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 import ssl_em
 from ssl_em.errors import ConfigError
 from ssl_em.pretrain.callbacks import CollapseMonitor, effective_rank, normalized_std
-from ssl_em.pretrain.contrastive import (
-    DINO3D, DINOHead, DINOLoss, SimCLR3D, cosine_schedule, feature_map, momentum_update, nt_xent_loss, pool_features,
-    region_weights,
-)
+from ssl_em.pretrain.contrastive import DINO3D, SimCLR3D, cosine_schedule, momentum_update
+from ssl_em.pretrain.features import feature_map, pool_features, region_weights
+from ssl_em.pretrain.heads import DINOHead
+from ssl_em.pretrain.losses import DINOLoss, nt_xent_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_VIEW_METHODS = ("simclr", "dino", "mae_simclr", "spark_simclr")

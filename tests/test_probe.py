@@ -1,4 +1,4 @@
-"""Frozen-feature linear probe: AP against a reference, feature sampling, label-carrying features, CLI, callback."""
+"""Frozen-feature linear probe: feature sampling, label-carrying features, CLI, callback."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from torch import nn
 
 import ssl_em
 from ssl_em.errors import ConfigError
-from ssl_em.pretrain.probe import ranking_average_precision, load_labelled, main, run_probe, sample_features
+from ssl_em.pretrain.probe import load_labelled, run_probe, sample_features
+from ssl_em.pretrain.validate import main
 
 
 class VoxelEncoder(nn.Module):
@@ -26,25 +27,6 @@ class VoxelEncoder(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.square()], 1).flatten(2).transpose(1, 2)
-
-
-def _ap_reference(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mean over positives of the precision at that positive's rank."""
-    order = np.argsort(-scores, kind="stable")
-    hits, total = 0, 0.0
-    for rank, i in enumerate(order, 1):
-        if labels[i]:
-            hits += 1
-            total += hits / rank
-    return total / labels.sum()
-
-
-def test_average_precision_matches_reference() -> None:
-    rng = np.random.default_rng(0)
-    scores, labels = rng.random(300), rng.random(300) < 0.2
-    assert ranking_average_precision(scores, labels) == pytest.approx(_ap_reference(scores, labels))
-    assert ranking_average_precision(labels.astype(float), labels) == pytest.approx(1.0)
-    assert np.isnan(ranking_average_precision(scores, np.zeros(300, bool)))
 
 
 def test_sample_features_reads_each_voxel_across_tiles() -> None:

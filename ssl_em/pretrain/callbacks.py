@@ -69,7 +69,7 @@ class CollapseMonitor(L.Callback):
             return emb
         if not isinstance(batch, dict) or "raw" not in batch:
             return None
-        from ssl_em.pretrain.contrastive import feature_map, pool_features
+        from ssl_em.pretrain.features import feature_map, pool_features
 
         was_training = pl_module.training
         pl_module.eval()

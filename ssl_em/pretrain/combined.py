@@ -29,7 +29,8 @@ from torch import nn
 
 from ssl_em.errors import ConfigError
 from ssl_em.models.layers import resize_mask
-from ssl_em.pretrain.contrastive import ProjectionHead, nt_xent_loss
+from ssl_em.pretrain.heads import ProjectionHead
+from ssl_em.pretrain.losses import nt_xent_loss
 from ssl_em.pretrain.mae import MaskedAutoencoder3D
 from ssl_em.pretrain.spark import SparKMasked3D
 

@@ -4,10 +4,10 @@ Each method is a composition of small parts, as in lightly:
 
 * views: :class:`ssl_em.data.crops.TwoViewDataset` (two overlapping, independently augmented crops,
   with the shared box of each view in ``overlap1``/``overlap2``);
-* :func:`pool_features`: encoder -> feature map -> one vector per view, averaged over the whole crop or
+* :func:`ssl_em.pretrain.features.pool_features`: encoder -> feature map -> one vector per view, averaged over the whole crop or
   only over the region both views show (``region="overlap"``: the positive pair then describes the same
   tissue, not merely neighbouring tissue);
-* heads (:class:`ProjectionHead`, :class:`DINOHead`), losses (:func:`nt_xent_loss`, :class:`DINOLoss`),
+* heads (:mod:`ssl_em.pretrain.heads`), losses (:mod:`ssl_em.pretrain.losses`), and here
   :func:`momentum_update` and :func:`cosine_schedule` for the teacher.
 
 Objectives follow the two-view contract used by :class:`ssl_em.pretrain.module.Pretraining`:
@@ -24,191 +24,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssl_em.errors import ConfigError
+from ssl_em.pretrain.features import FEATURES, REGIONS, feature_map, pool_features
+from ssl_em.pretrain.heads import DINOHead, ProjectionHead
+from ssl_em.pretrain.losses import DINOLoss, nt_xent_loss
 
-__all__ = [
-    "DINO3D", "DINOHead", "DINOLoss", "ProjectionHead", "SimCLR3D", "cosine_schedule", "feature_map",
-    "momentum_update", "nt_xent_loss", "pool_features",
-]
-
-FEATURES = ("auto", "tokens", "bottleneck", "dense")
-REGIONS = ("overlap", "full")
-
-
-# ---- features ------------------------------------------------------------------------------------
-def feature_map(encoder: nn.Module, x: torch.Tensor, feature: str = "auto") -> torch.Tensor:
-    """Encoder features of ``x`` (B, C_in, D, H, W) as a map ``(B, C, d, h, w)``.
-
-    ``"tokens"`` / ``"bottleneck"``: ``forward_features`` (B, N, C) reshaped to ``grid_size`` (the ViT's
-    patch tokens or the U-Net's bottleneck voxels); ``"dense"``: ``forward_dense`` (U-Net decoder,
-    full resolution); ``"auto"``: tokens for encoders without ``forward_dense``, else bottleneck.
-    """
-    if feature not in FEATURES:
-        raise ConfigError(f"feature {feature!r} is not one of {FEATURES}")
-    if feature == "dense":
-        if not hasattr(encoder, "forward_dense"):
-            raise ConfigError(f"feature='dense' needs an encoder with forward_dense; {type(encoder).__name__} has none")
-        return encoder.forward_dense(x)
-    tokens = encoder.forward_features(x)  # (B, N, C), (z, y, x) raster order
-    d, h, w = encoder.grid_size(x.shape)
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], d, h, w)
-
-
-def region_weights(boxes: torch.Tensor, in_shape: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
-    """(B, 1, d, h, w) 0/1 weights of the feature cells whose centres lie in each sample's voxel box.
-
-    ``boxes`` (B, 3, 2) int: [start, stop) per axis (z, y, x) in input voxels; a box thinner than a
-    cell still selects the cell holding its centre, so no sample is left without a cell.
-    """
-    weights = []
-    for axis, (n_in, n_cells) in enumerate(zip(in_shape, grid)):
-        stride = n_in / n_cells
-        centres = (torch.arange(n_cells, device=boxes.device, dtype=torch.float32) + 0.5) * stride  # (n,)
-        lo, hi = boxes[:, axis, :1].float(), boxes[:, axis, 1:].float()  # (B, 1) each
-        inside = (centres >= lo) & (centres < hi)  # (B, n)
-        nearest = ((lo + hi) / 2 / stride).floor().clamp(0, n_cells - 1).long()  # cell holding the box centre
-        fallback = F.one_hot(nearest[:, 0], n_cells).bool()
-        weights.append(torch.where(inside.any(1, keepdim=True), inside, fallback).float())
-    wz, wy, wx = weights
-    return torch.einsum("bi,bj,bk->bijk", wz, wy, wx)[:, None]
-
-
-def pool_features(fmap: torch.Tensor, boxes: torch.Tensor | None = None, in_shape: Sequence[int] | None = None
-                  ) -> torch.Tensor:
-    """Average a feature map (B, C, d, h, w) to (B, C): everywhere, or inside ``boxes`` (see region_weights)."""
-    if boxes is None:
-        return fmap.mean(dim=(2, 3, 4))
-    w = region_weights(boxes, in_shape if in_shape is not None else fmap.shape[-3:], fmap.shape[-3:]).to(fmap.dtype)
-    return (fmap * w).sum(dim=(2, 3, 4)) / w.sum(dim=(2, 3, 4))
-
-
-# ---- heads -----------------------------------------------------------------------------------------
-def _mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, activation: Callable[[], nn.Module],
-         batch_norm: bool = False, *, what: str) -> nn.Sequential:
-    """``num_layers`` Linear layers ``in -> hidden -> ... -> out``, (BatchNorm +) activation between them.
-    With BatchNorm the hidden layers have no bias (the norm's shift replaces it)."""
-    if num_layers < 1:
-        raise ConfigError(f"{what} num_layers={num_layers} must be >= 1")
-    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        last = i == num_layers - 1
-        layers.append(nn.Linear(a, b, bias=last or not batch_norm))
-        if not last:
-            layers += [nn.BatchNorm1d(b)] if batch_norm else []
-            layers.append(activation())
-    return nn.Sequential(*layers)
-
-
-class ProjectionHead(nn.Module):
-    """SimCLR MLP ``in_dim -> hidden_dim -> ... -> out_dim`` with BatchNorm + ReLU between layers.
-
-    ``(B, in_dim) -> (B, out_dim)``. BatchNorm needs a batch of two or more in training mode.
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128, num_layers: int = 2,
-                 batch_norm: bool = True) -> None:
-        super().__init__()
-        self.layers = _mlp(in_dim, hidden_dim, out_dim, num_layers, lambda: nn.ReLU(inplace=True), batch_norm,
-                           what="projection head")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-class DINOHead(nn.Module):
-    """DINO head: GELU MLP to a ``bottleneck_dim`` code, L2-normalised, then a weight-normalised linear
-    layer to ``out_dim`` prototypes (Caron et al. 2021). ``(B, in_dim) -> (B, out_dim)`` logits.
-
-    The last layer's norm is fixed to 1 (``norm_last_layer``), which DINO found stabilises ViT training.
-
-    ``standardize_input`` (default) first standardises each input feature over the batch (batch
-    statistics in training and evaluation alike, no affine, no running statistics; a batch needs two or
-    more rows). Why: crop-averaged features of a freshly initialised encoder on EM differ little from
-    crop to crop, so a component shared by every crop dominates the head's output, the teacher's centre
-    equals every sample's logits, centring leaves a uniform teacher and the loss sits at log K with
-    nothing to learn (measured on the phantom with both encoder families). Standardising keeps only what
-    differs between crops; DINO's BatchNorm head for convnets serves the same purpose.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 512, bottleneck_dim: int = 128,
-                 num_layers: int = 3, norm_last_layer: bool = True, standardize_input: bool = True) -> None:
-        super().__init__()
-        self.standardize = (nn.BatchNorm1d(in_dim, affine=False, track_running_stats=False) if standardize_input
-                            else nn.Identity())
-        self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, nn.GELU, what="DINO head")
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)  # the norm g
-        self.last_layer.parametrizations.weight.original0.requires_grad = not norm_last_layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 2 or (isinstance(self.standardize, nn.BatchNorm1d) and x.shape[0] < 2):
-            raise ConfigError(f"DINO head needs (B, C) features, B>=2 when standardising over the batch; "
-                              f"got {tuple(x.shape)}")
-        return self.last_layer(F.normalize(self.mlp(self.standardize(x)), dim=-1))
-
-
-# ---- losses ----------------------------------------------------------------------------------------
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """NT-Xent (SimCLR) loss of two batches of embeddings ``(B, D)``: row i of each is a positive pair.
-
-    Each of the 2B embeddings is classified against the other 2B - 1 (cosine similarity / temperature);
-    the target is its partner; the loss is the mean cross-entropy over all 2B anchors (float32).
-    """
-    if z1.shape != z2.shape or z1.ndim != 2 or z1.shape[0] < 2:
-        raise ConfigError(f"nt_xent_loss needs two (B>=2, D) batches of equal shape, got {tuple(z1.shape)}, "
-                          f"{tuple(z2.shape)}")
-    b = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, D)
-    logits = z @ z.T / temperature  # (2B, 2B)
-    logits.fill_diagonal_(float("-inf"))  # an embedding is not its own negative
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
-    return F.cross_entropy(logits, target)
-
-
-class DINOLoss(nn.Module):
-    """Cross-entropy between the sharpened, centred teacher distribution and the student's, across views.
-
-    ``forward(student (V, B, K), teacher (V, B, K), teacher_temp) -> loss``; pairs with the same view are
-    skipped. The centre (an EMA of teacher logits, ``center_momentum``) is updated after each call in
-    training mode; centring avoids one prototype dominating, sharpening avoids the uniform collapse.
-    """
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp, self.center_momentum = student_temp, center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float = 0.04) -> torch.Tensor:
-        t = F.softmax((teacher.float() - self.center) / teacher_temp, dim=-1).detach()  # (V, B, K)
-        log_s = F.log_softmax(student.float() / self.student_temp, dim=-1)  # (V, B, K)
-        total, pairs = student.new_zeros((), dtype=torch.float32), 0
-        for i in range(t.shape[0]):
-            for j in range(log_s.shape[0]):
-                if i != j:
-                    total = total - (t[i] * log_s[j]).sum(-1).mean()
-                    pairs += 1
-        if self.training:
-            self.update_center(teacher)
-        return total / max(pairs, 1)
-
-    @torch.no_grad()
-    def update_center(self, teacher: torch.Tensor) -> None:
-        batch_center = teacher.float().reshape(-1, teacher.shape[-1]).mean(0, keepdim=True)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(batch_center)
-            batch_center /= torch.distributed.get_world_size()
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+__all__ = ["DINO3D", "SimCLR3D", "cosine_schedule", "momentum_update"]
 
 
 # ---- momentum ----------------------------------------------------------------------------------------

@@ -9,16 +9,13 @@ voxels from the first ``1 - test_fraction`` of z-sections and scored on the rest
 * :func:`run_probe` is the library entry;
 * :class:`ProbeCallback` runs it during pretraining on a phantom (or any labelled volume) and logs
   ``probe/ap`` and ``probe/iou``;
-* ``ssl-em validate --encoder PATH_OR_NAME [--raw SPEC --labels SPEC] [--task mito]`` runs it from the
-  command line (a registered name without an export means random initialisation, the baseline).
+* ``ssl-em validate`` (:mod:`ssl_em.pretrain.validate`) runs it from the command line.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
+from sklearn.metrics import average_precision_score
 from torch import nn
 
-from ssl_em.errors import ArgumentParser, ConfigError
+from ssl_em.errors import ConfigError
 
-__all__ = ["ProbeCallback", "ProbeResult", "ranking_average_precision", "fit_logistic", "main", "run_probe",
+__all__ = ["ProbeCallback", "ProbeResult", "fit_logistic", "load_any_encoder", "load_labelled", "run_probe",
            "sample_features"]
 
 
@@ -47,19 +45,6 @@ class ProbeResult:
     n_test: int
     feature: str
     feature_dim: int
-
-
-def ranking_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the voxel-ranking precision-recall curve (step-wise, as sklearn's
-    ``average_precision_score``); not the instance-matching AP of :func:`ssl_em.metrics.average_precision`."""
-    labels = np.asarray(labels, bool)
-    n_pos = int(labels.sum())
-    if n_pos == 0:
-        return float("nan")
-    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
-    tp = np.cumsum(labels[order])
-    precision = tp / np.arange(1, len(tp) + 1)
-    return float(precision[labels[order]].sum() / n_pos)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, max_iter: int = 200) -> nn.Linear:
@@ -105,7 +90,7 @@ def sample_features(encoder: nn.Module, raw: np.ndarray, points: np.ndarray, *, 
     voxels (default: up to (16, 128, 128)); every point is read from the tile that holds it, by
     trilinear interpolation of the feature map at the voxel centre. ``progress`` shows a tqdm bar over tiles.
     """
-    from ssl_em.pretrain.contrastive import feature_map
+    from ssl_em.pretrain.features import feature_map
 
     patch = np.array(encoder.patch_size)
     usable = (np.array(raw.shape) // patch) * patch
@@ -163,13 +148,13 @@ def run_probe(encoder: nn.Module, raw: np.ndarray, labels: np.ndarray, *, featur
         encoder: any ssl-em encoder; it is put in eval mode (and restored) and never updated.
         raw: EM volume (any real dtype; normalised like the encoder's training data when ``normalize``).
         labels: same shape; > 0 is the structure (instance ids or a binary mask).
-        feature: "auto", "tokens", "bottleneck" or "dense" (see :func:`ssl_em.pretrain.contrastive.feature_map`).
+        feature: "auto", "tokens", "bottleneck" or "dense" (see :func:`ssl_em.pretrain.features.feature_map`).
         test_fraction: last fraction of z-sections held out for scoring.
         n_train / n_test: random voxels drawn from each part.
         png: write raw / labels / probe probability of the middle held-out z-section there.
         progress: tqdm bar over encoder tiles.
     """
-    from ssl_em.pretrain.contrastive import FEATURES
+    from ssl_em.pretrain.features import FEATURES
 
     if raw.shape != labels.shape or raw.ndim != 3:
         raise ConfigError(f"probe raw {raw.shape} and labels {labels.shape} must be the same (z, y, x) shape")
@@ -220,7 +205,8 @@ def run_probe(encoder: nn.Module, raw: np.ndarray, labels: np.ndarray, *, featur
             prob = torch.sigmoid(model((f_section - mean) / std)[:, 0]).numpy().reshape(int(usable[1]), int(usable[2]))
         _save_probe_png(png, x[z, : usable[1], : usable[2]], fg[z, : usable[1], : usable[2]], prob, z)
     inter, union = (pred & y_test).sum(), (pred | y_test).sum()
-    return ProbeResult(ap=ranking_average_precision(scores, y_test), iou=float(inter / max(union, 1)),
+    ap = float(average_precision_score(y_test, scores)) if y_test.any() else float("nan")
+    return ProbeResult(ap=ap, iou=float(inter / max(union, 1)),
                        accuracy=float((pred == y_test).mean()), chance_ap=float(y_test.mean()), n_train=n_train,
                        n_test=n_test, feature=feature, feature_dim=int(feats.shape[1]))
 
@@ -350,41 +336,3 @@ def load_any_encoder(path_or_name: str, seed: int = 0) -> tuple[nn.Module, str]:
                 torch.manual_seed(seed)
                 return create_encoder(path_or_name), f"random init, seed {seed}"
         raise
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``ssl-em validate --encoder PATH_OR_NAME [--raw SPEC --labels SPEC] [--task mito]``: linear-probe scores."""
-    parser = ArgumentParser(
-        prog="ssl-em validate",
-        description="Frozen-feature linear probe (logistic regression) of an encoder on a labelled volume: "
-                    "average precision and IoU on held-out z-sections. Without --raw: the phantom.")
-    parser.add_argument("--encoder", required=True,
-                        help="exported encoder folder / file / stored name, or a registered name (random init)")
-    parser.add_argument("--raw", help="EM volume spec (e.g. data.npz:raw, a.zarr/raw, f.h5:/raw)")
-    parser.add_argument("--labels", help="label volume spec, same shape; > 0 is the structure")
-    parser.add_argument("--task", default="mito", help="name in the output; phantom field without --raw (default mito)")
-    parser.add_argument("--roi", help="box 'z0:z1,y0:y1,x0:x1' of the volumes to use")
-    parser.add_argument("--feature", default="auto", choices=["auto", "tokens", "bottleneck", "dense"])
-    parser.add_argument("--test-fraction", type=float, default=0.3, help="last fraction of z held out (0.3)")
-    parser.add_argument("--samples", type=int, default=20000, help="random voxels for training and for testing")
-    parser.add_argument("--tile", type=int, nargs=3, metavar=("Z", "Y", "X"), help="encoder tile (default 16 128 128)")
-    parser.add_argument("--phantom-shape", type=int, nargs=3, default=[32, 128, 128], metavar=("Z", "Y", "X"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", help="also write the result to this JSON file")
-    parser.add_argument("--png", help="write EM / labels / probe probability of a held-out section to this PNG")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    encoder, origin = load_any_encoder(args.encoder, args.seed)
-    raw, labels = load_labelled(args.raw, args.labels, args.task, args.roi, args.phantom_shape)
-    result = run_probe(encoder, raw, labels, feature=args.feature, test_fraction=args.test_fraction,
-                       n_train=args.samples, n_test=args.samples, tile=args.tile, seed=args.seed, device=args.device,
-                       png=args.png, progress=True)
-    record = {"encoder": args.encoder, "weights": origin, "task": args.task, "raw": args.raw or "phantom",
-              **asdict(result)}
-    print(f"{args.task} probe of {args.encoder} ({origin}, {result.feature} features, dim {result.feature_dim}): "
-          f"AP {result.ap:.3f} (chance {result.chance_ap:.3f}), IoU {result.iou:.3f}, accuracy {result.accuracy:.3f}")
-    if args.json:
-        from ssl_em.utils.io import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
-    return 0 if math.isfinite(result.ap) else 1
