@@ -139,7 +139,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         architecture=arch,
         methods=("lora", "scratch") if quick else tuple(args.methods.split(",")),
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
-        patches=() if quick else _numbers(args.patches, int), patch_size=args.painted_size,
+        patches=() if quick else _numbers(args.patches, int), painted_size=args.painted_size,
         steps=12 if quick else args.steps, eval_steps=(4, 8) if quick else _numbers(args.eval_steps, int), pretrain_steps=6 if quick else pretrain_steps,
         val_every=4 if quick else args.val_every, val_fraction=args.val_fraction, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.crop, int) if args.crop else None, voxel_size=vs,

@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
         methods=("lora", "scratch") if tiny else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         fractions=(0.25,) if tiny else _floats(args.fractions), seeds=1 if tiny else args.seeds,
         patches=() if tiny else tuple(int(v) for v in _floats(args.patches)),
-        patch_size=args.painted_size or (256 if args.data else 192),
+        painted_size=args.painted_size or (256 if args.data else 192),
         steps=args.steps, pretrain_steps=pretrain_steps, val_every=args.val_every, max_minutes=args.minutes,
         patch_shape=patch, batch_size=2 if tiny else args.batch_size or (None if args.data else 4),
         downsample=args.downsample,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from ssl_em.study import (
     markdown_table,
     plan_regions,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _span(box, axis=1):
@@ -221,7 +224,7 @@ def test_a_patch_regime_trains_only_on_its_patches(tmp_path):
 
     target = make_phantom((8, 160, 96), seed=2)
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(), patches=(2,),
-                      patch_size=40, steps=4, patch_shape=(2, 32, 32), batch_size=2, voxel_size=target.voxel_size,
+                      painted_size=40, steps=4, patch_shape=(2, 32, 32), batch_size=2, voxel_size=target.voxel_size,
                       lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
     study = Study(target.raw, target.mito, [target.raw], cfg, tmp_path / "out")
     seen = []
@@ -465,7 +468,7 @@ def test_runs_are_also_scored_after_the_eval_steps(tmp_path):
 
     target = make_phantom((8, 160, 96), seed=2)
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(), patches=(2,),
-                      patch_size=40, steps=4, eval_steps=(3, 1, 9), patch_shape=(2, 32, 32), batch_size=2,
+                      painted_size=40, steps=4, eval_steps=(3, 1, 9), patch_shape=(2, 32, 32), batch_size=2,
                       voxel_size=target.voxel_size, lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
     assert cfg.eval_steps == (1, 3, 9)
     study = Study(target.raw, target.mito, [target.raw], cfg, tmp_path / "out")
@@ -520,7 +523,7 @@ def test_finished_runs_are_reused_only_for_the_same_data_and_encoder_weights(tmp
 
     def study(seeds=1, methods=("scratch",)):
         cfg = StudyConfig(task="mito", encoder=str(encoder), pretrain_steps=0, methods=methods, fractions=(),
-                          patches=(2,), patch_size=40, steps=2, seeds=seeds, patch_shape=(2, 32, 32), batch_size=2,
+                          patches=(2,), painted_size=40, steps=2, seeds=seeds, patch_shape=(2, 32, 32), batch_size=2,
                           voxel_size=target.voxel_size, lrs={"scratch": (1e-3,), "full": (1e-3,)}, precision="32")
         return Study(f"{path}:raw", f"{path}:mito", None, cfg, tmp_path / "out", log=lambda _: None)
 
@@ -646,7 +649,7 @@ def test_synapse_runs_choose_their_post_processing_on_their_own_labels(tmp_path)
 
     target = make_phantom((8, 160, 96), seed=2)
     kwargs = dict(task="synapse", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(), patches=(2,),
-                  patch_size=48, steps=4, eval_steps=(2,), patch_shape=(2, 32, 32), batch_size=2,
+                  painted_size=48, steps=4, eval_steps=(2,), patch_shape=(2, 32, 32), batch_size=2,
                   voxel_size=target.voxel_size, lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
     logged: list[str] = []
     study = Study(target.raw, target.labels("synapse"), [target.raw], StudyConfig(**kwargs), tmp_path / "out",
@@ -665,3 +668,25 @@ def test_synapse_runs_choose_their_post_processing_on_their_own_labels(tmp_path)
     a = Study(target.raw, target.mito, [target.raw], StudyConfig(**mito), tmp_path / "m")
     b = Study(target.raw, target.mito, [target.raw], StudyConfig(**mito, calibrate=False), tmp_path / "m")
     assert a.digest("rf") == b.digest("rf")
+
+
+def test_a_committed_table_still_resumes_after_a_setting_was_renamed(vnc_path, tmp_path, capsys):
+    """``StudyConfig.painted_size`` was ``patch_size`` when the VNC synapse table was recorded: the digest reads
+    renamed settings by their recorded name (``RECORDED_NAMES``), so rerunning the table's command finds all 27
+    finished steps and trains nothing."""
+    import importlib.util
+    import shutil
+
+    records = REPO / "benchmarks/results/vnc_synapse_label_efficiency/cnn"
+    out = tmp_path / "table"
+    shutil.copytree(records, out / "cnn")
+    (out / "cnn" / ".ssl_em_output").touch()  # the marker of a folder ssl-em wrote (not committed with records)
+    spec = importlib.util.spec_from_file_location("label_efficiency", REPO / "benchmarks/label_efficiency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = bench.main(["--raw", f"{vnc_path}:raw", "--labels", f"{vnc_path}:synapse", "--task", "synapse",
+                     "--encoder", "auto", "--fractions", "1.0", "--patches", "1,4", "--seeds", "3", "--steps", "300",
+                     "--batch-size", "8", "--methods", "full,scratch,rf", "--lrs", '{"full": [0.001], "scratch": [0.001]}',
+                     "--threads", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "27 finished step(s) found" in printed and "post-processing from" not in printed

@@ -8,7 +8,7 @@ One engine for ``ssl-em demo`` and ``benchmarks/label_efficiency.py``:
    picks each run's best weights; runs train on the rest (``fit``).
 2. **Labels** (``Regime``). A label fraction keeps labels on that fraction of the z-sections (at
    least one, reproducible per seed, ``sparse_slices``), in training and validation alike; ``patches``
-   paints N squares (``patch_size`` at the working spacing) on N sections of the fit part, each holding
+   paints N squares (``painted_size`` at the working spacing) on N sections of the fit part, each holding
    foreground (``paint_patches``), and leaves the validation slab unlabelled, so those runs keep their
    last weights and reuse the rate swept at the smallest fraction. Every other voxel is unlabelled.
 3. **Pretraining** (once per study, ``pretrain_steps``) of the family's encoder on the unlabelled

@@ -29,7 +29,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
 LR_GRID = {"lora": (6e-3, 2e-2, 6e-2), "lora_random": (6e-3, 2e-2, 6e-2), "frozen": (1e-2, 3e-2, 1e-1),
            "full": (6e-4, 2e-3, 6e-3), "scratch": (6e-4, 2e-3, 6e-3), "unet": (6e-4, 2e-3, 6e-3), "rf": (0.0,)}
 # StudyConfig fields only the fine-tuning runs read: changing them keeps a study's finished pretraining
-FINE_TUNING_ONLY = ("adapter_kwargs", "encoder_lr_scale", "fractions", "patches", "patch_size", "steps", "eval_steps",
+#: settings renamed since records were written: the digest reads them by their old name, so tables resume
+RECORDED_NAMES = {"painted_size": "patch_size"}
+FINE_TUNING_ONLY = ("adapter_kwargs", "encoder_lr_scale", "fractions", "patches", "painted_size", "steps", "eval_steps",
                     "val_every", "val_samples", "sweep_share", "sweep_every_fraction", "lrs", "tta", "calibrate",
                     "max_eval_voxels", "max_val_voxels")
 METRICS = {"mito": ("iou", "dice", "ap50"), "synapse": ("iou", "dice", "detection_f1"), "neuron": ("voi", "arand"),
@@ -42,7 +44,7 @@ _NAMES = {"iou": "IoU", "dice": "Dice", "ap50": "AP50", "voi": "VOI", "arand": "
 @dataclass(frozen=True)
 class Regime:
     """Labels a run trains on: a ``fraction`` of the z-sections labelled in full, or ``patches`` painted
-    squares (``StudyConfig.patch_size`` at the working spacing, each on its own section, each holding
+    squares (``StudyConfig.painted_size`` at the working spacing, each on its own section, each holding
     foreground), as a person paints them in a viewer."""
 
     fraction: float | None = None
@@ -78,7 +80,7 @@ class StudyConfig:
     methods: tuple[str, ...] = STUDY_METHODS
     fractions: tuple[float, ...] = (0.05, 1.0)
     patches: tuple[int, ...] = ()  # painted-patch regimes (numbers of patches), beside the fractions
-    patch_size: int = 256  # painted patch side at the working spacing (clipped to the training region)
+    painted_size: int = 256  # a painted square's side at the working spacing (clipped to the training region)
     seeds: int = 1
     steps: int = 300
     # the runs' weights are also scored on the evaluation region after these steps (IoU against fine-tuning
@@ -128,8 +130,8 @@ class StudyConfig:
 
             if self.pretrain_method not in OBJECTIVES:
                 raise ConfigError(f"pretrain_method {self.pretrain_method!r} is not one of {', '.join(OBJECTIVES)}")
-        if any(int(n) < 1 for n in self.patches) or int(self.patch_size) < 1:
-            raise ConfigError(f"patches {list(self.patches)} and patch_size {self.patch_size} must be >= 1")
+        if any(int(n) < 1 for n in self.patches) or int(self.painted_size) < 1:
+            raise ConfigError(f"patches {list(self.patches)} and painted_size {self.painted_size} must be >= 1")
         self.patches = tuple(sorted(int(n) for n in self.patches))
         if not self.fractions and not self.patches:
             raise ConfigError("no label regime: give fractions, patches or both")

@@ -22,7 +22,7 @@ import numpy as np
 from ssl_em.data.volume import Box
 from ssl_em.errors import ConfigError, LabelError
 from ssl_em.study.ledger import RESULTS, Ledger
-from ssl_em.study.config import ADAPTER, FINE_TUNING_ONLY, NOT_TRAINED, Regime, StudyConfig, _lrs
+from ssl_em.study.config import ADAPTER, FINE_TUNING_ONLY, NOT_TRAINED, RECORDED_NAMES, Regime, StudyConfig, _lrs
 from ssl_em.data.labels import paint_patches, sections_for_fraction
 from ssl_em.study.regions import Regions, _trim, plan_regions
 from ssl_em.study.report import shown_section, write_reports
@@ -186,7 +186,7 @@ class Study:
             skip = ("max_minutes", "methods", "seeds", "patches", "encoder")
             if not get_task(self.cfg.task).calibrates:  # a setting without effect keeps older records valid
                 skip += ("calibrate",)
-            cfg = {k: v for k, v in asdict(self.cfg).items() if k not in skip}
+            cfg = {RECORDED_NAMES.get(k, k): v for k, v in asdict(self.cfg).items() if k not in skip}
             regions = {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()}
             data = hashlib.blake2b(digest_size=8)
             for array in (self.data.raw, self.data.labels, *((self.ev_raw, self.ev_gt) if self.eval_vol is not None
@@ -206,7 +206,8 @@ class Study:
             self._encoder_digest[part] = [sidecar["architecture"], sidecar.get("kwargs")]
         what = {**self._digest_base, "encoder": self._encoder_digest.get(part) if part else None}
         if method is None:  # the pretraining reads none of the fine-tuning settings: a longer table keeps it
-            what["config"] = {k: v for k, v in what["config"].items() if k not in FINE_TUNING_ONLY}
+            fine_tuning_only = {RECORDED_NAMES.get(k, k) for k in FINE_TUNING_ONLY}
+            what["config"] = {k: v for k, v in what["config"].items() if k not in fine_tuning_only}
         if self.cfg.pretrain_steps > 0 and (method is None or (method in ADAPTER and ADAPTER[method][1])):
             what["unlabeled"] = self._unlabeled_fingerprint()  # what this study pretrains on
         return hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
@@ -289,7 +290,7 @@ class Study:
         """The voxels a run may learn from (z, y, x) uint8 on the working grid: whole sections (fit and
         validation parts) for a fraction, painted patches in the fit part for ``patches``."""
         if regime.patches is not None:
-            return paint_patches(self.data.labels, self.regions.fit, regime.patches, self.cfg.patch_size, seed)
+            return paint_patches(self.data.labels, self.regions.fit, regime.patches, self.cfg.painted_size, seed)
         mask = np.zeros(self.data.labels.shape, np.uint8)
         mask[sections_for_fraction(self.data.raw.shape[0], regime.fraction, seed)] = 1
         return mask
