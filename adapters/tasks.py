@@ -122,8 +122,7 @@ class Task:
     def batch_targets(self, labels: np.ndarray, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """A batch of crops: ``labels``/``masks`` (B, [1,] z, y, x) -> ``(target, target_mask)`` (B, C, z, y, x)."""
         labels = np.asarray(labels)
-        pairs = [self.crop_targets(lab, None if masks is None else m)
-                 for lab, m in zip(labels, masks if masks is not None else [None] * len(labels))]
+        pairs = [self.crop_targets(lab, m) for lab, m in zip(labels, [None] * len(labels) if masks is None else masks)]
         return np.stack([t for t, _ in pairs]), np.stack([m for _, m in pairs])
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
