@@ -87,6 +87,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help='peak rates per method instead of sweeping, e.g. \'{"full": [2e-3], "unet": [2e-3]}\'')
     p.add_argument("--pretrain-method", help="pretraining objective (default: the family's, spark / mae; e.g. "
                    "spark_simclr, the best measured in contrastive_vs_mae.py)")
+    p.add_argument("--ema-decay", type=float, default=None, metavar="DECAY",
+                   help="score the network methods with an exponential moving average of their weights (e.g. 0.99)")
     p.add_argument("--encoder-lr-scale", type=float, default=1.0,
                    help="pretrained methods train the encoder path at this fraction of their rate (default 1)")
     p.add_renamed("--crop", "--patch", metavar="Z,Y,X", help="training crop z,y,x at the working spacing (default: "
@@ -144,6 +146,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         val_every=4 if quick else args.val_every, val_fraction=args.val_fraction, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         patch_shape=(8, 32, 32) if quick else _numbers(args.crop, int) if args.crop else None, voxel_size=vs,
         downsample=args.downsample, pretrain_method=args.pretrain_method, encoder_lr_scale=args.encoder_lr_scale,
+        ema_decay=args.ema_decay,
         device=args.device, tta=args.tta, calibrate=args.calibrate,
         lrs={"lora": (6e-3,), "scratch": (1.5e-3,)} if quick else args.lrs,
     )

@@ -506,6 +506,57 @@ def test_runs_are_also_scored_after_the_eval_steps(tmp_path):
     assert (tmp_path / "out" / "steps.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _last_weight(module_or_state):
+    """The last floating-point parameter (the head's bias or weight) of a module or a state dict."""
+    state = module_or_state if isinstance(module_or_state, dict) else module_or_state.state_dict()
+    return [v for v in state.values() if v.is_floating_point()][-1].detach().clone()
+
+
+def test_an_ema_run_is_scored_with_the_moving_average_of_its_weights(tmp_path):
+    """With ``ema_decay`` the weights a run ends with (and its ``eval_steps`` snapshots) are the exponential
+    moving average of the weights after each optimiser step, and the records are another study's."""
+    import torch
+    from lightning.pytorch import Callback
+
+    import ssl_em.study.train as study_train
+    from ssl_em.data.phantom import make_phantom
+
+    target = make_phantom((8, 160, 96), seed=2)
+    decay = 0.6
+    cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch",), fractions=(), patches=(2,),
+                      painted_size=40, steps=4, eval_steps=(2,), patch_shape=(2, 32, 32), batch_size=2,
+                      voxel_size=target.voxel_size, lrs={"scratch": (1e-2,)}, precision="32", pretrain_steps=2,
+                      ema_decay=decay)
+    study = Study(target.raw, target.mito, [target.raw], cfg, tmp_path / "out")
+    plain = Study(target.raw, target.mito, [target.raw], StudyConfig(**{**cfg.__dict__, "ema_decay": None}),
+                  tmp_path / "plain")
+    assert study.digest("scratch") != plain.digest("scratch")
+    after_step, ended = {}, {}
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            after_step[trainer.global_step] = _last_weight(module)
+
+    fine_tune, taken = study_train.fine_tune, {}
+
+    def watched_fit(module, *args, **kwargs):
+        module.configure_callbacks = lambda: [Watch()]
+        result = fine_tune(module, *args, **kwargs)
+        taken.update(result.snapshots)
+        ended["weights"] = _last_weight(module)
+        return result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("ssl_em.study.runner.fine_tune", watched_fit)
+        study.run()
+    average = {1: after_step[1]}
+    for step in (2, 3, 4):
+        average[step] = decay * average[step - 1] + (1 - decay) * after_step[step]
+    assert not torch.allclose(after_step[4], average[4], atol=1e-6)  # the average is not the last weights
+    torch.testing.assert_close(ended["weights"], average[4])
+    torch.testing.assert_close(_last_weight(taken[2]), average[2])
+
+
 def test_finished_runs_are_reused_only_for_the_same_data_and_encoder_weights(tmp_path):
     """A table grows by a seed or a method without redoing its runs, but a labelled volume changed in place
     or other weights saved under the same encoder path are never reported as the old numbers (the runs

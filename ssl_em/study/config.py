@@ -31,7 +31,7 @@ LR_GRID = {"lora": (6e-3, 2e-2, 6e-2), "lora_random": (6e-3, 2e-2, 6e-2), "froze
 # StudyConfig fields only the fine-tuning runs read: changing them keeps a study's finished pretraining
 #: settings renamed since records were written: the digest reads them by their old name, so tables resume
 RECORDED_NAMES = {"painted_size": "patch_size"}
-FINE_TUNING_ONLY = ("adapter_kwargs", "encoder_lr_scale", "fractions", "patches", "painted_size", "steps", "eval_steps",
+FINE_TUNING_ONLY = ("adapter_kwargs", "encoder_lr_scale", "ema_decay", "fractions", "patches", "painted_size", "steps", "eval_steps",
                     "val_every", "val_samples", "sweep_share", "sweep_every_fraction", "lrs", "tta", "calibrate",
                     "max_eval_voxels", "max_val_voxels")
 METRICS = {"mito": ("iou", "dice", "ap50"), "synapse": ("iou", "dice", "detection_f1"), "neuron": ("voi", "arand"),
@@ -77,6 +77,9 @@ class StudyConfig:
     encoder: str | None = None  # an exported encoder (path or name) to start from
     adapter_kwargs: dict[str, Any] | None = None  # add_adapter options of lora / lora_random; None: the family's
     encoder_lr_scale: float = 1.0  # pretrained methods: the encoder path trains at this fraction of the rate
+    # network methods are scored (and validated) with an exponential moving average of their weights of this
+    # decay (Lightning's EMAWeightAveraging) instead of the last step's; None: the weights as trained
+    ema_decay: float | None = None
     methods: tuple[str, ...] = STUDY_METHODS
     fractions: tuple[float, ...] = (0.05, 1.0)
     patches: tuple[int, ...] = ()  # painted-patch regimes (numbers of patches), beside the fractions
@@ -149,6 +152,8 @@ class StudyConfig:
             self.lrs = {m: tuple(float(r) for r in rates) for m, rates in self.lrs.items()}
         check_positive(self.seeds, "seeds")
         check_fraction(self.encoder_lr_scale, "encoder_lr_scale", allow_one=True)
+        if self.ema_decay is not None:
+            check_fraction(self.ema_decay, "ema_decay")
         check_fraction(self.eval_fraction, "eval_fraction")
         check_fraction(self.val_fraction, "val_fraction", allow_zero=True)  # 0: no validation, last weights
         check_fraction(self.sweep_share, "sweep_share", allow_zero=True, allow_one=True)

@@ -186,6 +186,8 @@ class Study:
             skip = ("max_minutes", "methods", "seeds", "patches", "encoder")
             if not get_task(self.cfg.task).calibrates:  # a setting without effect keeps older records valid
                 skip += ("calibrate",)
+            if self.cfg.ema_decay is None:  # likewise a setting added after records were written, left unset
+                skip += ("ema_decay",)
             cfg = {RECORDED_NAMES.get(k, k): v for k, v in asdict(self.cfg).items() if k not in skip}
             regions = {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()}
             data = hashlib.blake2b(digest_size=8)

@@ -185,15 +185,18 @@ class FitResult:
 
 class Snapshots(Callback):
     """The module's weights (CPU copies) after each of ``steps`` optimiser steps: what a person who stops
-    the run there gets (the study scores them: IoU against fine-tuning steps)."""
+    the run there gets (the study scores them: IoU against fine-tuning steps); with ``average`` (a
+    ``WeightAveraging`` callback listed before this one), its averaged weights, which the run is scored with."""
 
-    def __init__(self, steps: Sequence[int]) -> None:
-        self.steps, self.states = set(int(s) for s in steps), {}
+    def __init__(self, steps: Sequence[int], average: Any = None) -> None:
+        self.steps, self.states, self.average = set(int(s) for s in steps), {}, average
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step in self.steps and step not in self.states:
-            self.states[step] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            # Lightning keeps the average in a private AveragedModel; its .module has the LightningModule's keys
+            source = self.average._average_model.module if self.average is not None else module
+            self.states[step] = {k: v.detach().to("cpu", copy=True) for k, v in source.state_dict().items()}
 
 
 def _trainer(**kwargs: Any) -> Any:
@@ -207,16 +210,19 @@ def fine_tune(module: Any, datamodule: Any, cfg: StudyConfig, steps: int, work: 
         validate: bool) -> FitResult:
     """Train ``module`` for ``steps`` optimiser steps; with ``validate``, score the validation crops every
     ``cfg.val_every`` steps and load the best-scoring weights at the end; the weights after each of
-    ``cfg.eval_steps`` (below ``steps``) come back in ``snapshots``. Raises FloatingPointError
+    ``cfg.eval_steps`` (below ``steps``) come back in ``snapshots``; with ``cfg.ema_decay``, all of these are
+    the moving average of the weights. Raises FloatingPointError
     when the loss goes non-finite (the caller retries or records the run as diverged)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
     from ssl_em.utils.checkpoint import SafetensorsCheckpointIO, load_checkpoint
     from ssl_em.utils.precision import lightning_precision
 
     device = cfg.device.split(":")[0]
-    snapshots = Snapshots(s for s in cfg.eval_steps if s < steps)
-    callbacks: list[Any] = [Progress(name, steps), snapshots]
+    # the average replaces the weights for validation, the best checkpoint and at the end of training
+    average = EMAWeightAveraging(decay=cfg.ema_decay) if cfg.ema_decay is not None else None
+    snapshots = Snapshots((s for s in cfg.eval_steps if s < steps), average)
+    callbacks: list[Any] = [Progress(name, steps), *([average] if average else []), snapshots]
     best = None
     if validate:
         monitor, mode = monitor_of(cfg.task)
