@@ -142,7 +142,8 @@ def export_bioimageio(model_folder: str | Path, out_zip: str | Path, *, license:
     encoder_config = info["base"]["encoder_config"]
     head = dict(info.get("head") or {})
     stride = tuple(int(s) for s in getattr(net.encoder, "patch_size", (1, 1, 1)))
-    patch = tuple(int(p) for p in (meta.get("patch_shape") or [max(8, s) for s in stride]))
+    # "patch_shape": the crop's name in models fine-tuned before it was renamed
+    patch = tuple(int(p) for p in (meta.get("crop_shape") or meta.get("patch_shape") or [max(8, s) for s in stride]))
     minimum = tuple(max(s, (p // s) * s) for p, s in zip(patch, stride))
     halo = tuple(halo) if halo is not None else tuple(m // 4 for m in minimum)
     if any(2 * h >= m for h, m in zip(halo, minimum)):

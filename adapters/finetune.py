@@ -216,7 +216,7 @@ class FineTuning(L.LightningModule):
         from ssl_em.predict.blockwise import predict_in_memory
 
         raw, labels, mask = region
-        probs = predict_in_memory(self.model, raw, datamodule.patch_shape, device=str(self.device))
+        probs = predict_in_memory(self.model, raw, datamodule.crop_shape, device=str(self.device))
         settings = self.task.calibrate(probs, labels, mask, getattr(datamodule, "voxel_size", None))
         print("post-processing chosen on the labels: "
               + (", ".join(f"{k} {v:g}" for k, v in settings.items()) or "no foreground there, defaults kept"))

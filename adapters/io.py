@@ -206,7 +206,8 @@ def save_finetuned(module: FineTuning, out_dir: str | Path) -> Path:
         # settings the task chose on the user's labels (Task.calibrate) travel with the model
         "task": hp.task, "task_kwargs": {**dict(hp.task_kwargs or {}), **module.task.calibrated}, "head": hp.head,
         "normalization": data.get("normalization"), "voxel_size": data.get("voxel_size"),
-        "patch_shape": data.get("patch_shape"), "trained_method": adapted.method,
+        "crop_shape": data.get("crop_shape", data.get("patch_shape")),  # the old name: earlier checkpoints
+        "trained_method": adapted.method,
         "steps": int(module.global_step), "data": data,
     }
     out = Path(out_dir)

@@ -40,7 +40,7 @@ def pretrain(encoder_name: str, method: str, args: argparse.Namespace, device: t
     encoder = ssl_em.create_encoder(encoder_name, **({"img_size": args.crop} if "vit" in encoder_name else {}))
     objective = build_objective(method, encoder, **SMALL_HEADS.get(method, {})).to(device).train()
     two = bool(getattr(objective, "two_views", False))
-    data = EMDataModule(unlabeled=args.unlabeled, two_views=two, patch_shape=tuple(args.crop),
+    data = EMDataModule(unlabeled=args.unlabeled, two_views=two, crop_shape=tuple(args.crop),
                         batch_size=args.batch_size, phantom_shape=tuple(args.phantom_shape),
                         samples_per_epoch=args.steps * args.batch_size, val_fraction=0, seed=args.seed)
     params = [p for p in objective.parameters() if p.requires_grad]

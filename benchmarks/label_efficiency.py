@@ -144,7 +144,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         patches=() if quick else _numbers(args.patches, int), painted_size=args.painted_size,
         steps=12 if quick else args.steps, eval_steps=(4, 8) if quick else _numbers(args.eval_steps, int), pretrain_steps=6 if quick else pretrain_steps,
         val_every=4 if quick else args.val_every, val_fraction=args.val_fraction, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
-        patch_shape=(8, 32, 32) if quick else _numbers(args.crop, int) if args.crop else None, voxel_size=vs,
+        crop_shape=(8, 32, 32) if quick else _numbers(args.crop, int) if args.crop else None, voxel_size=vs,
         downsample=args.downsample, pretrain_method=args.pretrain_method, encoder_lr_scale=args.encoder_lr_scale,
         ema_decay=args.ema_decay,
         device=args.device, tta=args.tta, calibrate=args.calibrate,

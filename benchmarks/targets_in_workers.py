@@ -38,7 +38,7 @@ def timed_fit(targets_in_workers: bool, encoder: str, crop: tuple[int, int, int]
     torch.manual_seed(0)
     module = FineTuning(task="neuron", encoder=encoder, adapter="full", export_on_fit_end=False,
                         calibrate_on_fit_end=False, warmup_steps=2)
-    data = EMDataModule(task="neuron", patch_shape=crop, batch_size=batch, phantom_shape=(48, 192, 192),
+    data = EMDataModule(task="neuron", crop_shape=crop, batch_size=batch, phantom_shape=(48, 192, 192),
                         samples_per_epoch=(steps + warmup) * batch, val_fraction=0,
                         num_workers=workers if targets_in_workers else 0, seed=0)
     if not targets_in_workers:

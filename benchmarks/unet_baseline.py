@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 VNC = ROOT.parent / "shared" / "data" / "vnc_gerhard2013.npz"
 
 
-def monai_unet(out_channels: int, spacing, patch_shape) -> "torch.nn.Module":  # noqa: F821
+def monai_unet(out_channels: int, spacing, crop_shape) -> "torch.nn.Module":  # noqa: F821
     """MONAI's residual U-Net as the baseline had it: in-plane strides first for anisotropic voxels."""
     from monai.networks.nets import UNet
 
-    z_pool = patch_shape[0] >= 2 and spacing[0] <= 2 * 4 * min(spacing[1:])
+    z_pool = crop_shape[0] >= 2 and spacing[0] <= 2 * 4 * min(spacing[1:])
     strides = ((1, 2, 2), (1, 2, 2), (2 if z_pool else 1, 2, 2), (1, 2, 2))
     return UNet(spatial_dims=3, in_channels=1, out_channels=out_channels, channels=(16, 32, 64, 128, 256),
                 strides=strides, num_res_units=1, norm="instance")
@@ -48,7 +48,7 @@ def train_and_score(name: str, study, steps: int, lr: float, seed: int) -> tuple
     module = build_module("unet", cfg, None, seed, lr, steps)
     if name == "monai":
         torch.manual_seed(seed)
-        module.model = monai_unet(module.task.num_outputs, cfg.spacing, cfg.patch_shape)
+        module.model = monai_unet(module.task.num_outputs, cfg.spacing, cfg.crop_shape)
     mask = np.ones(study.data.labels.shape, np.uint8)
     dm = build_data(study.data, study.regions.fit, None, mask, cfg, seed, steps)
     dm.setup("fit")
@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         raw, labels, vs, steps, what = d["raw"], d["mito"], (50.0, 4.6, 4.6), args.steps, "VNC stack 1 mitochondria"
     patch = tuple(int(v) for v in args.crop.split(",")) if args.crop else None
     cfg = StudyConfig(task="mito", methods=("unet",), fractions=(1.0,), steps=steps, voxel_size=tuple(vs),
-                      patch_shape=patch, batch_size=args.batch_size, precision="32")
+                      crop_shape=patch, batch_size=args.batch_size, precision="32")
     with tempfile.TemporaryDirectory() as out:
         study = Study(raw, labels, None, cfg, Path(out) / "study")
         print(f"{what}: all labels of the fit region, {steps} steps, lr {args.lr:g}, seed {args.seed}")
-        print(f"crop {cfg.patch_shape}, batch {cfg.batch_size}")
+        print(f"crop {cfg.crop_shape}, batch {cfg.batch_size}")
         names = ("plain",) if args.only_plain else ("monai", "plain")
         results = {name: train_and_score(name, study, steps, args.lr, args.seed) for name in names}
     for name, (iou, seconds) in results.items():

@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    patch = (8, 32, 32) if tiny else tuple(int(v) for v in _floats(args.crop)) if args.crop else None
+    crop = (8, 32, 32) if tiny else tuple(int(v) for v in _floats(args.crop)) if args.crop else None
     arch = ("unet3d_test" if args.family == "cnn" else "vit3d_test_patch2x16") if tiny else None
     encoder = resolve_encoder(args.encoder, args.family, arch)
     pretrain_steps = args.pretrain_steps if args.pretrain_steps is not None else 0 if encoder else 300
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         patches=() if tiny else tuple(int(v) for v in _floats(args.patches)),
         painted_size=args.painted_size or (256 if args.data else 192),
         steps=args.steps, pretrain_steps=pretrain_steps, val_every=args.val_every, max_minutes=args.minutes,
-        patch_shape=patch, batch_size=2 if tiny else args.batch_size or (None if args.data else 4),
+        crop_shape=crop, batch_size=2 if tiny else args.batch_size or (None if args.data else 4),
         downsample=args.downsample,
         voxel_size=_floats(args.voxel_size) if args.voxel_size else None,  # type: ignore[arg-type]
         # the default phantom's whole evaluation region (24 x 308 x 768 voxels: 28 mitochondria)

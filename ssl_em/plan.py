@@ -47,18 +47,18 @@ class Plan:
     voxel_size: tuple[float, float, float]  # of the data, (z, y, x) nm
     spacing: tuple[float, float, float]  # working spacing (z, y, x) nm
     downsample: int  # in-plane factor from voxel_size to spacing (1 = none)
-    patch_shape: tuple[int, int, int]  # crop at the working spacing, (z, y, x) voxels
+    crop_shape: tuple[int, int, int]  # crop at the working spacing, (z, y, x) voxels
     batch_size: int
     steps: int
     anisotropic_levels: int  # poolings that are in-plane only
     reasons: dict[str, str] = field(default_factory=dict, compare=False)
 
     def describe(self) -> str:
-        ctx = tuple(round(p * s) for p, s in zip(self.patch_shape, self.spacing))
+        ctx = tuple(round(p * s) for p, s in zip(self.crop_shape, self.spacing))
         return (f"plan: voxel {_fmt(self.voxel_size)} nm -> working spacing {_fmt(self.spacing)} nm "
-                f"(in-plane x1/{self.downsample}), crop {tuple(self.patch_shape)} = {ctx} nm, batch "
+                f"(in-plane x1/{self.downsample}), crop {tuple(self.crop_shape)} = {ctx} nm, batch "
                 f"{self.batch_size}, {self.steps} steps, "
-                + ("2-D crops, every pooling in-plane; " if self.patch_shape[0] == 1 else
+                + ("2-D crops, every pooling in-plane; " if self.crop_shape[0] == 1 else
                    f"{self.anisotropic_levels} in-plane-only poolings; ")
                 + "; ".join(f"{k}: {v}" for k, v in self.reasons.items()))
 
@@ -77,7 +77,7 @@ def make_plan(voxel_size: Sequence[float], task: str, shape: Sequence[int] | Non
     """The plan for data at ``voxel_size`` (z, y, x nm) and ``task``; ``shape`` (z, y, x voxels of the
     labelled volume) bounds the crop; ``stride`` is the network's total stride (crops are multiples
     of it); ``downsample`` forces the in-plane factor (1: native); ``overrides`` replace any other
-    field (``patch_shape``, ``batch_size``, ...)."""
+    field (``crop_shape``, ``batch_size``, ...)."""
     vs = tuple(float(v) for v in voxel_size)
     if len(vs) != 3 or min(vs) <= 0 or not all(map(math.isfinite, vs)):
         raise ConfigError(f"voxel size {voxel_size} must be three positive numbers (z, y, x) in nm")

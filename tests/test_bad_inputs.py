@@ -160,7 +160,7 @@ def _disk_full(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
 
 def raw_fit(w: Path, *extra: str) -> list[str]:
     return fit(FT, "--data.init_args.raw", str(w / "raw.npy"), "--data.init_args.labels", str(w / "mito.npy"),
-               "--data.init_args.patch_shape", "[8, 32, 32]", *extra)
+               "--data.init_args.crop_shape", "[8, 32, 32]", *extra)
 
 
 CASES: dict[str, Case] = {
@@ -221,11 +221,11 @@ CASES: dict[str, Case] = {
                                             str(w / "gt.zarr"), "--task", "mito"], "gt.zarr"),
     "labels-all-background": Case(lambda w, o: fit(FT, "--data.init_args.raw", str(w / "raw.npy"),
                                                    "--data.init_args.labels", str(w / "zeros.npy"),
-                                                   "--data.init_args.patch_shape", "[8, 32, 32]"),
+                                                   "--data.init_args.crop_shape", "[8, 32, 32]"),
                                   "no labelled foreground"),
     "labels-other-shape": Case(lambda w, o: fit(FT, "--data.init_args.raw", str(w / "raw.npy"),
                                                 "--data.init_args.labels", str(w / "small.npy"),
-                                                "--data.init_args.patch_shape", "[8, 32, 32]"), "small.npy"),
+                                                "--data.init_args.crop_shape", "[8, 32, 32]"), "small.npy"),
     "labels-sections-outside": Case(lambda w, o: raw_fit(w, "--data.init_args.label_sections", "[3, 40]"),
                                     "label_sections"),
     # ---- checkpoints
@@ -257,13 +257,13 @@ CASES: dict[str, Case] = {
     "config-batch-size-zero": Case(lambda w, o: raw_fit(w, "--data.init_args.batch_size", "0"), "batch_size=0"),
     "config-patch-larger-than-volume": Case(lambda w, o: fit(FT, "--data.init_args.raw", str(w / "raw.npy"),
                                                              "--data.init_args.labels", str(w / "mito.npy"),
-                                                             "--data.init_args.patch_shape", "[8, 96, 96]"),
-                                            "patch_shape"),
+                                                             "--data.init_args.crop_shape", "[8, 96, 96]"),
+                                            "crop_shape"),
     "config-fraction-above-one": Case(lambda w, o: raw_fit(w, "--data.init_args.val_fraction", "1.5"),
                                       "val_fraction"),
     "config-fraction-too-large-for-volume": Case(lambda w, o: fit(FT, "--data.init_args.raw", str(w / "raw.npy"),
                                                                   "--data.init_args.labels", str(w / "mito.npy"),
-                                                                  "--data.init_args.patch_shape", "[12, 32, 32]",
+                                                                  "--data.init_args.crop_shape", "[12, 32, 32]",
                                                                   "--data.init_args.val_fraction", "0.5"),
                                                  "raw.npy: val_fraction=0.5"),
     "config-file-missing": Case(lambda w, o: ["fit", "--config", str(w / "nope.yaml")], "nope.yaml"),

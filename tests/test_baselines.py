@@ -69,7 +69,7 @@ def test_rf_is_a_study_method_scored_like_the_others(tmp_path) -> None:
     phantom = make_phantom((8, 160, 64), seed=2)  # mitochondria in every part of the study's split
 
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(0.25,),
-                      steps=4, pretrain_steps=2, val_every=4, patch_shape=(8, 32, 32), batch_size=2, voxel_size=phantom.voxel_size,
+                      steps=4, pretrain_steps=2, val_every=4, crop_shape=(8, 32, 32), batch_size=2, voxel_size=phantom.voxel_size,
                       lrs={"scratch": (1.5e-3,)}, precision="32")
     records = Study(phantom.raw, phantom.mito, None, cfg, tmp_path / "out").run()
     rf = {r["metric"]: r["value"] for r in records if r["method"] == "rf"}

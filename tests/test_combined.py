@@ -70,7 +70,7 @@ def test_spark_simclr_learns_on_the_phantom(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = Pretraining(encoder="unet3d_test", method="spark_simclr",
                          method_kwargs={"hidden_dim": 32, "out_dim": 16, "contrastive_weight": 0.5})
-    data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
+    data = EMDataModule(two_views=True, crop_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
                         samples_per_epoch=40 * 8, val_fraction=0, seed=0)
     opt = torch.optim.AdamW(module.objective.parameters(), lr=2e-3)
     terms = []

@@ -235,7 +235,7 @@ def test_recipe_fast_dev_run(recipe: Path, tmp_path: Path, monkeypatch: pytest.M
         "fit", "--config", str(recipe), "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
         *encoder, "--model.init_args.method_kwargs.hidden_dim", "16",
         "--data.init_args.num_workers", "0", "--data.init_args.phantom_shape", "[16, 64, 64]",
-        "--data.init_args.patch_shape", "[8, 32, 32]", "--data.init_args.batch_size", "2",
+        "--data.init_args.crop_shape", "[8, 32, 32]", "--data.init_args.batch_size", "2",
     ])
     assert cli.model.two_views
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
@@ -255,7 +255,7 @@ def test_simclr_trains_every_encoder_weight_and_its_loss_falls_on_fresh_crops() 
     torch.manual_seed(0)
     encoder = ssl_em.create_encoder("unet3d_tiny")
     objective = build_objective("simclr", encoder, hidden_dim=256, out_dim=128, temperature=0.1).train()
-    data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
+    data = EMDataModule(two_views=True, crop_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
                         samples_per_epoch=100 * 8, val_fraction=0, seed=0)
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-3, weight_decay=0.05)
     losses = []
@@ -288,7 +288,7 @@ def test_dino_leaves_the_uniform_teacher() -> None:
     encoder = ssl_em.create_encoder("vit3d_test_patch4", img_size=(8, 32, 32))
     k = 1024
     objective = DINO3D(encoder, out_dim=k, hidden_dim=256, bottleneck_dim=64, momentum=0.99).train()
-    data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
+    data = EMDataModule(two_views=True, crop_shape=(8, 32, 32), batch_size=8, phantom_shape=(16, 96, 96),
                         samples_per_epoch=100 * 8, val_fraction=0, seed=0)
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)

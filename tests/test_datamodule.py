@@ -25,7 +25,7 @@ def npy_specs(tmp_path_factory, vnc_path):
 
 
 def _dm(**kw):
-    base = dict(patch_shape=(4, 32, 32), batch_size=2, samples_per_epoch=4, val_samples=2, voxel_size=(50, 4.6, 4.6))
+    base = dict(crop_shape=(4, 32, 32), batch_size=2, samples_per_epoch=4, val_samples=2, voxel_size=(50, 4.6, 4.6))
     return EMDataModule(**{**base, **kw})
 
 
@@ -69,6 +69,24 @@ def test_the_old_name_label_slices_still_chooses_the_same_sections_with_a_deprec
     np.testing.assert_array_equal(np.asarray(old.train_set.sources[0].mask[box]),
                                   np.asarray(new.train_set.sources[0].mask[box]))
     assert old.hparams.n_label_sections == 2 and "label_slices" not in old.hparams
+
+
+def test_the_crops_old_name_patch_shape_still_sets_the_crop_with_a_deprecation(npy_specs):
+    """Recipes, scripts and checkpoints written before the rename still give the same crops."""
+    import ssl_em
+
+    raw, mito = npy_specs
+    with pytest.warns(DeprecationWarning, match="crop_shape"):
+        old = _dm(raw=raw, labels=mito, patch_shape=(2, 48, 40))
+    old.setup("fit")
+    assert old.crop_shape == (2, 48, 40) and old.hparams.crop_shape == (2, 48, 40) and "patch_shape" not in old.hparams
+    assert tuple(old.train_set[0]["raw"].shape[-3:]) == (2, 48, 40)
+    assert old.describe()["crop_shape"] == [2, 48, 40]
+    with pytest.warns(DeprecationWarning, match="crop_shape"):
+        net = ssl_em.create_encoder("unet_small", spacing=(8, 8, 8), patch_shape=(32, 64, 64))
+    same = ssl_em.create_encoder("unet_small", spacing=(8, 8, 8), crop_shape=(32, 64, 64))
+    assert net.encoder_config == same.encoder_config and net.pools_zyx == same.pools_zyx
+    assert net.pools_zyx != ssl_em.create_encoder("unet_small").pools_zyx  # the crop was read: 3-D, not in-plane
 
 
 def test_two_views_with_persistent_workers(npy_specs):
@@ -143,7 +161,7 @@ def test_lightning_fit_sees_new_crops_each_epoch(npy_specs, tmp_path):
 
 def test_phantom_default():
     pytest.importorskip("ssl_em.data.phantom", reason="ssl_em.data.phantom (make_phantom) is not written yet")
-    dm = EMDataModule(phantom_shape=(16, 64, 64), patch_shape=(4, 32, 32), batch_size=2, samples_per_epoch=2,
+    dm = EMDataModule(phantom_shape=(16, 64, 64), crop_shape=(4, 32, 32), batch_size=2, samples_per_epoch=2,
                       task="mito")
     batch = next(iter(dm.train_dataloader()))
     assert batch["raw"].shape == (2, 1, 4, 32, 32) and "label" in batch
@@ -153,7 +171,7 @@ def test_phantom_default():
 def test_z_section_positives_through_the_datamodule():
     """min_view_shift of a patch depth along z: views share no section, in training and validation
     (the validation slab is made deep enough for the two views)."""
-    dm = EMDataModule(two_views=True, patch_shape=(4, 32, 32), min_view_shift=(4, 0, 0), max_view_shift=(6, 4, 4),
+    dm = EMDataModule(two_views=True, crop_shape=(4, 32, 32), min_view_shift=(4, 0, 0), max_view_shift=(6, 4, 4),
                       phantom_shape=(24, 64, 64), batch_size=2, samples_per_epoch=4, val_samples=2, augment=False)
     dm.setup()
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
@@ -168,7 +186,7 @@ def test_label_sections_outside_the_volume_are_a_one_line_error():
 
     ph = make_phantom((8, 64, 64), seed=2)
     for sections in ([8], [-1], []):
-        dm = EMDataModule(raw=ph.raw, labels=ph.mito, task="mito", patch_shape=(4, 32, 32), batch_size=2,
+        dm = EMDataModule(raw=ph.raw, labels=ph.mito, task="mito", crop_shape=(4, 32, 32), batch_size=2,
                           samples_per_epoch=2, val_fraction=0, label_sections=sections)
         with pytest.raises(ConfigError, match="label_sections .* must be z indices in 0..7"):
             dm.setup("fit")

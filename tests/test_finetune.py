@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
                    "--model.init_args.encoder", "unet3d_test", "--model.init_args.pretrained", str(base),
                    "--model.init_args.lr", "0.02", "--model.init_args.warmup_steps", "2",
                    "--model.init_args.export_dir", str(root / "model"),
-                   "--data.init_args.patch_shape", "[8, 32, 32]", "--data.init_args.phantom_shape", "[24, 96, 96]",
+                   "--data.init_args.crop_shape", "[8, 32, 32]", "--data.init_args.phantom_shape", "[24, 96, 96]",
                    "--data.init_args.batch_size", "2", "--data.init_args.val_samples", "2",
                    "--data.init_args.sampler", "foreground", "--data.init_args.augment", "false"])
     assert rc == 0
@@ -194,7 +194,7 @@ def test_bad_training_inputs_give_one_line_errors(bad_inputs, tmp_path, capsys, 
     rc = cli_main(["fit", "--config", RECIPE, *QUIET, "--trainer.fast_dev_run", "1",
                    "--trainer.default_root_dir", str(tmp_path), "--model.init_args.encoder", "unet3d_test",
                    "--data.init_args.raw", str(bad_inputs / raw), "--data.init_args.labels", str(bad_inputs / labels),
-                   "--data.init_args.patch_shape", "[8, 32, 32]"])
+                   "--data.init_args.crop_shape", "[8, 32, 32]"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ssl-em fit: error:")]
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "model").exists()
@@ -243,7 +243,7 @@ def test_a_recipe_task_takes_the_data_voxel_size_for_its_boundaries():
 
     module = FineTuning(task="mito", encoder="unet3d_test", adapter="full", export_on_fit_end=False)
     assert module.task.voxel_size is None
-    data = EMDataModule(task="mito", patch_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 96, 96),
+    data = EMDataModule(task="mito", crop_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 96, 96),
                         samples_per_epoch=2, val_fraction=0, num_workers=0)
     L.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
               accelerator="cpu").fit(module, datamodule=data)
@@ -262,7 +262,7 @@ def test_cli_fine_tuning_chooses_the_synapse_post_processing_and_the_folder_carr
                          "--trainer.default_root_dir", str(out / "run"), "--model.init_args.encoder", "unet3d_test",
                          "--model.init_args.pretrained", "null", "--model.init_args.adapter", "full",
                          "--model.init_args.export_dir", str(out / "model"),
-                         "--data.init_args.patch_shape", "[8, 32, 32]", "--data.init_args.phantom_shape", "[24, 96, 96]",
+                         "--data.init_args.crop_shape", "[8, 32, 32]", "--data.init_args.phantom_shape", "[24, 96, 96]",
                          "--data.init_args.batch_size", "2", "--data.init_args.samples_per_epoch", "12", *extra])
 
     assert fit(tmp_path / "a") == 0
@@ -284,7 +284,7 @@ def test_training_targets_are_made_in_the_dataloader_workers():
     from ssl_em.data.datamodule import EMDataModule
 
     def data(workers: int) -> EMDataModule:
-        return EMDataModule(task="neuron", patch_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 96, 96),
+        return EMDataModule(task="neuron", crop_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 96, 96),
                             samples_per_epoch=4, val_fraction=0, num_workers=workers)
 
     module = FineTuning(task="neuron", encoder="unet3d_test", adapter="full", export_on_fit_end=False,

@@ -63,12 +63,12 @@ def test_a_missing_chunk_is_an_error_unless_fill_missing(phantom, tmp_path: Path
 def test_training_data_with_a_missing_chunk_fails_before_training(phantom, tmp_path: Path) -> None:
     store = _zarr_v3(tmp_path / "raw.zarr", phantom.raw)
     shutil.rmtree(store / "c" / "0")  # the first four sections are gone
-    dm = EMDataModule(unlabeled=[str(store)], patch_shape=(4, 32, 32), batch_size=2, samples_per_epoch=4,
+    dm = EMDataModule(unlabeled=[str(store)], crop_shape=(4, 32, 32), batch_size=2, samples_per_epoch=4,
                       val_fraction=0)
     with pytest.raises(VolumeError, match="missing from the store"):
         dm.setup("fit")
         next(iter(dm.train_dataloader()))
-    dm = EMDataModule(unlabeled=[str(store)], patch_shape=(4, 32, 32), batch_size=2, samples_per_epoch=4,
+    dm = EMDataModule(unlabeled=[str(store)], crop_shape=(4, 32, 32), batch_size=2, samples_per_epoch=4,
                       val_fraction=0, fill_missing=True)
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))["raw"].shape == (2, 1, 4, 32, 32)
@@ -114,7 +114,7 @@ def test_n_label_sections_choose_only_annotated_sections(phantom) -> None:
     labels = np.full(phantom.raw.shape, 255, np.uint8)
     labels[3] = phantom.mito[3] > 0  # the only annotated section (mitochondria and background)
     for seed in range(4):
-        dm = EMDataModule(raw=phantom.raw, labels=labels, task="mito", patch_shape=(4, 32, 32), batch_size=2,
+        dm = EMDataModule(raw=phantom.raw, labels=labels, task="mito", crop_shape=(4, 32, 32), batch_size=2,
                           samples_per_epoch=4, val_fraction=0.3, ignore_value=255, n_label_sections=1, seed=seed,
                           augment=False)
         dm.setup("fit")

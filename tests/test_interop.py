@@ -35,7 +35,7 @@ def finetuned(tmp_path_factory) -> Path:
         opt.step()
     module.data_description = {"normalization": {"mode": "percentile", "low": 30.0, "high": 220.0, "clip": True,
                                                  "percentiles": [1.0, 99.0]},
-                               "voxel_size": [40.0, 8.0, 8.0], "patch_shape": [8, 32, 32]}
+                               "voxel_size": [40.0, 8.0, 8.0], "crop_shape": [8, 32, 32]}
     return save_finetuned(module, tmp_path_factory.mktemp("ft") / "mito_lora")
 
 

@@ -46,7 +46,7 @@ def test_session_trains_on_painted_voxels_continues_after_corrections_and_cancel
     assert s.precision_record["reason"] and "FineTuning" in s.precision_record["key"]
     # the shipped encoder fine-tuned in full (the table's winner), one section per crop (it works section-wise)
     assert s.module.hparams.adapter == "full" and s.module.hparams.pretrained == DEFAULT_ENCODER
-    assert s.patch_shape == (1, 128, 128)
+    assert s.crop_shape == (1, 128, 128)
     trained = {k: v.clone() for k, v in s.module.model.state_dict().items() if v.is_floating_point()}
     probs = s.predict(tmp_path / "p.zarr")
     assert probs.shape == (s.module.task.num_outputs, *SHAPE) and 0 <= float(np.asarray(probs).min())
@@ -83,10 +83,10 @@ def test_session_takes_an_encoder_family_by_name_and_trains_it_from_random_init(
     result = s.fine_tune(paint(phantom), steps=3)
     assert result.steps == 3 and np.isfinite(result.last_loss)
     assert s.module.hparams.adapter == "full" and s.module.hparams.pretrained is None
-    assert s.module.encoder_config["architecture"] == "unet_test" and s.patch_shape[0] == 1  # section-wise
+    assert s.module.encoder_config["architecture"] == "unet_test" and s.crop_shape[0] == 1  # section-wise
     volumetric = FineTuneSession(phantom.raw, phantom.voxel_size, encoder="unet3d_test")
     volumetric.module = volumetric._build()
-    assert volumetric.patch_shape == (8, 64, 64)  # 3-D kernels: crops of several sections
+    assert volumetric.crop_shape == (8, 64, 64)  # 3-D kernels: crops of several sections
 
 
 def test_a_synapse_session_chooses_its_post_processing_on_the_painted_voxels_and_saves_it(phantom, tmp_path):
@@ -188,7 +188,7 @@ def test_session_reads_only_the_painted_box_of_a_lazy_volume(phantom, tmp_path, 
             return out
 
     raw = Recording(phantom.raw)
-    s = FineTuneSession(raw, phantom.voxel_size, patch_shape=(1, 64, 64), precision="32")  # crops < a section
+    s = FineTuneSession(raw, phantom.voxel_size, crop_shape=(1, 64, 64), precision="32")  # crops < a section
     painted = np.zeros(SHAPE, np.uint8)
     y, x = np.clip(np.argwhere(phantom.mito[8] > 0).mean(axis=0).astype(int), 20, 108)  # strokes around an object
     window = (8, slice(y - 20, y + 20), slice(x - 20, x + 20))
@@ -196,7 +196,7 @@ def test_session_reads_only_the_painted_box_of_a_lazy_volume(phantom, tmp_path, 
     with pytest.raises(LabelError, match="differs from the image"):
         s.training_box(painted[:4])
     box = s.training_box(painted)
-    p = s.patch_shape
+    p = s.crop_shape
     assert box[0].start <= 8 < box[0].stop and box[1].start <= y - 20 and box[1].stop >= y + 20
     assert all(b.stop - b.start >= min(q, n) for b, q, n in zip(box, p, SHAPE))  # at least one crop
     assert (box[1].stop - box[1].start) * (box[2].stop - box[2].start) < SHAPE[1] * SHAPE[2]  # not the section

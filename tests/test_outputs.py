@@ -158,7 +158,7 @@ def test_study_and_demo_results_go_only_to_folders_ssl_em_made(thesis: Path, tmp
     np.savez(tmp_path / "target.npz", raw=target.raw, mito=target.mito)
     raw, labels = f"{tmp_path / 'target.npz'}:raw", f"{tmp_path / 'target.npz'}:mito"
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch",), fractions=(0.25,),
-                      patch_shape=(8, 32, 32), batch_size=2, voxel_size=target.voxel_size)
+                      crop_shape=(8, 32, 32), batch_size=2, voxel_size=target.voxel_size)
     before = _snapshot(thesis)
     with pytest.raises(ConfigError, match="already holds files ssl-em did not write"):
         Study(raw, labels, None, cfg, thesis)

@@ -14,14 +14,14 @@ from ssl_em.plan import DownsampledVolume, downsample, make_plan, upsample
 def test_vnc_like_mitochondria_plan_works_at_9_nm_with_a_micron_of_context(capsys) -> None:
     plan = make_plan((50, 4.6, 4.6), "mito", (20, 1024, 1024))
     assert plan.downsample == 2 and plan.spacing == pytest.approx((50, 9.2, 9.2))
-    z, y, x = plan.patch_shape
+    z, y, x = plan.crop_shape
     assert y == x and y * 9.2 >= 1200 and y % 8 == 0 and y <= 256  # >= 1.2 um in-plane, on the stride
     assert z == 2  # thin crops (z is 5.4x coarser than x): the thinnest the default stride (2, 8, 8) takes
     flat = make_plan((50, 4.6, 4.6), "mito", (20, 1024, 1024), stride=(1, 16, 16))
-    assert flat.patch_shape == (1, 144, 144) and "2-D crops, every pooling in-plane" in flat.describe()
+    assert flat.crop_shape == (1, 144, 144) and "2-D crops, every pooling in-plane" in flat.describe()
     assert plan.batch_size >= 2 and plan.anisotropic_levels == 2
     text = plan.describe()
-    assert "working spacing 50x9.2x9.2 nm" in text and f"crop {plan.patch_shape}" in text and "x1/2" in text
+    assert "working spacing 50x9.2x9.2 nm" in text and f"crop {plan.crop_shape}" in text and "x1/2" in text
     assert "2 in-plane-only poolings" in text
 
 
@@ -29,11 +29,11 @@ def test_plan_follows_the_encoder_the_task_and_the_user() -> None:
     assert make_plan((50, 4.6, 4.6), "mito", encoder_voxel_size=(50, 4.6, 4.6)).downsample == 1
     assert make_plan((50, 4.6, 4.6), "membrane").downsample == 1  # thin structures: full resolution
     iso = make_plan((10, 10, 10), "neuron", (50, 250, 250))
-    assert iso.patch_shape[0] == 16 and iso.anisotropic_levels == 0
+    assert iso.crop_shape[0] == 16 and iso.anisotropic_levels == 0
     small = make_plan((40, 8, 8), "mito", (8, 64, 64))
-    assert small.patch_shape == (2, 64, 64)  # in-plane clipped to the volume, on the stride
-    mine = make_plan((50, 4.6, 4.6), "mito", patch_shape=(8, 64, 64), batch_size=3, downsample=1)
-    assert (mine.patch_shape, mine.batch_size, mine.downsample) == ((8, 64, 64), 3, 1)
+    assert small.crop_shape == (2, 64, 64)  # in-plane clipped to the volume, on the stride
+    mine = make_plan((50, 4.6, 4.6), "mito", crop_shape=(8, 64, 64), batch_size=3, downsample=1)
+    assert (mine.crop_shape, mine.batch_size, mine.downsample) == ((8, 64, 64), 3, 1)
     with pytest.raises(ConfigError, match="unknown plan fields"):
         make_plan((50, 4.6, 4.6), "mito", crop=3)
     with pytest.raises(ConfigError, match="voxel size"):
@@ -71,7 +71,7 @@ def test_the_study_trains_at_the_working_spacing_and_scores_on_the_original_grid
     assert any(line.startswith("plan: voxel 40x4x4 nm -> working spacing 40x8x8 nm") for line in lines)
     records = study.run()
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert doc["plan"]["downsample"] == 2 and doc["plan"]["patch_shape"] == list(cfg.patch_shape)
+    assert doc["plan"]["downsample"] == 2 and doc["plan"]["crop_shape"] == list(cfg.crop_shape)
     assert {r["metric"] for r in records} == {"iou", "dice", "ap50"}
     overlay_section = np.load(tmp_path / "out" / "sections" / "scratch_100pc_sections.npy")
     assert overlay_section.shape == study.ev_gt.shape[1:]  # segmentation back on the original grid
@@ -88,7 +88,7 @@ def test_plain_unet_follows_the_plan_2d_for_ssTEM_3d_for_isotropic() -> None:
     kernels, pools = layout((50, 9.2, 9.2), (2, 128, 128))  # z pooled once, where the voxel is ~isotropic
     assert pools == [(1, 2, 2), (1, 2, 2), (2, 2, 2), (1, 2, 2)] and kernels[:2] == [(1, 3, 3)] * 2 and kernels[2] == (3, 3, 3)
     assert layout((10, 10, 10), (16, 64, 64))[1] == [(2, 2, 2)] * 4
-    net = create_encoder("unet_small", spacing=(50, 9.2, 9.2), patch_shape=(2, 64, 64), out_channels=2).eval()
+    net = create_encoder("unet_small", spacing=(50, 9.2, 9.2), crop_shape=(2, 64, 64), out_channels=2).eval()
     assert net.patch_size == (2, 16, 16) and net(torch.zeros(1, 1, 2, 64, 64)).shape == (1, 2, 2, 64, 64)
     assert net.encoder_config["kwargs"]["pools"] == [[1, 2, 2], [1, 2, 2], [2, 2, 2], [1, 2, 2]]  # saved as planned
     with pytest.raises(ConfigError, match="divisible"):

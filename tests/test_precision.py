@@ -150,7 +150,7 @@ def test_measuring_a_module_leaves_its_weights_and_the_rng_as_they_were(tmp_path
     monkeypatch.setenv("SSL_EM_CACHE", str(tmp_path))
     torch.manual_seed(0)
     module = FineTuning(task="mito", encoder="unet3d_test", adapter="full", export_on_fit_end=False)
-    dm = EMDataModule(task="mito", patch_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 96, 96),
+    dm = EMDataModule(task="mito", crop_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 96, 96),
                       samples_per_epoch=2, val_fraction=0)
     batch = next(iter(dm.train_dataloader()))
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -172,7 +172,7 @@ def test_fit_with_auto_precision_says_what_it_measured(tmp_path: Path, monkeypat
     monkeypatch.setenv("SSL_EM_CACHE", str(tmp_path / "cache"))
     args = ["fit", "--config", str(REPO / "recipes/finetune/mito_lora.yaml"), "--trainer.fast_dev_run", "1",
             "--trainer.default_root_dir", str(tmp_path), "--model.init_args.encoder", "unet3d_test",
-            "--data.init_args.patch_shape", "[8, 32, 32]", "--data.init_args.num_workers", "0",
+            "--data.init_args.crop_shape", "[8, 32, 32]", "--data.init_args.num_workers", "0",
             "--data.init_args.phantom_shape", "[16, 96, 96]", "--data.init_args.batch_size", "2"]
     assert cli_main(args) == 0
     line = next(x for x in capsys.readouterr().err.splitlines() if "precision auto" in x)

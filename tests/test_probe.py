@@ -89,7 +89,7 @@ def test_probe_and_collapse_callbacks_in_training(tmp_path: Path) -> None:
     collapse = CollapseMonitor(every_n_steps=1)
     model = Pretraining(encoder="unet3d_test", method="simclr", method_kwargs={"hidden_dim": 16, "out_dim": 8},
                         warmup_steps=1)
-    data = EMDataModule(two_views=True, patch_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 64, 64),
+    data = EMDataModule(two_views=True, crop_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 64, 64),
                         samples_per_epoch=4, val_fraction=0)
     trainer = L.Trainer(max_steps=3, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="log"),
                         enable_checkpointing=False, enable_progress_bar=False,

@@ -115,7 +115,7 @@ def test_tiny_study_end_to_end(tmp_path):
     np.savez(tmp_path / "pool.npz", raw=pool.raw)
     raw, labels = f"{tmp_path / 'target.npz'}:raw", f"{tmp_path / 'target.npz'}:mito"
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("lora", "scratch"), fractions=(0.25,),
-                      steps=12, pretrain_steps=6, val_every=4, patch_shape=(8, 32, 32), batch_size=2, voxel_size=target.voxel_size,
+                      steps=12, pretrain_steps=6, val_every=4, crop_shape=(8, 32, 32), batch_size=2, voxel_size=target.voxel_size,
                       lrs={"lora": (3e-3, 1e-2), "scratch": (1e-3,)}, sweep_share=0.5, precision="32")
     study = Study(raw, labels, [f"{tmp_path / 'pool.npz'}:raw", raw], cfg, tmp_path / "out")
     # the labelled raw is pretraining data only through its training region
@@ -179,7 +179,7 @@ def test_sweep_keeps_the_grid_centre_when_validation_sections_hold_no_foreground
     labels = np.zeros(raw.shape, np.uint8)  # empty validation part: nothing for a metric to rank
     labels[:, :40, :20] = 1  # foreground only far from the validation slab
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch",), fractions=(0.25,),
-                      steps=4, pretrain_steps=2, patch_shape=(8, 32, 32), batch_size=2, voxel_size=(40.0, 8.0, 8.0),
+                      steps=4, pretrain_steps=2, crop_shape=(8, 32, 32), batch_size=2, voxel_size=(40.0, 8.0, 8.0),
                       lrs={"scratch": (1e-3, 3e-3, 1e-2)})
     study = Study(raw, labels, [raw], cfg, tmp_path / "out")
     assert not labels[study.regions.val].any()
@@ -224,7 +224,7 @@ def test_a_patch_regime_trains_only_on_its_patches(tmp_path):
 
     target = make_phantom((8, 160, 96), seed=2)
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(), patches=(2,),
-                      painted_size=40, steps=4, patch_shape=(2, 32, 32), batch_size=2, voxel_size=target.voxel_size,
+                      painted_size=40, steps=4, crop_shape=(2, 32, 32), batch_size=2, voxel_size=target.voxel_size,
                       lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
     study = Study(target.raw, target.mito, [target.raw], cfg, tmp_path / "out")
     seen = []
@@ -259,7 +259,7 @@ def test_membrane_study_from_a_given_encoder_reports_voxel_size_mismatch(tmp_pat
                                "data": {"volumes": ["stack2.zarr/raw", "isbi.h5:raw"]}})
     cfg = StudyConfig(task="membrane", architecture="unet3d_test", encoder=str(enc), pretrain_steps=0,
                       adapter_kwargs={"train_decoder": True}, methods=("lora", "scratch"), fractions=(0.25,),
-                      steps=8, val_every=4, patch_shape=(8, 32, 32), batch_size=2, precision="32",
+                      steps=8, val_every=4, crop_shape=(8, 32, 32), batch_size=2, precision="32",
                       voxel_size=target.voxel_size, lrs={"lora": (1e-2,), "scratch": (3e-3,)})
     lines: list[str] = []
     records = Study(target.raw, target.membrane, None, cfg, tmp_path / "out", log=lines.append).run()
@@ -296,7 +296,7 @@ def _small_study(tmp_path, methods=("lora", "scratch"), lrs=None, **kw):
 
     target = make_phantom((8, 160, 64), seed=2)
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=methods, fractions=(0.25,), steps=8,
-                      pretrain_steps=4, val_every=4, patch_shape=(8, 32, 32), batch_size=2, voxel_size=target.voxel_size,
+                      pretrain_steps=4, val_every=4, crop_shape=(8, 32, 32), batch_size=2, voxel_size=target.voxel_size,
                       lrs=lrs or {"lora": (6e-3,), "scratch": (1.5e-3,)}, precision="32", **kw)
     return lambda out, log=print: Study(target.raw, target.mito, None, cfg, tmp_path / out, log=log)
 
@@ -369,7 +369,7 @@ def test_study_pretrains_with_a_two_view_objective(tmp_path):
         StudyConfig(pretrain_method="magic")
     target, pool = make_phantom((8, 160, 64), seed=2), make_phantom((8, 64, 64), seed=1)
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("lora",), fractions=(0.25,), steps=2,
-                      pretrain_steps=3, pretrain_method="spark_simclr", patch_shape=(8, 32, 32), batch_size=2,
+                      pretrain_steps=3, pretrain_method="spark_simclr", crop_shape=(8, 32, 32), batch_size=2,
                       voxel_size=target.voxel_size, lrs={"lora": (3e-3,)}, precision="32")
     from ssl_em.adapters.finetune import FineTuning
 
@@ -398,7 +398,7 @@ def test_study_pretraining_resumes_after_a_kill(tmp_path, kill_at):
 
     pool = make_phantom((8, 64, 64), seed=1)
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("lora",), pretrain_steps=6,
-                      patch_shape=(8, 32, 32), batch_size=2, voxel_size=pool.voxel_size, precision="32")
+                      crop_shape=(8, 32, 32), batch_size=2, voxel_size=pool.voxel_size, precision="32")
     original = Progress.on_train_batch_end
 
     def killed(self, trainer, *args):
@@ -436,8 +436,8 @@ def test_plan_crops_divide_by_the_encoders_patch(tmp_path, arch, z_stride):
     cfg = StudyConfig(architecture=arch, methods=("lora", "unet"), fractions=(1.0,), voxel_size=(40.0, 8.0, 8.0),
                       downsample=1)
     study = Study(ph.raw, ph.mito, None, cfg, tmp_path / "out", log=lambda _: None)
-    z, y, x = study.cfg.patch_shape
-    assert z == z_stride and y % 16 == 0 and x % 16 == 0, study.cfg.patch_shape
+    z, y, x = study.cfg.crop_shape
+    assert z == z_stride and y % 16 == 0 and x % 16 == 0, study.cfg.crop_shape
 
 
 def test_summary_lines_name_the_winner_and_whether_pretraining_paid_beyond_the_spread(tmp_path):
@@ -468,7 +468,7 @@ def test_runs_are_also_scored_after_the_eval_steps(tmp_path):
 
     target = make_phantom((8, 160, 96), seed=2)
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(), patches=(2,),
-                      painted_size=40, steps=4, eval_steps=(3, 1, 9), patch_shape=(2, 32, 32), batch_size=2,
+                      painted_size=40, steps=4, eval_steps=(3, 1, 9), crop_shape=(2, 32, 32), batch_size=2,
                       voxel_size=target.voxel_size, lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
     assert cfg.eval_steps == (1, 3, 9)
     study = Study(target.raw, target.mito, [target.raw], cfg, tmp_path / "out")
@@ -524,7 +524,7 @@ def test_an_ema_run_is_scored_with_the_moving_average_of_its_weights(tmp_path):
     target = make_phantom((8, 160, 96), seed=2)
     decay = 0.6
     cfg = StudyConfig(task="mito", architecture="unet3d_test", methods=("scratch",), fractions=(), patches=(2,),
-                      painted_size=40, steps=4, eval_steps=(2,), patch_shape=(2, 32, 32), batch_size=2,
+                      painted_size=40, steps=4, eval_steps=(2,), crop_shape=(2, 32, 32), batch_size=2,
                       voxel_size=target.voxel_size, lrs={"scratch": (1e-2,)}, precision="32", pretrain_steps=2,
                       ema_decay=decay)
     study = Study(target.raw, target.mito, [target.raw], cfg, tmp_path / "out")
@@ -574,7 +574,7 @@ def test_finished_runs_are_reused_only_for_the_same_data_and_encoder_weights(tmp
 
     def study(seeds=1, methods=("scratch",)):
         cfg = StudyConfig(task="mito", encoder=str(encoder), pretrain_steps=0, methods=methods, fractions=(),
-                          patches=(2,), painted_size=40, steps=2, seeds=seeds, patch_shape=(2, 32, 32), batch_size=2,
+                          patches=(2,), painted_size=40, steps=2, seeds=seeds, crop_shape=(2, 32, 32), batch_size=2,
                           voxel_size=target.voxel_size, lrs={"scratch": (1e-3,), "full": (1e-3,)}, precision="32")
         return Study(f"{path}:raw", f"{path}:mito", None, cfg, tmp_path / "out", log=lambda _: None)
 
@@ -628,7 +628,7 @@ def test_a_pretraining_volume_changed_in_place_redoes_the_pretraining_and_what_s
 
     def study(pretrain_steps=4, steps=2):
         cfg = StudyConfig(task="mito", architecture="unet3d_test", pretrain_steps=pretrain_steps,
-                          methods=("full", "scratch", "rf"), fractions=(0.25,), steps=steps, patch_shape=(2, 32, 32),
+                          methods=("full", "scratch", "rf"), fractions=(0.25,), steps=steps, crop_shape=(2, 32, 32),
                           batch_size=2, voxel_size=target.voxel_size, precision="32")
         return Study(f"{tmp_path / 'target.npz'}:raw", f"{tmp_path / 'target.npz'}:mito", [str(tmp_path / "pool.npy")],
                      cfg, tmp_path / "out", log=lambda _: None)
@@ -666,7 +666,7 @@ def test_a_separate_evaluation_volume_scores_neurons_and_the_boundary_forest(tmp
     np.savez(tmp_path / "neurons.npz", raw=train.raw, ids=train.neurons, raw_test=test.raw, ids_test=test.neurons)
     spec = f"{tmp_path / 'neurons.npz'}"
     cfg = StudyConfig(task="neuron", architecture="unet3d_test", methods=("rf",), fractions=(1.0,), steps=2,
-                      patch_shape=(8, 32, 32), voxel_size=(20.0, 20.0, 20.0), precision="32")
+                      crop_shape=(8, 32, 32), voxel_size=(20.0, 20.0, 20.0), precision="32")
     study = Study(f"{spec}:raw", f"{spec}:ids", None, cfg, tmp_path / "out",
                   evaluation=(f"{spec}:raw_test", f"{spec}:ids_test"))
     assert study.regions.train == (slice(0, 8), slice(0, 64), slice(0, 96))  # all of it trains
@@ -700,7 +700,7 @@ def test_synapse_runs_choose_their_post_processing_on_their_own_labels(tmp_path)
 
     target = make_phantom((8, 160, 96), seed=2)
     kwargs = dict(task="synapse", architecture="unet3d_test", methods=("scratch", "rf"), fractions=(), patches=(2,),
-                  painted_size=48, steps=4, eval_steps=(2,), patch_shape=(2, 32, 32), batch_size=2,
+                  painted_size=48, steps=4, eval_steps=(2,), crop_shape=(2, 32, 32), batch_size=2,
                   voxel_size=target.voxel_size, lrs={"scratch": (1e-3,)}, precision="32", pretrain_steps=2)
     logged: list[str] = []
     study = Study(target.raw, target.labels("synapse"), [target.raw], StudyConfig(**kwargs), tmp_path / "out",

@@ -24,10 +24,10 @@ TINY_DATA = [
 
 def _tiny_model(recipe: str) -> list[str]:
     if "vit3d" in recipe:
-        return ["--model.init_args.encoder", "vit3d_test_patch2x16", "--data.init_args.patch_shape", "[8, 32, 32]"]
+        return ["--model.init_args.encoder", "vit3d_test_patch2x16", "--data.init_args.crop_shape", "[8, 32, 32]"]
     if "unet_small" in recipe:  # the plain U-Net family, on single sections as its recipe trains
-        return ["--model.init_args.encoder", "unet_test", "--data.init_args.patch_shape", "[1, 32, 32]"]
-    return ["--model.init_args.encoder", "unet3d_test", "--data.init_args.patch_shape", "[8, 32, 32]"]
+        return ["--model.init_args.encoder", "unet_test", "--data.init_args.crop_shape", "[1, 32, 32]"]
+    return ["--model.init_args.encoder", "unet3d_test", "--data.init_args.crop_shape", "[8, 32, 32]"]
 
 
 RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml"))

@@ -37,9 +37,9 @@ def test_unet_small_is_the_plain_unet_under_the_encoder_contract() -> None:
 def test_the_plan_shapes_it_in_plane_for_sections_and_3d_for_isotropic_voxels(tmp_path) -> None:
     from ssl_em.models import create_encoder, load_encoder, save_encoder
 
-    iso = create_encoder("unet_small", spacing=(8.0, 8.0, 8.0), patch_shape=(32, 64, 64))
+    iso = create_encoder("unet_small", spacing=(8.0, 8.0, 8.0), crop_shape=(32, 64, 64))
     assert iso.patch_size == (16, 16, 16) and iso.stages[0].conv1.kernel_size == (3, 3, 3)
-    sbem = create_encoder("unet_small", spacing=(40.0, 11.8, 11.8), patch_shape=(8, 112, 112))  # z 3.4x coarser
+    sbem = create_encoder("unet_small", spacing=(40.0, 11.8, 11.8), crop_shape=(8, 112, 112))  # z 3.4x coarser
     assert sbem.pools_zyx[0] == (1, 2, 2) and (2, 2, 2) in sbem.pools_zyx  # z pooled once in-plane is coarse enough
     # the saved encoder records the layout itself: it rebuilds the same network on any later crop
     kw = sbem.encoder_config["kwargs"]
@@ -98,7 +98,7 @@ def test_unet_and_scratch_are_one_network(tmp_path) -> None:
     from ssl_em.study.train import build_module, planned_encoder_kwargs
 
     cfg = StudyConfig(architecture="unet_small", methods=("scratch", "unet"), fractions=(1.0,),
-                      voxel_size=(50.0, 9.2, 9.2), patch_shape=(1, 64, 64), batch_size=2, precision="32")
+                      voxel_size=(50.0, 9.2, 9.2), crop_shape=(1, 64, 64), batch_size=2, precision="32")
     enc = create_encoder("unet_small", **planned_encoder_kwargs(cfg))
     save_encoder(enc, tmp_path / "enc")
     a, b = build_module("unet", cfg, None, 3, 1e-3, 10), build_module("scratch", cfg, tmp_path / "enc", 3, 1e-3, 10)
@@ -140,7 +140,7 @@ def test_the_study_pretrains_and_fine_tunes_the_unet_family(tmp_path) -> None:
 
     target, pool = make_phantom((4, 160, 64), seed=2), make_phantom((4, 64, 64), seed=1)
     cfg = StudyConfig(task="mito", architecture="unet_test", methods=("full", "scratch"), fractions=(0.5,), steps=3,
-                      pretrain_steps=3, pretrain_method="inpaint", patch_shape=(1, 32, 32), batch_size=2,
+                      pretrain_steps=3, pretrain_method="inpaint", crop_shape=(1, 32, 32), batch_size=2,
                       voxel_size=(50.0, 9.2, 9.2), lrs={"full": (1e-3,), "scratch": (1e-3,)}, precision="32",
                       encoder_lr_scale=0.5)
     Study(target.raw, target.mito, [pool.raw], cfg, tmp_path / "out").run()

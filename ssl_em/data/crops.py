@@ -78,7 +78,7 @@ def _listify(x: Any, n: int, what: str, shared: bool = False) -> list:
 
 
 class CropDataset(Dataset):
-    """Random crops of ``patch_shape`` (z, y, x) from one or more volumes, optionally with labels.
+    """Random crops of ``crop_shape`` (z, y, x) from one or more volumes, optionally with labels.
 
     ``raw``: a volume-like or spec, or a list of them (picked with probability ∝ their size).
     ``labels``/``masks``: matching lists (entries may be None); labels may have leading channels.
@@ -101,7 +101,7 @@ class CropDataset(Dataset):
     def __init__(
         self,
         raw: Any,
-        patch_shape: Sequence[int],
+        crop_shape: Sequence[int],
         *,
         labels: Any = None,
         masks: Any = None,
@@ -120,7 +120,7 @@ class CropDataset(Dataset):
         n = len(raws)
         if n == 0:
             raise ConfigError("CropDataset needs at least one raw volume")
-        self.patch_shape = tuple(int(p) for p in patch_shape)
+        self.crop_shape = tuple(int(p) for p in crop_shape)
         self.sampler = sampler if sampler is not None else UniformSampler()
         self.augment, self.seed, self.ignore_value = augment, int(seed), ignore_value
         self.require_labels, self.label_transform = require_labels, label_transform
@@ -139,7 +139,7 @@ class CropDataset(Dataset):
         if len(vol.shape) != 3:
             raise VolumeError(f"{name}: raw must be 3-D (z, y, x), got shape {tuple(vol.shape)}")
         region = Region(vol, box)
-        check_fits(region.shape, self.patch_shape, name)
+        check_fits(region.shape, self.crop_shape, name)
         _check_not_constant(region, name)
         regions: list[Region | None] = []
         for what, x in (("labels", labels), ("mask", mask)):
@@ -208,7 +208,7 @@ class CropDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self._rng(index)
         src = self._pick(rng)
-        box = self.sampler(src.raw.shape, self.patch_shape, rng, labels=src.labels, mask=src.mask)
+        box = self.sampler(src.raw.shape, self.crop_shape, rng, labels=src.labels, mask=src.mask)
         sample = self._read(src, box)
         if self.augment is not None:
             sample = self.augment(sample, rng)
@@ -240,12 +240,12 @@ class TwoViewDataset(CropDataset):
     """
 
     def __init__(
-        self, raw: Any, patch_shape: Sequence[int], *, max_shift: Sequence[int] | int | None = None,
+        self, raw: Any, crop_shape: Sequence[int], *, max_shift: Sequence[int] | int | None = None,
         min_shift: Sequence[int] | int = 0, **kw: Any
     ) -> None:
         kw.pop("labels", None)
-        super().__init__(raw, patch_shape, **kw)
-        p = np.array(self.patch_shape)
+        super().__init__(raw, crop_shape, **kw)
+        p = np.array(self.crop_shape)
         lo = np.broadcast_to(np.asarray(min_shift, dtype=np.int64), (3,))
         hi = (np.maximum(p // 4, lo) if max_shift is None
               else np.broadcast_to(np.asarray(max_shift, dtype=np.int64), (3,)))
@@ -262,7 +262,7 @@ class TwoViewDataset(CropDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self._rng(index)
         src = self._pick(rng)
-        p, room = np.array(self.patch_shape), np.array(src.raw.shape) - np.array(self.patch_shape)
+        p, room = np.array(self.crop_shape), np.array(src.raw.shape) - np.array(self.crop_shape)
         hi = np.minimum(self.max_shift, room)
         # per axis: a magnitude from min_shift to hi, either sign (min 0 keeps the original draw)
         shift = np.array([int(rng.integers(-b, b + 1)) if a == 0

@@ -70,7 +70,7 @@ class EMDataModule(L.LightningDataModule):
         raw, labels, mask: one labelled volume (specs); mask > 0 marks supervised voxels.
         task: label set name; with no files it picks the phantom's label array (mito, synapse,
             membrane, neurons; a task name containing one of them works, e.g. "mito_semantic").
-        patch_shape: crop size (z, y, x) in voxels.
+        crop_shape: crop size (z, y, x) in voxels (``patch_shape`` is its old name, deprecated, still read).
         samples_per_epoch, val_samples: crops per training epoch / in the fixed validation set.
         two_views: yield ``view1``/``view2`` overlapping crops (contrastive) instead of ``raw``.
         min_view_shift, max_view_shift: (z, y, x) voxels between the two views (``TwoViewDataset``;
@@ -99,7 +99,7 @@ class EMDataModule(L.LightningDataModule):
         labels: str | None = None,
         mask: str | None = None,
         task: str | None = None,
-        patch_shape: tuple[int, int, int] = (16, 64, 64),
+        crop_shape: tuple[int, int, int] = (16, 64, 64),
         batch_size: int = 4,
         num_workers: int = 0,
         samples_per_epoch: int = 512,
@@ -123,8 +123,13 @@ class EMDataModule(L.LightningDataModule):
         val_region: list[list[int]] | None = None,
         label_sections: list[int] | None = None,
         label_slices: int | None = None,
+        patch_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
+        if patch_shape is not None:  # the crop's old name (recipes and checkpoints written before it was renamed)
+            warnings.warn("EMDataModule(patch_shape=...) is now crop_shape; patch_shape will be removed",
+                          DeprecationWarning, stacklevel=2)
+            crop_shape = patch_shape
         if label_slices is not None:  # the old name (recipes and checkpoints written before it was renamed)
             warnings.warn("EMDataModule(label_slices=...) is now n_label_sections; label_slices will be removed",
                           DeprecationWarning, stacklevel=2)
@@ -134,7 +139,7 @@ class EMDataModule(L.LightningDataModule):
         # every checkpoint stores: a description stands in for them there
         self._in_memory = {k: v for k, v in (("raw", raw), ("labels", labels), ("mask", mask))
                            if v is not None and not isinstance(v, (str, os.PathLike))}
-        self.save_hyperparameters(ignore=[*self._in_memory, "label_slices"])
+        self.save_hyperparameters(ignore=[*self._in_memory, "label_slices", "patch_shape"])
         for name, value in self._in_memory.items():
             self.hparams[name] = f"<array {tuple(getattr(value, 'shape', ()))} {getattr(value, 'dtype', '')}>"
         if labels is not None and raw is None:
@@ -144,11 +149,11 @@ class EMDataModule(L.LightningDataModule):
         check_positive(samples_per_epoch, "samples_per_epoch")
         check_positive(val_samples, "val_samples", allow_zero=True)
         check_positive(num_workers, "num_workers", allow_zero=True)
-        if len(tuple(patch_shape)) != 3 or min(int(p) for p in patch_shape) < 1:
-            raise ConfigError(f"patch_shape={list(patch_shape)} must be three sizes >= 1 (z, y, x)")
+        if len(tuple(crop_shape)) != 3 or min(int(p) for p in crop_shape) < 1:
+            raise ConfigError(f"crop_shape={list(crop_shape)} must be three sizes >= 1 (z, y, x)")
         lo, hi = normalization_range if normalization_range is not None else (None, None)
         self.norm_template = Normalization(normalization, low=lo, high=hi)  # validates the mode
-        self.patch_shape = tuple(int(p) for p in patch_shape)
+        self.crop_shape = tuple(int(p) for p in crop_shape)
         self.normalization: Normalization | None = None  # fitted in setup()
         self.normalizations: list[Normalization] = []
         self.voxel_size: tuple[float, float, float] | None = None
@@ -203,7 +208,7 @@ class EMDataModule(L.LightningDataModule):
         override = hp.voxel_size if hp.voxel_size is not None else self._phantom_voxel
         self.voxel_size = voxel_size_of(raws[0], override)
         # validation: the last sections of every volume (split_regions guarantees disjoint boxes)
-        pz, frac = self.patch_shape[0] + (hp.min_view_shift[0] if hp.two_views else 0), hp.val_fraction  # z it needs
+        pz, frac = self.crop_shape[0] + (hp.min_view_shift[0] if hp.two_views else 0), hp.val_fraction  # z it needs
         if hp.get("train_region") is not None:
             train_boxes, val_boxes = self._given_regions(raws)
         else:
@@ -243,11 +248,11 @@ class EMDataModule(L.LightningDataModule):
         def build(boxes: list, n: int, seed: int, train: bool) -> CropDataset:
             kw = dict(regions=boxes, samples_per_epoch=n, seed=seed, **common)
             if hp.two_views:  # contrastive validation keeps augmentation: view invariance is the task
-                return TwoViewDataset(raws, self.patch_shape, augment=augment, min_shift=hp.min_view_shift,
+                return TwoViewDataset(raws, self.crop_shape, augment=augment, min_shift=hp.min_view_shift,
                                       max_shift=hp.max_view_shift, **kw)
             m = train_mask if train else mask  # validation stays densely labelled
             return CropDataset(
-                raws, self.patch_shape, labels=None if labels is None else [labels],
+                raws, self.crop_shape, labels=None if labels is None else [labels],
                 masks=None if m is None else [m], augment=augment if train else None,
                 # validation crops on labelled voxels too: uniform ones would mostly miss a few sections
                 sampler=self._sampler(labels is not None, sparse) if train else
@@ -272,7 +277,7 @@ class EMDataModule(L.LightningDataModule):
             return None
         raw, labels, mask, box = self._labelled
         z, y, x = (b.stop - b.start for b in box)
-        side = max(int((max_voxels / max(z, 1)) ** 0.5), max(self.patch_shape[1:]))
+        side = max(int((max_voxels / max(z, 1)) ** 0.5), max(self.crop_shape[1:]))
         cut = (box[0], *(slice(b.start + max(0, (n - side) // 2), b.start + max(0, (n - side) // 2) + min(n, side))
                          for b, n in zip(box[1:], (y, x))))
         known = np.ones([c.stop - c.start for c in cut], np.uint8) if mask is None else (np.asarray(mask[cut]) > 0)
@@ -379,7 +384,7 @@ class EMDataModule(L.LightningDataModule):
             "normalization": self.normalization.to_dict(),
             "normalizations": [n.to_dict() for n in self.normalizations],
             "voxel_size": None if self.voxel_size is None else list(self.voxel_size),
-            "patch_shape": list(self.patch_shape),
+            "crop_shape": list(self.crop_shape),
             "task": self.hparams.task,
             "volumes": self.volumes,
             "val_fraction": self.hparams.val_fraction,

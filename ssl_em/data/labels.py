@@ -85,7 +85,7 @@ def split_regions(shape: Sequence[int], eval_fraction: float, axis: int = 0, min
         name = "zyx"[axis] if len(shape) == 3 else f"axis {axis}"
         raise ConfigError(
             f"{what}: {setting}={eval_fraction} cannot split its {n} voxels along {name} into two parts of at "
-            f"least {min_size} (the patch){f' with a gap of {gap}' if gap else ''}: use a smaller patch_shape, "
+            f"least {min_size} (the patch){f' with a gap of {gap}' if gap else ''}: use a smaller crop_shape, "
             f"a smaller {setting} or a larger volume")
     full = [slice(0, m) for m in shape]
     train, ev = list(full), list(full)

@@ -4,7 +4,7 @@
 ``LabelledSliceSampler`` (sparse annotation: only boxes that hold labelled voxels), and
 :class:`EpochSampler`, the DataLoader index sampler that folds the epoch into the crop index so
 persistent workers draw fresh crops each epoch. A sampler is called as
-``sampler(shape, patch_shape, rng, labels=None, mask=None) -> box``; labels may have leading channels.
+``sampler(shape, crop_shape, rng, labels=None, mask=None) -> box``; labels may have leading channels.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from ssl_em.errors import ConfigError, LabelError
 
 def check_fits(shape: Sequence[int], patch: Sequence[int], name: str = "volume") -> None:
     if len(patch) != 3 or any(p < 1 for p in patch):
-        raise ConfigError(f"patch_shape {tuple(patch)} must be three positive sizes (z, y, x)")
+        raise ConfigError(f"crop_shape {tuple(patch)} must be three positive sizes (z, y, x)")
     if any(p > s for p, s in zip(patch, shape)):
-        raise ConfigError(f"patch_shape {tuple(patch)} does not fit {name} of shape {tuple(shape)} (z, y, x)")
+        raise ConfigError(f"crop_shape {tuple(patch)} does not fit {name} of shape {tuple(shape)} (z, y, x)")
 
 
 def uniform_box(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator) -> Box:
@@ -37,8 +37,8 @@ def uniform_box(shape: Sequence[int], patch: Sequence[int], rng: np.random.Gener
 class UniformSampler:
     """Every valid position equally likely."""
 
-    def __call__(self, shape, patch_shape, rng, labels=None, mask=None) -> Box:
-        return uniform_box(shape, patch_shape, rng)
+    def __call__(self, shape, crop_shape, rng, labels=None, mask=None) -> Box:
+        return uniform_box(shape, crop_shape, rng)
 
 
 @dataclass
@@ -53,13 +53,13 @@ class ForegroundSampler:
     max_tries: int = 20
     ignore_value: int | None = None
 
-    def __call__(self, shape, patch_shape, rng, labels=None, mask=None) -> Box:
-        box = uniform_box(shape, patch_shape, rng)
+    def __call__(self, shape, crop_shape, rng, labels=None, mask=None) -> Box:
+        box = uniform_box(shape, crop_shape, rng)
         if labels is None or rng.random() >= self.p_foreground:
             return box
         for i in range(self.max_tries):
             if i:
-                box = uniform_box(shape, patch_shape, rng)
+                box = uniform_box(shape, crop_shape, rng)
             lab = np.asarray(labels[(..., *box)])
             fg = lab > 0 if self.ignore_value is None else (lab > 0) & (lab != self.ignore_value)
             if fg.mean() >= self.min_fraction:
@@ -116,19 +116,19 @@ class LabelledSliceSampler:
             self._cache[id(vol)] = (vol, labelled_slices(vol, from_mask, self.ignore_value, self.axis))
         return self._cache[id(vol)][1]
 
-    def __call__(self, shape, patch_shape, rng, labels=None, mask=None) -> Box:
+    def __call__(self, shape, crop_shape, rng, labels=None, mask=None) -> Box:
         from_mask = mask is not None
         src = mask if from_mask else labels
         if src is None or (not from_mask and self.ignore_value is None):
-            return uniform_box(shape, patch_shape, rng)
+            return uniform_box(shape, crop_shape, rng)
         slices = self._slices(src, from_mask)
         if slices.size == 0:
             raise LabelError(f"{volume_name(src)} has no labelled voxels to sample crops from")
-        a, p, n = self.axis, patch_shape[self.axis], shape[self.axis]
+        a, p, n = self.axis, crop_shape[self.axis], shape[self.axis]
         s = int(rng.choice(slices))
         start = int(rng.integers(max(0, s - p + 1), min(s, n - p) + 1))
         for _ in range(self.max_tries):
-            box = list(uniform_box(shape, patch_shape, rng))
+            box = list(uniform_box(shape, crop_shape, rng))
             box[a] = slice(start, start + p)
             if self._is_labelled(np.asarray(src[(..., *box)]), from_mask).any():
                 break
@@ -137,7 +137,7 @@ class LabelledSliceSampler:
             for _ in range(self.max_tries):
                 if self._labelled_foreground(labels, src, tuple(box), from_mask):
                     return tuple(box)
-                moved = list(uniform_box(shape, patch_shape, rng))
+                moved = list(uniform_box(shape, crop_shape, rng))
                 moved[a] = box[a]
                 box = moved
             return found  # no labelled foreground nearby: keep the box that holds labelled voxels

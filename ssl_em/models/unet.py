@@ -20,6 +20,7 @@ learnt far less on VNC mitochondria (``benchmarks/results/vnc_mito_unet2d_patche
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,12 +37,12 @@ from ssl_em.utils.shapes import Triple
 __all__ = ["MaskedBatchNorm3d", "UNet", "layout"]
 
 
-def layout(spacing: Sequence[float], patch_shape: Sequence[int], levels: int = 4) -> tuple[list[Triple], list[Triple]]:
+def layout(spacing: Sequence[float], crop_shape: Sequence[int], levels: int = 4) -> tuple[list[Triple], list[Triple]]:
     """nnU-Net's rule for the kernels of ``levels + 1`` levels and the ``levels`` poolings between them, on
-    crops of ``patch_shape`` (z, y, x) at ``spacing`` (nm): an axis is pooled while its spacing is within 2x
+    crops of ``crop_shape`` (z, y, x) at ``spacing`` (nm): an axis is pooled while its spacing is within 2x
     of the finest (among axes of more than one voxel) and it still has 2 or more voxels (an even count);
     it gets a 3-wide kernel under the same spacing rule when it has more than one voxel."""
-    sp, size = [float(v) for v in spacing], [int(n) for n in patch_shape]
+    sp, size = [float(v) for v in spacing], [int(n) for n in crop_shape]
     kernels: list[Triple] = []
     pools: list[Triple] = []
     for level in range(levels + 1):
@@ -109,7 +110,7 @@ class UNet(UNetContract, nn.Module):
     Args:
         in_chans: input channels (1 for EM).
         widths: channels per level, shallow to deep (``len(widths) - 1`` poolings).
-        spacing, patch_shape: the plan's working spacing (z, y, x nm) and crop, from which :func:`layout`
+        spacing, crop_shape: the plan's working spacing (z, y, x nm) and crop, from which :func:`layout`
             derives ``pools`` and ``kernels`` when those are not given.
         pools, kernels: explicit poolings (one per level boundary) and kernels (one per level); a saved
             encoder records them, so it rebuilds whatever spacing it was planned for.
@@ -120,7 +121,7 @@ class UNet(UNetContract, nn.Module):
     """
 
     def __init__(self, in_chans: int = 1, widths: Sequence[int] = (16, 32, 64, 128, 256),
-                 spacing: Sequence[float] | None = None, patch_shape: Sequence[int] | None = None,
+                 spacing: Sequence[float] | None = None, crop_shape: Sequence[int] | None = None,
                  pools: Sequence[Sequence[int]] | None = None, kernels: Sequence[Sequence[int]] | None = None,
                  out_channels: int = 0) -> None:
         super().__init__()
@@ -129,9 +130,9 @@ class UNet(UNetContract, nn.Module):
         if n < 2 or min(widths) < 1 or in_chans < 1:
             raise ConfigError(f"unet widths {list(widths)} need two or more positive channel counts")
         if pools is None or kernels is None:
-            if spacing is None or patch_shape is None:
-                raise ConfigError("unet needs spacing and patch_shape (the plan's) or explicit pools and kernels")
-            planned_kernels, planned_pools = layout(spacing, patch_shape, n - 1)
+            if spacing is None or crop_shape is None:
+                raise ConfigError("unet needs spacing and crop_shape (the plan's) or explicit pools and kernels")
+            planned_kernels, planned_pools = layout(spacing, crop_shape, n - 1)
             kernels = kernels if kernels is not None else planned_kernels
             pools = pools if pools is not None else planned_pools
         self.pools_zyx: list[Triple] = [tuple(int(v) for v in p) for p in pools]  # type: ignore[misc]
@@ -195,20 +196,24 @@ default_cfgs = timm_default_cfgs()  # shipped weights (ssl_em/weights/) as timm 
 
 # default layouts when no plan is given: serial-section EM (z >= 4x coarser: every pooling and kernel
 # in-plane) and near-isotropic FIB-SEM (3-D)
-SECTIONS = dict(spacing=(50.0, 9.2, 9.2), patch_shape=(1, 128, 128))
-ISOTROPIC = dict(spacing=(8.0, 8.0, 8.0), patch_shape=(32, 64, 64))
+SECTIONS = dict(spacing=(50.0, 9.2, 9.2), crop_shape=(1, 128, 128))
+ISOTROPIC = dict(spacing=(8.0, 8.0, 8.0), crop_shape=(32, 64, 64))
 
 
 def _create_unet(variant: str, pretrained: bool = False, defaults: dict[str, Any] | None = None, **kwargs: Any) -> UNet:
     """timm's variant helper signature; ``defaults`` (the variant's) are merged under ``kwargs`` (the user's)."""
     defaults = dict(defaults or {})
-    if {"pools", "kernels", "spacing", "patch_shape"} & set(kwargs):  # a plan's or a saved layout
-        defaults = {k: v for k, v in defaults.items() if k not in ("spacing", "patch_shape")}
+    if "patch_shape" in kwargs:  # the crop's old name (scripts written before it was renamed)
+        warnings.warn(f"{variant}(patch_shape=...) is now crop_shape; patch_shape will be removed", DeprecationWarning,
+                      stacklevel=3)
+        kwargs.setdefault("crop_shape", kwargs.pop("patch_shape"))
+    if {"pools", "kernels", "spacing", "crop_shape"} & set(kwargs):  # a plan's or a saved layout
+        defaults = {k: v for k, v in defaults.items() if k not in ("spacing", "crop_shape")}
     model = build_encoder(UNet, variant, defaults, pretrained, **kwargs)
     # record the resolved layout, not the spacing it came from: the saved encoder rebuilds the same
     # network whatever crop it is later fine-tuned on
     kw = model.encoder_config["kwargs"]
-    for key in ("spacing", "patch_shape"):
+    for key in ("spacing", "crop_shape"):
         kw.pop(key, None)
     kw.update(pools=[list(p) for p in model.pools_zyx], kernels=[list(k) for k in model.kernels_zyx])
     return model  # type: ignore[return-value]
@@ -223,7 +228,7 @@ def unet_test(pretrained: bool = False, **kwargs: Any) -> UNet:
 @register_encoder
 def unet_small(pretrained: bool = False, **kwargs: Any) -> UNet:
     """The plain U-Net users train (16-256 channels, 4 poolings, ~1.9 M parameters); in-plane by default
-    (serial sections, patch (1, 16, 16)); the plan's ``spacing``/``patch_shape`` make it 3-D for FIB-SEM."""
+    (serial sections, patch (1, 16, 16)); the plan's ``spacing``/``crop_shape`` make it 3-D for FIB-SEM."""
     return _create_unet("unet_small", pretrained, defaults=dict(widths=(16, 32, 64, 128, 256), **SECTIONS), **kwargs)
 
 

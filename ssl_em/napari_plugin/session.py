@@ -53,7 +53,7 @@ class FineTuneSession:
     """Few-label fine-tuning of one volume, as the plugin drives it."""
 
     def __init__(self, raw: Any, voxel_size: Any = None, task: str = "mito", encoder: str = DEFAULT_ENCODER,
-                 patch_shape: tuple[int, int, int] | None = None, lr: float | None = None, seed: int = 0,
+                 crop_shape: tuple[int, int, int] | None = None, lr: float | None = None, seed: int = 0,
                  precision: str = "auto") -> None:
         lazy = hasattr(raw, "shape") and hasattr(raw, "__getitem__") and not isinstance(raw, np.ndarray)
         self.raw = raw if lazy else np.ascontiguousarray(np.asarray(raw))  # dask / zarr: read box by box
@@ -62,7 +62,7 @@ class FineTuneSession:
             raise ConfigError(f"the image layer must be one (z, y, x) volume, got shape {self.shape}")
         self.voxel_size = tuple(float(v) for v in voxel_size) if voxel_size is not None else None
         self.task, self.encoder, self.lr, self.seed = task, encoder, lr, seed
-        self.patch_shape = patch_shape
+        self.crop_shape = crop_shape
         self.module: Any = None
         self.normalization: Any = None
         self.total_steps = 0
@@ -83,14 +83,14 @@ class FineTuneSession:
         arch = load_encoder(self.encoder).encoder_config["architecture"] if pretrained else self.encoder
         module = FineTuning(task=self.task, encoder=arch, pretrained=pretrained, adapter="full", lr=self.lr or 2e-3,
                             warmup_steps=5, calibrate_on_fit_end=False, export_on_fit_end=False)  # see fine_tune
-        if self.patch_shape is None:
+        if self.crop_shape is None:
             encoder = getattr(module.model, "base_model", module.model).encoder
             stride = encoder.patch_size
             kernels = encoder.encoder_config["kwargs"].get("kernels") or [[3]]
             # a section-wise network (every kernel 1 along z) learns as much from one section per crop
             # as from eight, at an eighth of the cost: wider in-plane context instead
             want = (1, 128, 128) if all(k[0] == 1 for k in kernels) else (8, 64, 64)
-            self.patch_shape = tuple(max(s, min(w, (n // s) * s)) for w, n, s in zip(want, self.shape, stride))
+            self.crop_shape = tuple(max(s, min(w, (n // s) * s)) for w, n, s in zip(want, self.shape, stride))
         return module
 
     def training_box(self, painted: Any) -> tuple[slice, slice, slice]:
@@ -107,7 +107,7 @@ class FineTuneSession:
         if self.module is None:
             self.module = self._build()  # the crop shape comes with the encoder
         box = []
-        for (lo, hi), n, p in zip(spans, self.shape, self.patch_shape):
+        for (lo, hi), n, p in zip(spans, self.shape, self.crop_shape):
             lo, hi = max(0, int(lo) - p // 2), min(n, int(hi) + 1 + p // 2)
             short = max(0, min(p, n) - (hi - lo))
             lo = max(0, lo - short)
@@ -141,7 +141,7 @@ class FineTuneSession:
         self.module.train()  # predict() left it in eval mode
         self.last_box = box
         raw = np.asarray(self.raw[box])
-        dm = EMDataModule(raw=raw, labels=labels, mask=mask, task=self.task, patch_shape=self.patch_shape,
+        dm = EMDataModule(raw=raw, labels=labels, mask=mask, task=self.task, crop_shape=self.crop_shape,
                           batch_size=2, num_workers=0, samples_per_epoch=2 * steps, val_fraction=0,
                           voxel_size=self.voxel_size, sampler="labelled", seed=self.seed + self.total_steps)
         state = {"loss": float("nan"), "cancelled": False}
@@ -206,8 +206,8 @@ class FineTuneSession:
         model = self.module.model.eval()
         if dst is None:
             dst = Path(tempfile.mkdtemp(prefix="ssl_em_napari_")) / "probabilities.zarr"
-        halo = tuple(min(2 * (p // 4), 32) for p in self.patch_shape)
-        block = tuple(max(p, b - h) for p, b, h in zip(self.patch_shape, block, halo))
+        halo = tuple(min(2 * (p // 4), 32) for p in self.crop_shape)
+        block = tuple(max(p, b - h) for p, b, h in zip(self.crop_shape, block, halo))
         src = self.raw if box is None else Region(self.raw, box)
         return predict_volume(model, src, dst, block, halo, activation="sigmoid",
                               normalization=self.normalization.to_dict(), progress=False, overwrite=True,
@@ -226,5 +226,5 @@ class FineTuneSession:
         self._check_trained()
         self.module.data_description = {"normalization": self.normalization.to_dict(),
                                         "voxel_size": list(self.voxel_size) if self.voxel_size else None,
-                                        "patch_shape": list(self.patch_shape)}
+                                        "crop_shape": list(self.crop_shape)}
         return save_finetuned(self.module, folder)

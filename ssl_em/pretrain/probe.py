@@ -264,7 +264,7 @@ class ProbeCallback(L.Callback):
             return
         if self.data is None:
             self.data = load_labelled(**self.source)
-        tile = self.tile or getattr(getattr(trainer, "datamodule", None), "patch_shape", None)
+        tile = self.tile or getattr(getattr(trainer, "datamodule", None), "crop_shape", None)
         result = run_probe(pl_module.encoder, *self.data, tile=tile, device=pl_module.device, **self.kwargs)
         self.history.append((step, result))
         metrics = {"probe/ap": result.ap, "probe/iou": result.iou, "probe/chance_ap": result.chance_ap}

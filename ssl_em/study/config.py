@@ -30,7 +30,7 @@ LR_GRID = {"lora": (6e-3, 2e-2, 6e-2), "lora_random": (6e-3, 2e-2, 6e-2), "froze
            "full": (6e-4, 2e-3, 6e-3), "scratch": (6e-4, 2e-3, 6e-3), "unet": (6e-4, 2e-3, 6e-3), "rf": (0.0,)}
 # StudyConfig fields only the fine-tuning runs read: changing them keeps a study's finished pretraining
 #: settings renamed since records were written: the digest reads them by their old name, so tables resume
-RECORDED_NAMES = {"painted_size": "patch_size"}
+RECORDED_NAMES = {"painted_size": "patch_size", "crop_shape": "patch_shape"}
 FINE_TUNING_ONLY = ("adapter_kwargs", "encoder_lr_scale", "ema_decay", "fractions", "patches", "painted_size", "steps", "eval_steps",
                     "val_every", "val_samples", "sweep_share", "sweep_every_fraction", "lrs", "tta", "calibrate",
                     "max_eval_voxels", "max_val_voxels")
@@ -67,7 +67,7 @@ class StudyConfig:
     best-scoring weights are evaluated. ``max_minutes`` only guards the whole study's wall clock:
     runs not started by then are left for a rerun, which skips finished runs (``results.jsonl``).
     Rates are swept per (method, fraction) on seed 0's labels unless ``sweep_every_fraction`` is
-    False (then only at the smallest fraction). ``patch_shape`` is (z, y, x) voxels; ``eval_fraction`` / ``val_fraction`` are fractions of y.
+    False (then only at the smallest fraction). ``crop_shape`` is (z, y, x) voxels; ``eval_fraction`` / ``val_fraction`` are fractions of y.
     """
 
     task: str = "mito"
@@ -97,7 +97,7 @@ class StudyConfig:
     sweep_share: float = 0.25
     sweep_every_fraction: bool = True  # False: sweep at the smallest fraction, reuse the rate above it
     lrs: dict[str, tuple[float, ...]] | None = None
-    patch_shape: tuple[int, int, int] | None = None  # None: the plan's (ssl_em.plan), at the working spacing
+    crop_shape: tuple[int, int, int] | None = None  # None: the plan's (ssl_em.plan), at the working spacing
     batch_size: int | None = None  # None: the plan's
     downsample: int | None = None  # in-plane factor to the working spacing; None: the plan's, 1: native
     eval_fraction: float = 0.3
@@ -160,10 +160,10 @@ class StudyConfig:
         for name in ("batch_size", "downsample", "max_minutes"):
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)
-        if self.patch_shape is not None and (len(self.patch_shape) != 3 or min(self.patch_shape) < 1):
-            raise ConfigError(f"patch_shape={list(self.patch_shape)} must be three sizes >= 1 (z, y, x)")
-        if self.patch_shape is not None:
-            self.patch_shape = tuple(int(p) for p in self.patch_shape)  # type: ignore[assignment]
+        if self.crop_shape is not None and (len(self.crop_shape) != 3 or min(self.crop_shape) < 1):
+            raise ConfigError(f"crop_shape={list(self.crop_shape)} must be three sizes >= 1 (z, y, x)")
+        if self.crop_shape is not None:
+            self.crop_shape = tuple(int(p) for p in self.crop_shape)  # type: ignore[assignment]
         from ssl_em.utils.precision import resolve_device
 
         self.device = resolve_device(self.device)  # results.json records the device the runs used

@@ -23,7 +23,7 @@ class Regions:
     val: Box
 
 
-def plan_regions(shape: Sequence[int], patch_shape: Sequence[int], eval_fraction: float = 0.3,
+def plan_regions(shape: Sequence[int], crop_shape: Sequence[int], eval_fraction: float = 0.3,
                  val_fraction: float = 0.2, axis: int = 1, what: str = "the labelled volume",
                  evaluation_shape: Sequence[int] | None = None) -> Regions:
     """Split ``shape`` (z, y, x) along ``axis`` (in-plane: every region keeps all z-sections, so
@@ -36,11 +36,11 @@ def plan_regions(shape: Sequence[int], patch_shape: Sequence[int], eval_fraction
     and ``evaluation`` is all of that other volume. ``val_fraction`` 0: no validation part (an empty ``val``
     slab; ``fit`` is the whole training region). Raises ConfigError when the volume is too small.
     """
-    p = int(patch_shape[axis])
-    short = [f"{'zyx'[i]} {int(s)} < {int(q)}" for i, (s, q) in enumerate(zip(shape, patch_shape)) if int(s) < int(q)]
+    p = int(crop_shape[axis])
+    short = [f"{'zyx'[i]} {int(s)} < {int(q)}" for i, (s, q) in enumerate(zip(shape, crop_shape)) if int(s) < int(q)]
     if len(shape) != 3 or short:
         raise ConfigError(f"{what}: shape {tuple(int(s) for s in shape)}, read as (z, y, x), is smaller than the "
-                          f"smallest crop {tuple(int(q) for q in patch_shape)} ({', '.join(short) or 'not 3-D'}): "
+                          f"smallest crop {tuple(int(q) for q in crop_shape)} ({', '.join(short) or 'not 3-D'}): "
                           "check the axis order (an image stack, not channels) or give a smaller crop")
     if evaluation_shape is not None:
         train, ev = tuple(slice(0, int(n)) for n in shape), tuple(slice(0, int(n)) for n in evaluation_shape)

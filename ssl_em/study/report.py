@@ -172,7 +172,7 @@ def write_reports(out: Path, records: Sequence[dict[str, Any]], cfg: StudyConfig
                f"{pretraining.get('seconds', 0)} s (separate from the fine-tuning budget).")
     text = [f"# Label efficiency: {cfg.task}, {cfg.family} family", "",
             f"Fine-tuning budget {cfg.steps} steps per run (+ {cfg.sweep_share:.0%} per swept rate), best "
-            f"validation weights (every {cfg.val_every} steps), {cfg.seeds} seed(s), patch {tuple(cfg.patch_shape)}, "
+            f"validation weights (every {cfg.val_every} steps), {cfg.seeds} seed(s), crop {tuple(cfg.crop_shape)}, "
             f"batch {cfg.batch_size}, voxel size {cfg.voxel_size} nm.", pre, ""]
     for m in metrics:
         text += [markdown_table(records, m), ""]

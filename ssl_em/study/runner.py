@@ -92,7 +92,7 @@ class Study:
         claim_output_folder(self.out, [p for p in inputs if p is not None])  # an encoder into out/pretrain
         cfg.voxel_size = voxel_size_of(self.raw_vol, cfg.voxel_size)
         raw_np, lab_np = np.asarray(self.raw_vol[full_of(self.raw_vol)]), np.asarray(lab_vol[full_of(lab_vol)])
-        self.plan = self._plan(raw_np.shape)  # fills cfg.downsample, patch_shape, batch_size
+        self.plan = self._plan(raw_np.shape)  # fills cfg.downsample, crop_shape, batch_size
         self.log(self.plan.describe())
         # everything trains at the working spacing; scores are computed on the original grid
         d = cfg.downsample
@@ -100,7 +100,7 @@ class Study:
         norm = Normalization().fit(Region(raw_w, self.regions.train))  # fitted where training sees data
         self.data = Labelled(norm(raw_w), lab_w, cfg.spacing, norm.to_dict())
         self.unlabeled = list(unlabeled) if unlabeled else [self.raw_vol]
-        self.eval_box = _trim(self.regions.evaluation, cfg.max_eval_voxels // (d * d), at_least=cfg.patch_shape[2])
+        self.eval_box = _trim(self.regions.evaluation, cfg.max_eval_voxels // (d * d), at_least=cfg.crop_shape[2])
         self.eval_box_original = tuple(slice(b.start * (d if i else 1), b.stop * (d if i else 1))
                                        for i, b in enumerate(self.eval_box))
         if self.eval_vol is not None:
@@ -138,12 +138,12 @@ class Study:
         if any(m in ADAPTER for m in cfg.methods):
             patch = sidecar["patch_size"] if sidecar else _encoder_patch(cfg.arch, dict(cfg.encoder_kwargs))
             stride = tuple(math.lcm(a, int(b)) for a, b in zip(stride, patch))
-        fixed = {k: v for k, v in (("patch_shape", cfg.patch_shape), ("batch_size", cfg.batch_size)) if v is not None}
+        fixed = {k: v for k, v in (("crop_shape", cfg.crop_shape), ("batch_size", cfg.batch_size)) if v is not None}
         plan = make_plan(cfg.voxel_size or (1.0, 1.0, 1.0), cfg.task, shape, encoder_voxel_size=enc_vs, stride=stride,
                          steps=cfg.steps, downsample=cfg.downsample if cfg.voxel_size else (cfg.downsample or 1),
                          **fixed)
         work = (shape[0], shape[1] // plan.downsample, shape[2] // plan.downsample)
-        patch = list(plan.patch_shape)
+        crop = list(plan.crop_shape)
         while True:
             try:
                 where = f" at the working spacing (in-plane x1/{plan.downsample})" if plan.downsample > 1 else ""
@@ -151,22 +151,22 @@ class Study:
                 if self.eval_vol is not None:
                     ev = self.eval_vol.shape
                     ev_shape = (ev[0], ev[1] // plan.downsample, ev[2] // plan.downsample)
-                self.regions = plan_regions(work, patch, cfg.eval_fraction, cfg.val_fraction,
+                self.regions = plan_regions(work, crop, cfg.eval_fraction, cfg.val_fraction,
                                             what=self._labelled_name + where, evaluation_shape=ev_shape)
                 break
             except ConfigError:
-                if "patch_shape" in fixed or min(patch[1:]) <= 2 * stride[1]:
+                if "crop_shape" in fixed or min(crop[1:]) <= 2 * stride[1]:
                     raise
-                patch[1] = patch[2] = min(patch[1:]) - stride[1]
-        if tuple(patch) != plan.patch_shape:
+                crop[1] = crop[2] = min(crop[1:]) - stride[1]
+        if tuple(crop) != plan.crop_shape:
             from dataclasses import replace
 
-            reasons = {**plan.reasons, "crop": plan.reasons.get("crop", "") + f"; in-plane {patch[1]} to fit the "
+            reasons = {**plan.reasons, "crop": plan.reasons.get("crop", "") + f"; in-plane {crop[1]} to fit the "
                        f"study's regions of {tuple(work)}"}
             # the batch stays the planned one: a smaller crop then costs less per step (refilling the voxel
             # budget would multiply the phantom demo's step cost ~5x: 16 crops instead of 3)
-            plan = replace(plan, patch_shape=tuple(patch), reasons=reasons)
-        cfg.downsample, cfg.patch_shape, cfg.batch_size = plan.downsample, plan.patch_shape, plan.batch_size
+            plan = replace(plan, crop_shape=tuple(crop), reasons=reasons)
+        cfg.downsample, cfg.crop_shape, cfg.batch_size = plan.downsample, plan.crop_shape, plan.batch_size
         return plan
 
     # -- the log of finished work ---------------------------------------------------------------
@@ -301,7 +301,7 @@ class Study:
         """The validation slab when its labelled voxels can rank weights (foreground there, or the
         neuron task whose loss ranks), else None: the run keeps its last weights (always so for painted
         patches, which leave the slab unlabelled)."""
-        val = _trim(self.regions.val, self.cfg.max_val_voxels, at_least=self.cfg.patch_shape[2])
+        val = _trim(self.regions.val, self.cfg.max_val_voxels, at_least=self.cfg.crop_shape[2])
         labelled = mask[val] > 0
         if not labelled.any() or (self.cfg.task != "neuron" and not (self.data.labels[val][labelled] > 0).any()):
             return None

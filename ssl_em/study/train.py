@@ -74,17 +74,17 @@ def planned_encoder_kwargs(cfg: StudyConfig) -> dict[str, Any]:
     if cfg.encoder:  # continuing an exported encoder: its own recorded layout
         return kwargs
     if cfg.family == "vit" and "img_size" not in kwargs:
-        kwargs["img_size"] = list(cfg.patch_shape)
+        kwargs["img_size"] = list(cfg.crop_shape)
     with torch.device("meta"):  # shapes only
         params = inspect.signature(type(create_encoder(cfg.arch))).parameters
-    if {"spacing", "patch_shape"} <= set(params) and not {"pools", "kernels", "spacing"} & set(kwargs):
+    if {"spacing", "crop_shape"} <= set(params) and not {"pools", "kernels", "spacing"} & set(kwargs):
         kwargs.update(plan_layout(cfg))
     return kwargs
 
 
 def plan_layout(cfg: StudyConfig) -> dict[str, list]:
     """What shapes a U-Net by the plan (:func:`ssl_em.models.unet.layout`): working spacing and crop."""
-    return {"spacing": list(cfg.spacing or (1.0, 1.0, 1.0)), "patch_shape": list(cfg.patch_shape)}
+    return {"spacing": list(cfg.spacing or (1.0, 1.0, 1.0)), "crop_shape": list(cfg.crop_shape)}
 
 
 def as_region(box: Box) -> list[list[int]]:
@@ -97,7 +97,7 @@ def build_data(data: Labelled, train: Box, val: Box | None, mask: np.ndarray, cf
     half of them moved onto labelled foreground), fixed validation crops of ``val``'s labelled voxels."""
     from ssl_em.data.datamodule import EMDataModule
 
-    return EMDataModule(raw=data.raw, labels=data.labels, task=cfg.task, patch_shape=cfg.patch_shape,
+    return EMDataModule(raw=data.raw, labels=data.labels, task=cfg.task, crop_shape=cfg.crop_shape,
                         batch_size=cfg.batch_size, num_workers=0, samples_per_epoch=steps * cfg.batch_size,
                         val_samples=cfg.val_samples, augment=True, augment_strength=0.5, voxel_size=data.voxel_size,
                         normalization="fixed", normalization_range=(0.0, 1.0), sampler="labelled", seed=seed,
@@ -257,9 +257,9 @@ def predict_probabilities(module: Any, raw: np.ndarray, cfg: StudyConfig, precis
     mirrored at test time with ``cfg.tta``."""
     from ssl_em.predict.blockwise import predict_in_memory, tta_axes
 
-    patch = tuple(int(p) for p in cfg.patch_shape)
-    return predict_in_memory(module.model, raw, patch, precision=precision, device=cfg.device,
-                             flips=tta_axes(patch) if cfg.tta else ())
+    crop = tuple(int(p) for p in cfg.crop_shape)
+    return predict_in_memory(module.model, raw, crop, precision=precision, device=cfg.device,
+                             flips=tta_axes(crop) if cfg.tta else ())
 
 
 def score(probs: np.ndarray, gt: np.ndarray, task: Any, voxel_size: Sequence[float] | None) -> dict[str, float]:
@@ -311,8 +311,8 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
     common = dict(regions=list(regions), samples_per_epoch=steps * cfg.batch_size, normalization=Normalization(),
                   augment=default_em_augment(anisotropic=is_anisotropic(vs), strength=0.5), seed=seed)
     # two-view objectives (SimCLR, DINO, spark_simclr) get two overlapping crops of one place
-    ds = (TwoViewDataset(list(volumes), cfg.patch_shape, **common) if module.two_views
-          else CropDataset(list(volumes), cfg.patch_shape, **common))
+    ds = (TwoViewDataset(list(volumes), cfg.crop_shape, **common) if module.two_views
+          else CropDataset(list(volumes), cfg.crop_shape, **common))
     losses: list[float] = []
 
     log(f"pretraining {module.hparams.encoder} with {method} for {steps} steps on {len(volumes)} "
@@ -375,7 +375,7 @@ def pretrain(volumes: Sequence[Any], regions: Sequence[Box | None], cfg: StudyCo
             "voxel_size": list(vs) if vs else None, "normalization": ds.normalizations[0].to_dict(),
             # the schema ``ssl-em export-encoder`` writes (EMDataModule.describe): one way to read a sidecar
             "data": {"volumes": [volume_name(v) for v in volumes], "voxel_size": list(vs) if vs else None,
-                     "patch_shape": list(cfg.patch_shape), "normalizations": [n.to_dict() for n in ds.normalizations]},
+                     "crop_shape": list(cfg.crop_shape), "normalizations": [n.to_dict() for n in ds.normalizations]},
             "init_from": cfg.encoder}
     enc = save_encoder(module.encoder, out_dir / "encoder", meta)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the encoder is out: nothing left to resume
