@@ -61,8 +61,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "post-processing (synapses: threshold 0.5, no minimum size; neurons: agglomeration at 0.5) instead of "
                    "choosing it per run on its "
                    "own labels (the validation slab's when it has one)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the training region (in y) held out to "
-                   "validate and keep the best weights; 0: none, every run keeps its last weights")
+    p.add_renamed("--val-slab", "--val-fraction", type=float, default=0.2, help="share of the training region (a slab "
+                  "in y) held out to validate and keep the best weights; 0: none, every run keeps its last weights")
     p.add_argument("--val-every", type=int, default=50, help="validate and keep the best weights every N steps")
     p.add_argument("--batch-size", type=int, help="crops per step (default: the plan's, ssl_em.plan)")
     p.add_argument("--downsample", type=int, help="in-plane factor to the working spacing (default: the plan's; "
@@ -143,7 +143,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         fractions=(0.25,) if quick else _numbers(args.fractions), seeds=1 if quick else args.seeds,
         patches=() if quick else _numbers(args.patches, int), painted_size=args.painted_size,
         steps=12 if quick else args.steps, eval_steps=(4, 8) if quick else _numbers(args.eval_steps, int), pretrain_steps=6 if quick else pretrain_steps,
-        val_every=4 if quick else args.val_every, val_fraction=args.val_fraction, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
+        val_every=4 if quick else args.val_every, val_slab=args.val_slab, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         crop_shape=(8, 32, 32) if quick else _numbers(args.crop, int) if args.crop else None, voxel_size=vs,
         downsample=args.downsample, pretrain_method=args.pretrain_method, encoder_lr_scale=args.encoder_lr_scale,
         ema_decay=args.ema_decay,

@@ -42,7 +42,7 @@ def test_regions_are_disjoint_with_a_half_patch_gap():
 
 
 def test_regions_refuse_a_volume_too_small():
-    with pytest.raises(ConfigError, match="eval_fraction=0.3 cannot split its 150 voxels along y"):
+    with pytest.raises(ConfigError, match="eval_slab=0.3 cannot split its 150 voxels along y"):
         plan_regions((16, 150, 128), (8, 64, 64))
     with pytest.raises(ConfigError, match=r"shape \(4, 256, 128\), read as \(z, y, x\), is smaller than the smallest "
                        r"crop \(8, 64, 64\) \(z 4 < 8\)"):

@@ -28,9 +28,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
 # (full, scratch and unet share one grid, centred on the unet's best at all labels, 2e-3)
 LR_GRID = {"lora": (6e-3, 2e-2, 6e-2), "lora_random": (6e-3, 2e-2, 6e-2), "frozen": (1e-2, 3e-2, 1e-1),
            "full": (6e-4, 2e-3, 6e-3), "scratch": (6e-4, 2e-3, 6e-3), "unet": (6e-4, 2e-3, 6e-3), "rf": (0.0,)}
-# StudyConfig fields only the fine-tuning runs read: changing them keeps a study's finished pretraining
 #: settings renamed since records were written: the digest reads them by their old name, so tables resume
-RECORDED_NAMES = {"painted_size": "patch_size", "crop_shape": "patch_shape"}
+RECORDED_NAMES = {"painted_size": "patch_size", "crop_shape": "patch_shape", "eval_slab": "eval_fraction",
+                  "val_slab": "val_fraction"}
+# StudyConfig fields only the fine-tuning runs read: changing them keeps a study's finished pretraining
 FINE_TUNING_ONLY = ("adapter_kwargs", "encoder_lr_scale", "ema_decay", "fractions", "patches", "painted_size", "steps", "eval_steps",
                     "val_every", "val_samples", "sweep_share", "sweep_every_fraction", "lrs", "tta", "calibrate",
                     "max_eval_voxels", "max_val_voxels")
@@ -67,7 +68,8 @@ class StudyConfig:
     best-scoring weights are evaluated. ``max_minutes`` only guards the whole study's wall clock:
     runs not started by then are left for a rerun, which skips finished runs (``results.jsonl``).
     Rates are swept per (method, fraction) on seed 0's labels unless ``sweep_every_fraction`` is
-    False (then only at the smallest fraction). ``crop_shape`` is (z, y, x) voxels; ``eval_fraction`` / ``val_fraction`` are fractions of y.
+    False (then only at the smallest fraction). ``crop_shape`` is (z, y, x) voxels; ``eval_slab`` / ``val_slab`` are
+    shares of y (slabs; a data module's ``val_fraction`` is a share of z-sections).
     """
 
     task: str = "mito"
@@ -100,8 +102,8 @@ class StudyConfig:
     crop_shape: tuple[int, int, int] | None = None  # None: the plan's (ssl_em.plan), at the working spacing
     batch_size: int | None = None  # None: the plan's
     downsample: int | None = None  # in-plane factor to the working spacing; None: the plan's, 1: native
-    eval_fraction: float = 0.3
-    val_fraction: float = 0.2
+    eval_slab: float = 0.3
+    val_slab: float = 0.2
     # evaluation mirrors each window in y and x (and z with depth) and averages, as nnU-Net does; off by
     # default: 4x the evaluation's compute
     tta: bool = False
@@ -154,8 +156,8 @@ class StudyConfig:
         check_fraction(self.encoder_lr_scale, "encoder_lr_scale", allow_one=True)
         if self.ema_decay is not None:
             check_fraction(self.ema_decay, "ema_decay")
-        check_fraction(self.eval_fraction, "eval_fraction")
-        check_fraction(self.val_fraction, "val_fraction", allow_zero=True)  # 0: no validation, last weights
+        check_fraction(self.eval_slab, "eval_slab")
+        check_fraction(self.val_slab, "val_slab", allow_zero=True)  # 0: no validation, last weights
         check_fraction(self.sweep_share, "sweep_share", allow_zero=True, allow_one=True)
         for name in ("batch_size", "downsample", "max_minutes"):
             if getattr(self, name) is not None:

@@ -23,8 +23,8 @@ class Regions:
     val: Box
 
 
-def plan_regions(shape: Sequence[int], crop_shape: Sequence[int], eval_fraction: float = 0.3,
-                 val_fraction: float = 0.2, axis: int = 1, what: str = "the labelled volume",
+def plan_regions(shape: Sequence[int], crop_shape: Sequence[int], eval_slab: float = 0.3,
+                 val_slab: float = 0.2, axis: int = 1, what: str = "the labelled volume",
                  evaluation_shape: Sequence[int] | None = None) -> Regions:
     """Split ``shape`` (z, y, x) along ``axis`` (in-plane: every region keeps all z-sections, so
     sparse z-labels exist in each) as ``[fit | val] | gap | evaluation`` with the data module's
@@ -33,7 +33,7 @@ def plan_regions(shape: Sequence[int], crop_shape: Sequence[int], eval_fraction:
     The gap is half a patch, so no training crop reaches within half a receptive field of the
     region it is scored on; every part is at least one patch wide. With ``evaluation_shape`` (a separate
     evaluation volume, e.g. a dataset's own test volume) the whole of ``shape`` trains (``[fit | val]``)
-    and ``evaluation`` is all of that other volume. ``val_fraction`` 0: no validation part (an empty ``val``
+    and ``evaluation`` is all of that other volume. ``val_slab`` 0: no validation part (an empty ``val``
     slab; ``fit`` is the whole training region). Raises ConfigError when the volume is too small.
     """
     p = int(crop_shape[axis])
@@ -45,14 +45,14 @@ def plan_regions(shape: Sequence[int], crop_shape: Sequence[int], eval_fraction:
     if evaluation_shape is not None:
         train, ev = tuple(slice(0, int(n)) for n in shape), tuple(slice(0, int(n)) for n in evaluation_shape)
     else:
-        train, ev = split_regions(shape, eval_fraction, axis=axis, min_size=p, gap=-(-p // 2), what=what,
-                                  setting="eval_fraction")
+        train, ev = split_regions(shape, eval_slab, axis=axis, min_size=p, gap=-(-p // 2), what=what,
+                                  setting="eval_slab")
     n_train = train[axis].stop
-    if val_fraction == 0:  # no validation slab: every run keeps its last weights
+    if val_slab == 0:  # no validation slab: every run keeps its last weights
         fit, val = train, tuple(slice(n_train, n_train) if a == axis else b for a, b in enumerate(train))
         return Regions(train, ev, fit, val)
-    fit, val = split_regions([n_train if a == axis else int(n) for a, n in enumerate(shape)], val_fraction,
-                             axis=axis, min_size=p, what="the training region", setting="val_fraction")
+    fit, val = split_regions([n_train if a == axis else int(n) for a, n in enumerate(shape)], val_slab,
+                             axis=axis, min_size=p, what="the training region", setting="val_slab")
     check_disjoint(fit, val, ("validation", "fine-tuning"))
     return Regions(train, ev, fit, val)
 

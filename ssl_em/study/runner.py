@@ -151,7 +151,7 @@ class Study:
                 if self.eval_vol is not None:
                     ev = self.eval_vol.shape
                     ev_shape = (ev[0], ev[1] // plan.downsample, ev[2] // plan.downsample)
-                self.regions = plan_regions(work, crop, cfg.eval_fraction, cfg.val_fraction,
+                self.regions = plan_regions(work, crop, cfg.eval_slab, cfg.val_slab,
                                             what=self._labelled_name + where, evaluation_shape=ev_shape)
                 break
             except ConfigError:
