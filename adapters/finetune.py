@@ -65,7 +65,7 @@ class FineTuning(L.LightningModule):
     def __init__(
         self,
         task: str = "mito",
-        encoder: str = "unet3d_tiny",
+        encoder: str = "unet_small",
         pretrained: str | None = None,
         encoder_kwargs: dict[str, Any] | None = None,
         head: str = "auto",
