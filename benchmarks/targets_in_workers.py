@@ -11,7 +11,7 @@ in the old way) and the wall time per step (data included). On a GPU the step's 
 accelerator waits for; on CPU cores the worker competes with the step for the same cores, so the wall
 time gains less than the step time.
 
-    python benchmarks/targets_in_workers.py [--quick] [--steps N] [--encoder unet_small]
+    python benchmarks/targets_in_workers.py [--quick] [--steps N] [--encoder unet_small] [--threads N]
 """
 
 from __future__ import annotations
@@ -72,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per way (default 30; 8 with --quick)")
     p.add_argument("--encoder", default=None, help="default unet_small in its 3-D layout (unet3d_test with --quick)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers making the targets")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the training step (default: torch's "
+                   "choice); fewer than the cores leaves the workers cores of their own, as on a GPU machine")
     a = p.parse_args(argv)
     import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     steps = a.steps or (8 if a.quick else 30)
     encoder = a.encoder or ("unet3d_test" if a.quick else "unet_small")

@@ -19,6 +19,7 @@ Steps are interleaved (one of each network in turn, so load from other processes
 figure is the median wall time per step after warm-up. The last line gives the ratios (ours / peer
 speed: above 1 is faster).
 
+    pip install --no-deps dynamic-network-architectures    # nnU-Net's networks; its timm pin would downgrade timm
     python benchmarks/unet_speed.py [--quick] [--layout sections|isotropic|both] [--steps N]
 """
 
@@ -55,7 +56,8 @@ def peers(two_d: bool) -> dict[str, Callable[[], nn.Module]]:
     try:
         from dynamic_network_architectures.architectures.unet import PlainConvUNet
     except ImportError:
-        print("nnU-Net PlainConvUNet: dynamic-network-architectures is not installed (pip install "
+        # its metadata pins timm < 1.0.23, an older timm than ssl-em's: install it without dependencies
+        print("nnU-Net PlainConvUNet: dynamic-network-architectures is not installed (pip install --no-deps "
               "dynamic-network-architectures); left out")
         return out
     conv, norm = (nn.Conv2d, nn.InstanceNorm2d) if two_d else (nn.Conv3d, nn.InstanceNorm3d)

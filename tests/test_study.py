@@ -722,9 +722,9 @@ def test_synapse_runs_choose_their_post_processing_on_their_own_labels(tmp_path)
 
 
 def test_a_committed_table_still_resumes_after_a_setting_was_renamed(vnc_path, tmp_path, capsys):
-    """``StudyConfig.painted_size`` was ``patch_size`` when the VNC synapse table was recorded: the digest reads
-    renamed settings by their recorded name (``RECORDED_NAMES``), so rerunning the table's command finds all 27
-    finished steps and trains nothing."""
+    """``StudyConfig.painted_size``, ``crop_shape`` and ``val_slab`` were ``patch_size``, ``patch_shape`` and
+    ``val_fraction`` when the VNC synapse table was recorded: the digest reads renamed settings by their recorded
+    name (``RECORDED_NAMES``), so rerunning the table's command finds all 45 finished runs and trains nothing."""
     import importlib.util
     import shutil
 
@@ -736,8 +736,8 @@ def test_a_committed_table_still_resumes_after_a_setting_was_renamed(vnc_path, t
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rc = bench.main(["--raw", f"{vnc_path}:raw", "--labels", f"{vnc_path}:synapse", "--task", "synapse",
-                     "--encoder", "auto", "--fractions", "1.0", "--patches", "1,4", "--seeds", "3", "--steps", "300",
+                     "--encoder", "auto", "--fractions", "1.0", "--patches", "1,4", "--seeds", "5", "--steps", "300",
                      "--batch-size", "8", "--methods", "full,scratch,rf", "--lrs", '{"full": [0.001], "scratch": [0.001]}',
                      "--threads", "1", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert rc == 0 and "27 finished step(s) found" in printed and "post-processing from" not in printed
+    assert rc == 0 and "45 finished step(s) found" in printed and "post-processing from" not in printed

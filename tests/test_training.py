@@ -25,7 +25,11 @@ TINY_DATA = [
 def _tiny_model(recipe: str) -> list[str]:
     if "vit3d" in recipe:
         return ["--model.init_args.encoder", "vit3d_test_patch2x16", "--data.init_args.crop_shape", "[8, 32, 32]"]
-    if "unet_small" in recipe:  # the plain U-Net family, on single sections as its recipe trains
+    text = (REPO / recipe).read_text()
+    if "unet_small" in recipe or "encoder: unet_small" in text:  # the plain U-Net family
+        if "encoder_kwargs: {spacing" in text:  # in its 3-D layout (FIB-SEM neurons), as its recipe trains
+            return ["--model.init_args.encoder", "unet_test", "--model.init_args.encoder_kwargs",
+                    "{spacing: [8, 8, 8], crop_shape: [8, 32, 32]}", "--data.init_args.crop_shape", "[8, 32, 32]"]
         return ["--model.init_args.encoder", "unet_test", "--data.init_args.crop_shape", "[1, 32, 32]"]
     return ["--model.init_args.encoder", "unet3d_test", "--data.init_args.crop_shape", "[8, 32, 32]"]
 

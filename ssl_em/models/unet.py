@@ -71,9 +71,12 @@ class MaskedBatchNorm3d(nn.BatchNorm3d):
         if mask is None or not self.training:
             return super().forward(x)
         dims = (0, 2, 3, 4)
-        n = (mask.sum() * 1.0).clamp_min(2.0)  # visible voxels over the batch
-        mean = (x * mask).sum(dims) / n  # (C,)
-        var = ((x - mean.reshape(1, -1, 1, 1, 1)).square() * mask).sum(dims) / n
+        n = mask.sum(dtype=torch.float32).clamp_min(2.0)  # visible voxels over the batch
+        # E[x^2] - E[x]^2 over visible voxels, accumulated in fp32: two products of the full tensor instead of
+        # a centred pass (four), in the forward and again in the backward
+        visible = x * mask
+        mean = visible.sum(dims, dtype=torch.float32) / n  # (C,)
+        var = ((visible * x).sum(dims, dtype=torch.float32) / n - mean.square()).clamp_min(0.0)
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
@@ -82,7 +85,7 @@ class MaskedBatchNorm3d(nn.BatchNorm3d):
                 self.num_batches_tracked.add_(1)
         scale = torch.rsqrt(var + self.eps) * self.weight  # (C,)
         shift = self.bias - mean * scale
-        return torch.addcmul(shift.reshape(1, -1, 1, 1, 1), x, scale.reshape(1, -1, 1, 1, 1))
+        return torch.addcmul(shift.reshape(1, -1, 1, 1, 1).to(x.dtype), x, scale.reshape(1, -1, 1, 1, 1).to(x.dtype))
 
 
 class ConvBlock(nn.Module):
