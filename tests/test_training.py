@@ -25,7 +25,7 @@ TINY_DATA = [
 def _tiny_model(recipe: str) -> list[str]:
     if "vit3d" in recipe:
         return ["--model.init_args.encoder", "vit3d_test_patch2x16", "--data.init_args.crop_shape", "[8, 32, 32]"]
-    text = (REPO / recipe).read_text()
+    text = (REPO / recipe).read_text() if recipe.endswith(".yaml") else ""  # a recipe, or an encoder family's name
     if "unet_small" in recipe or "encoder: unet_small" in text:  # the plain U-Net family
         if "encoder_kwargs: {spacing" in text:  # in its 3-D layout (FIB-SEM neurons), as its recipe trains
             return ["--model.init_args.encoder", "unet_test", "--model.init_args.encoder_kwargs",
