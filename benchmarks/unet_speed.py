@@ -27,22 +27,30 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ssl_em.errors import ArgumentParser, run_main
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from spark_throughput import batches as spark_batches  # noqa: E402  (crops of VNC stack 2 or the phantom, z-scored)
+from spark_throughput import load_raw  # noqa: E402
+
+from ssl_em.errors import ArgumentParser, run_main  # noqa: E402
 
 LAYOUTS = {  # (spacing z, y, x nm; crop z, y, x; batch): what the plan gives unet_small on such data
     "sections": ((50.0, 9.2, 9.2), (1, 128, 128), 13),
     "isotropic": ((10.0, 10.0, 10.0), (16, 96, 128), 2),
 }
 WIDTHS = (16, 32, 64, 128, 256)
+OURS = "ssl-em unet_small"
 
 
 def peers(two_d: bool) -> dict[str, Callable[[], nn.Module]]:
@@ -111,32 +119,6 @@ class Runner:
                               for p, (v, why) in ms.items())
 
 
-def make_batches(n: int, crop: tuple[int, int, int], batch: int, seed: int) -> list[torch.Tensor]:
-    """Crops of VNC stack 2 where present (z-scored per crop), else the phantom."""
-    from pathlib import Path
-
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "vnc_gerhard2013_stack2.npz"
-    if data.exists():
-        with np.load(data) as d:
-            raw = d["raw"]
-    else:
-        from ssl_em.data.phantom import make_phantom
-
-        raw = make_phantom((max(crop[0], 20), 256, 256), seed=0).raw
-    if raw.shape[0] < crop[0]:  # a serial-section stack thinner than an isotropic crop: stack it in z
-        raw = np.concatenate([raw] * -(-crop[0] // raw.shape[0]))
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        xs = []
-        for _ in range(batch):
-            o = [int(rng.integers(0, s - c + 1)) for s, c in zip(raw.shape, crop)]
-            a = raw[o[0]:o[0] + crop[0], o[1]:o[1] + crop[1], o[2]:o[2] + crop[2]].astype(np.float32)
-            xs.append((a - a.mean()) / (a.std() + 1e-6))
-        out.append(torch.from_numpy(np.stack(xs)[:, None]))
-    return out
-
-
 def fine_tuning_step(model: nn.Module, b: dict) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(model(b["x"]).float(), b["y"])
 
@@ -171,17 +153,12 @@ def run_layout(layout: str, steps: int, warmup: int, threads: int, quick: bool) 
         crop, batch = ((1, 64, 64), 4) if layout == "sections" else ((16, 32, 32), 1)  # peers pool 4x by 2
     two_d = crop[0] == 1
     torch.manual_seed(0)
-    xs = make_batches(steps, crop, batch, seed=1)
-    gen = torch.Generator().manual_seed(2)
+    raw, _ = load_raw(crop)
     spark = SparKMasked3D(ssl_em.create_encoder("unet_small", spacing=spacing, crop_shape=crop), mask_ratio=0.6)
     batches = []
-    for x in xs:
-        grid = spark.unit_grid(x.shape)
-        n = grid[0] * grid[1] * grid[2]
-        keep = round(n * 0.4)
-        visible = (torch.rand(x.shape[0], n, generator=gen).argsort(1).argsort(1) < keep).float()
-        visible = visible.reshape(x.shape[0], 1, *grid)
-        y = (torch.rand(x.shape, generator=gen) < 0.1).float()  # a binary target: the step's cost, not its sense
+    for x in spark_batches(raw, steps, batch, crop, seed=1):
+        visible = spark.random_visible(x)  # the same masks for SparK and the peers' masked reconstruction
+        y = (torch.rand(x.shape) < 0.1).float()  # a binary target: the step's cost, not its sense
         batches.append({"x": x, "y": y, "visible": visible, "mask": 1 - resize_mask(visible, crop)})
 
     def ours_finetune() -> nn.Module:
@@ -192,23 +169,22 @@ def run_layout(layout: str, steps: int, warmup: int, threads: int, quick: bool) 
         return loss.float()
 
     builders = peers(two_d)
-    nets = {"ssl-em unet_small": ours_finetune(), **{k: f() for k, f in builders.items()}}
+    nets = {OURS: ours_finetune(), **{k: f() for k, f in builders.items()}}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
     print(f"\n{layout}: crop {crop} (z, y, x) batch {batch}, {steps} steps ({warmup} warm-up), {threads} threads; "
-          f"ssl-em pools {nets['ssl-em unet_small'].pools_zyx}; peers {'2-D' if two_d else '3-D'}")
-    fine = [Runner(k, m, fine_tuning_step, two_d and k != "ssl-em unet_small") for k, m in nets.items()]
+          f"ssl-em pools {nets[OURS].pools_zyx}; peers {'2-D' if two_d else '3-D'}")
+    fine = [Runner(k, m, fine_tuning_step, two_d and k != OURS) for k, m in nets.items()]
     ft = timed(fine, batches, warmup)
-    pre = [Runner("ssl-em unet_small", spark, spark_step, False)]
+    pre = [Runner(OURS, spark, spark_step, False)]
     pre += [Runner(k, f(), masked_reconstruction_step, two_d) for k, f in builders.items()]
     pt = timed(pre, batches, warmup)
     print(f"{'network':24s} {'params':>8s} {'fine-tune ms':>13s} {'precision':>9s} {'pretrain ms':>12s} {'precision':>9s}")
     for (k, f_ms), r_ft, r_pt in zip(ft.items(), fine, pre):
         print(f"{k:24s} {params[k] / 1e6:7.2f}M {f_ms:13.1f} {r_ft.precision:>9s} {pt[k]:12.1f} {r_pt.precision:>9s}"
               f"   (probe: fine-tune {r_ft.note}; pretrain {r_pt.note})")
-    ours = "ssl-em unet_small"
     res = {"layout": layout, "crop": list(crop), "batch": batch, "fine_tune_ms": ft, "pretrain_ms": pt,
            "precision": {"fine_tune": {r.name: r.precision for r in fine}, "pretrain": {r.name: r.precision for r in pre}},
-           "params": params, "spark_overhead": pt[ours] / ft[ours]}
+           "params": params, "spark_overhead": pt[OURS] / ft[OURS]}
     print(f"SparK step / fine-tuning step of unet_small: {res['spark_overhead']:.2f} (target <= 1.3)")
     return res
 
@@ -235,12 +211,11 @@ def main(argv: list[str] | None = None) -> int:
 
         with open(args.json, "a") as f:
             f.write(json.dumps({"quick": args.quick, "threads": args.threads, "results": results}) + "\n")
-    ours = "ssl-em unet_small"
     parts = []
     for r in results:
-        for peer in (k for k in r["fine_tune_ms"] if k != ours):
-            parts.append(f"{r['layout']} vs {peer}: fine-tune {r['fine_tune_ms'][peer] / r['fine_tune_ms'][ours]:.2f}x, "
-                         f"pretrain {r['pretrain_ms'][peer] / r['pretrain_ms'][ours]:.2f}x")
+        for peer in (k for k in r["fine_tune_ms"] if k != OURS):
+            parts.append(f"{r['layout']} vs {peer}: fine-tune {r['fine_tune_ms'][peer] / r['fine_tune_ms'][OURS]:.2f}x, "
+                         f"pretrain {r['pretrain_ms'][peer] / r['pretrain_ms'][OURS]:.2f}x")
     print("speed ratio (ours / peer, > 1 faster): " + "; ".join(parts))
     return 0
 
