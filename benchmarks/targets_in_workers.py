@@ -11,7 +11,7 @@ in the old way) and the wall time per step (data included). On a GPU the step's 
 accelerator waits for; on CPU cores the worker competes with the step for the same cores, so the wall
 time gains less than the step time.
 
-    python benchmarks/targets_in_workers.py [--quick] [--steps N] [--encoder unet_small] [--threads N]
+    python benchmarks/targets_in_workers.py [--quick] [--steps N] [--encoder unet_small] [--threads N] [--contention]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +67,68 @@ def timed_fit(targets_in_workers: bool, encoder: str, crop: tuple[int, int, int]
     return float(np.median(measured)), per_step
 
 
+def _neuron_crops(crop: tuple[int, int, int], batch: int) -> np.ndarray:
+    """``batch`` label crops (B, 1, z, y, x) of the phantom's neurons."""
+    from ssl_em.data.phantom import make_phantom
+
+    lab = make_phantom((48, 192, 192), seed=0).labels("neuron")
+    return np.stack([lab[16 * i:16 * i + crop[0], :crop[1], :crop[2]] for i in range(batch)])[:, None].astype(np.int64)
+
+
+def _make_targets_forever(crop: tuple[int, int, int], batch: int, stop: Any) -> None:
+    """What a DataLoader worker does, in a loop: the neuron task's targets of a batch."""
+    from ssl_em.adapters import get_task
+
+    task, labels = get_task("neuron"), _neuron_crops(crop, batch)
+    task.voxel_size = [10.0, 10.0, 10.0]
+    while not stop.is_set():
+        task.batch_targets(labels)
+
+
+def contention(encoder: str, crop: tuple[int, int, int], batch: int, steps: int) -> tuple[float, float, float]:
+    """(ms of one batch's targets, ms of a bare training step alone, ms of it beside a process making targets)."""
+    import multiprocessing as mp
+
+    import torch
+
+    import ssl_em
+    from ssl_em.adapters import get_task
+
+    task, labels = get_task("neuron"), _neuron_crops(crop, batch)
+    task.voxel_size = [10.0, 10.0, 10.0]
+    task.batch_targets(labels)
+    t = time.perf_counter()
+    task.batch_targets(labels)
+    targets_ms = 1000 * (time.perf_counter() - t)
+    torch.manual_seed(0)
+    layout = {"spacing": [10.0] * 3, "crop_shape": list(crop)} if encoder.startswith("unet_") else {}
+    model = ssl_em.create_encoder(encoder, out_channels=task.num_outputs, **layout)
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(batch, 1, *crop)
+    y = (torch.rand(batch, task.num_outputs, *crop) < 0.5).float()
+
+    def median_step_ms() -> float:
+        times = []
+        for _ in range(steps + 2):
+            t = time.perf_counter()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(1000 * (time.perf_counter() - t))
+        return float(np.median(times[2:]))
+
+    alone = median_step_ms()
+    stop = mp.get_context("spawn").Event()
+    other = mp.get_context("spawn").Process(target=_make_targets_forever, args=(crop, batch, stop))
+    other.start()
+    time.sleep(3)  # its imports and first batch
+    beside = median_step_ms()
+    stop.set()
+    other.join()
+    return targets_ms, alone, beside
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny U-Net and a few steps, < 1 min")
@@ -74,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers making the targets")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the training step (default: torch's "
                    "choice); fewer than the cores leaves the workers cores of their own, as on a GPU machine")
+    p.add_argument("--contention", action="store_true", help="instead: a bare training step alone vs beside a "
+                   "process making targets (what a worker costs the step on this machine), and one batch's targets")
     a = p.parse_args(argv)
     import torch
 
@@ -86,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config: phantom neurons -> affinities; encoder {encoder}, crop {crop}, batch {batch}, {steps} timed steps "
           f"after 3 warm-up; workers {a.workers}; machine {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
+    if a.contention:
+        targets_ms, alone, beside = contention(encoder, crop, batch, min(steps, 10))
+        print(f"one batch's targets in the main process: {targets_ms:.1f} ms")
+        print(f"training step alone {alone:.1f} ms vs beside a process making targets {beside:.1f} ms; "
+              f"ratio {beside / alone:.3f}")
+        return 0
     results = {}
     for in_workers in (False, True):
         name = "in the DataLoader workers" if in_workers else "in the training step (before)"
