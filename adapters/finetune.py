@@ -20,10 +20,14 @@ from typing import Any
 
 import lightning as L
 import torch
-
 from ssl_em.adapters.losses import dice_loss
+
 from ssl_em.errors import ConfigError, check_fraction
-from ssl_em.utils.optim import adamw_warmup_cosine, check_optimizer_settings
+from ssl_em.utils.optim import (
+    SkipNonFiniteGradients,
+    adamw_warmup_cosine,
+    check_optimizer_settings,
+)
 
 
 def default_grad_checkpointing(adapter: str) -> bool:
@@ -32,7 +36,7 @@ def default_grad_checkpointing(adapter: str) -> bool:
     return adapter not in ("full", "frozen")
 
 
-class FineTuning(L.LightningModule):
+class FineTuning(SkipNonFiniteGradients, L.LightningModule):
     """Fine-tune an encoder for a segmentation task from (sparse) labels.
 
     Args:
@@ -87,6 +91,7 @@ class FineTuning(L.LightningModule):
         check_fraction(encoder_lr_scale, "encoder_lr_scale", allow_zero=False, allow_one=True)
         self.save_hyperparameters()
         from ssl_em.adapters import add_adapter, build_segmentation_model, get_task
+
         from ssl_em.models import create_encoder, load_encoder
 
         self.task = get_task(task, **(task_kwargs or {}))

@@ -15,6 +15,11 @@ Two layouts, as the plan makes them: ``sections`` (serial-section EM such as VNC
   the peers' masked reconstruction as users write it (masked input voxels zeroed, MSE on them); and the
   masking overhead, SparK step / fine-tuning step of ``unet_small`` (target <= 1.3).
 
+Each network runs in the memory layout it ships with: ssl-em's U-Net keeps its weights channels-last (so
+oneDNN runs its convolutions, BatchNorm and pooling channels-last); MONAI and nnU-Net leave PyTorch's default.
+A step whose gradients are not all finite is skipped, for every network, as ssl-em's training does (oneDNN's
+bf16 conv3d weight gradient is intermittently NaN on some CPUs: ``bf16_conv_nan.py``); the counts are printed.
+
 Steps are interleaved (one of each network in turn, so load from other processes hits all alike); the
 figure is the median wall time per step after warm-up. The last line gives the ratios (ours / peer
 speed: above 1 is faster).
@@ -85,7 +90,7 @@ class Runner:
     def __init__(self, name: str, model: nn.Module, step: Callable[[nn.Module, dict], torch.Tensor], two_d: bool):
         self.name, self.model, self.step_fn, self.two_d = name, model, step, two_d
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        self.precision, self.times, self.note = "32", [], ""
+        self.precision, self.times, self.note, self.skipped = "32", [], "", 0
 
     def batch_for(self, batch: dict) -> dict:
         if not self.two_d:
@@ -100,7 +105,11 @@ class Runner:
             loss = self.step_fn(self.model, self.batch_for(batch))
         self.opt.zero_grad(set_to_none=True)
         loss.float().backward()
-        self.opt.step()
+        grads = [q.grad for q in self.model.parameters() if q.grad is not None]
+        if torch.stack(torch._foreach_norm(grads)).isfinite().all():
+            self.opt.step()
+        else:  # as ssl-em's training does (SkipNonFiniteGradients): oneDNN's bf16 conv3d weight gradient can be NaN
+            self.skipped += 1
         return time.perf_counter() - t, float(loss)
 
     def choose_precision(self, batches: list[dict]) -> None:
@@ -181,10 +190,12 @@ def run_layout(layout: str, steps: int, warmup: int, threads: int, quick: bool) 
     print(f"{'network':24s} {'params':>8s} {'fine-tune ms':>13s} {'precision':>9s} {'pretrain ms':>12s} {'precision':>9s}")
     for (k, f_ms), r_ft, r_pt in zip(ft.items(), fine, pre):
         print(f"{k:24s} {params[k] / 1e6:7.2f}M {f_ms:13.1f} {r_ft.precision:>9s} {pt[k]:12.1f} {r_pt.precision:>9s}"
-              f"   (probe: fine-tune {r_ft.note}; pretrain {r_pt.note})")
+              f"   (probe: fine-tune {r_ft.note}; pretrain {r_pt.note}; steps skipped for a non-finite gradient: "
+              f"{r_ft.skipped} + {r_pt.skipped})")
     res = {"layout": layout, "crop": list(crop), "batch": batch, "fine_tune_ms": ft, "pretrain_ms": pt,
            "precision": {"fine_tune": {r.name: r.precision for r in fine}, "pretrain": {r.name: r.precision for r in pre}},
-           "params": params, "spark_overhead": pt[OURS] / ft[OURS]}
+           "params": params, "spark_overhead": pt[OURS] / ft[OURS],
+           "skipped_steps": {"fine_tune": {r.name: r.skipped for r in fine}, "pretrain": {r.name: r.skipped for r in pre}}}
     print(f"SparK step / fine-tuning step of unet_small: {res['spark_overhead']:.2f} (target <= 1.3)")
     return res
 

@@ -311,3 +311,37 @@ def test_training_targets_are_made_in_the_dataloader_workers():
     assert 0 < float(in_workers["target"].mean()) < 1
     np.testing.assert_array_equal(in_workers["target"].numpy(), target)
     np.testing.assert_array_equal(in_workers["target_mask"].numpy(), mask)
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_training_goes_on():
+    """oneDNN's bf16 weight gradient can return a few NaNs on some CPUs (benchmarks/bf16_conv_nan.py): such a
+    step is skipped instead of turning every weight NaN through AdamW; the other steps still train."""
+    from ssl_em.data.datamodule import EMDataModule
+
+    torch.manual_seed(0)
+    module = FineTuning(task="mito", encoder="unet3d_test", adapter="full", export_on_fit_end=False)
+    data = EMDataModule(task="mito", crop_shape=(8, 32, 32), batch_size=2, phantom_shape=(16, 96, 96),
+                        samples_per_epoch=4, val_fraction=0, num_workers=0)
+    weight = next(p for n, p in module.named_parameters() if n.endswith("conv1.weight"))
+    calls = []
+
+    def poison_second_step(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return grad.index_fill(0, torch.tensor([0]), float("nan")) if len(calls) == 2 else grad
+
+    weight.register_hook(poison_second_step)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    snapshots = []
+
+    class AfterStep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            snapshots.append(weight.detach().clone())
+
+    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu", callbacks=[AfterStep()])
+    trainer.fit(module, datamodule=data)
+    assert len(calls) == 4 and module.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert torch.equal(snapshots[1], snapshots[0])  # the poisoned step changed nothing
+    assert not torch.equal(snapshots[2], snapshots[1]) and not torch.equal(snapshots[0], before[next(
+        n for n, p in module.named_parameters() if p is weight)])

@@ -69,6 +69,37 @@ def test_masked_batchnorm_takes_statistics_over_visible_voxels_only() -> None:
     torch.testing.assert_close(MaskedBatchNorm3d(3).train()(x), torch.nn.BatchNorm3d(3).train()(x))  # no mask
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_masked_batchnorm_gradients_equal_batchnorm_over_the_gathered_visible_voxels(relu: bool) -> None:
+    # the fused backward against autograd through plain BatchNorm on only the visible voxels (float64)
+    torch.manual_seed(1)
+    x = (torch.randn(3, 4, 2, 6, 6, dtype=torch.float64) * 3 + 2).requires_grad_()
+    mask = (torch.rand(3, 1, 2, 6, 6) > 0.6).double()
+    bn = MaskedBatchNorm3d(4).double().train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    upstream = torch.randn(3, 4, 2, 6, 6, dtype=torch.float64)
+    out = bn(x, mask, relu=relu)
+    (out * upstream).sum().backward()
+    ours = (x.grad.clone(), bn.weight.grad.clone(), bn.bias.grad.clone())
+    assert (out * (1 - mask)).abs().max() == 0  # masked voxels are zero
+
+    x.grad, ref_bn = None, torch.nn.BatchNorm3d(4).double().train()
+    ref_bn.load_state_dict({k: v for k, v in bn.state_dict().items() if "running" not in k and "batches" not in k},
+                           strict=False)
+    keep = mask[:, 0].bool()  # (B, D, H, W)
+    visible = x.permute(1, 0, 2, 3, 4)[:, keep]  # (C, n)
+    ref = ref_bn(visible.t()[:, :, None, None, None])[:, :, 0, 0, 0].t()
+    ref = torch.relu(ref) if relu else ref
+    (ref * upstream.permute(1, 0, 2, 3, 4)[:, keep]).sum().backward()
+    torch.testing.assert_close(out.permute(1, 0, 2, 3, 4)[:, keep], ref)
+    for got, want in zip(ours, (x.grad, ref_bn.weight.grad, ref_bn.bias.grad)):
+        torch.testing.assert_close(got, want)
+    assert (ours[0] * (1 - mask)).abs().max() == 0  # nothing flows back into masked voxels
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+
+
 def test_spark_hides_masked_units_from_the_unet_and_inpainting_runs_it_densely() -> None:
     from ssl_em.pretrain.spark import MaskedInpainting3D, SparKMasked3D
 

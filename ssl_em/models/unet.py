@@ -57,35 +57,87 @@ def layout(spacing: Sequence[float], crop_shape: Sequence[int], levels: int = 4)
     return kernels, pools
 
 
+def full_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, D, H, W) mask repeated over ``like``'s channels, in its dtype and memory layout: a product with a
+    one-channel mask broadcast over channels-last bf16 features runs ~10x slower than one with a full one."""
+    if mask.shape == like.shape and mask.dtype == like.dtype:
+        return mask
+    return torch.empty_like(like).copy_(mask.expand_as(like))
+
+
+class _VisibleBatchNorm(torch.autograd.Function):
+    """BatchNorm (then ReLU) over the visible voxels of a 0/1 mask, zero at masked voxels; returns the output and
+    the visible voxels' per-channel mean and biased variance (fp32, for the running statistics).
+
+    Written as one autograd node on ATen's fused batch-norm kernels: composed of elementwise products and
+    sums, autograd made some twenty passes over each feature map (forward and backward) where native
+    BatchNorm makes four, and masked pretraining cost 1.5x a fine-tuning step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xm = x * mask
+        n = mask[:, :1].sum(dtype=weight.dtype).clamp_min(2.0)  # visible voxels over the batch (one channel)
+        # statistics over every voxel of xm (masked ones are 0) by the fused kernel, rescaled to the visible ones
+        _, mean_all, invstd_all = torch.native_batch_norm(xm, None, None, None, None, True, 0.0, 0.0)
+        mean_all, invstd_all = mean_all.to(weight.dtype), invstd_all.to(weight.dtype)  # fp32 under bf16 autocast
+        ratio = (xm.numel() // xm.shape[1]) / n
+        mean = mean_all * ratio
+        var = ((invstd_all.pow(-2) + mean_all.square()) * ratio - mean.square()).clamp_min(0.0)
+        out = torch.batch_norm(xm, weight, bias, mean, var, False, 0.0, eps, True)  # the affine with those statistics
+        if relu:
+            out.relu_()
+        out.mul_(mask)
+        ctx.save_for_backward(xm, out, mask, weight, mean, var, n)
+        ctx.eps, ctx.relu = eps, relu
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        xm, out, mask, weight, mean, var, n = ctx.saved_tensors
+        # gradient reaching the normalised values: visible voxels only (and, after ReLU, where it passed)
+        grad = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad * mask
+        # eval-mode kernel with the visible statistics: w * invstd * grad, sum(grad * xhat) and sum(grad)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad, xm, weight, mean, var, None, None, False, ctx.eps, [True, True, True])
+        # the statistics' own gradient, -(w * invstd / n) * (sum(grad) + xhat * sum(grad * xhat)) on visible voxels,
+        # is affine in xm: one more pass of the same kernel
+        invstd = (var + ctx.eps).rsqrt()
+        a = weight * invstd / n
+        slope, offset = -a * invstd * grad_w, -a * (grad_b - mean * invstd * grad_w)
+        ones = torch.ones_like(var)
+        grad_x += torch.batch_norm(xm, slope, offset, torch.zeros_like(var), ones, False, 0.0, 0.0, True).mul_(mask)
+        return grad_x, None, grad_w, grad_b, None, None
+
+
 class MaskedBatchNorm3d(nn.BatchNorm3d):
     """BatchNorm whose batch statistics can be restricted to visible voxels (SparK's sparse BatchNorm).
 
     ``forward(x, mask)`` with ``mask`` (B, 1, D, H, W) in {0, 1} (1 = visible), in training, normalises
-    each channel by the mean and variance over the batch's visible voxels and updates the running
-    statistics with them; statistics over masked zeros would shrink the variance by the mask ratio and
-    shift what the layers after it see between pretraining and fine-tuning. Without a mask, or in eval
-    mode, it is plain BatchNorm. Values at masked voxels are garbage; callers re-mask.
+    each channel by the mean and variance over the batch's visible voxels, updates the running
+    statistics with them and returns zeros at masked voxels; statistics over masked zeros would shrink
+    the variance by the mask ratio and shift what the layers after it see between pretraining and
+    fine-tuning. Without a mask, or in eval mode, it is plain BatchNorm. ``relu=True`` applies a ReLU
+    after it (in one pass with the masking).
     """
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:  # type: ignore[override]
         if mask is None or not self.training:
-            return super().forward(x)
-        dims = (0, 2, 3, 4)
-        n = mask.sum(dtype=torch.float32).clamp_min(2.0)  # visible voxels over the batch
-        # E[x^2] - E[x]^2 over visible voxels, accumulated in fp32: two products of the full tensor instead of
-        # a centred pass (four), in the forward and again in the backward
-        visible = x * mask
-        mean = visible.sum(dims, dtype=torch.float32) / n  # (C,)
-        var = ((visible * x).sum(dims, dtype=torch.float32) / n - mean.square()).clamp_min(0.0)
+            out = super().forward(x)
+            return F.relu(out, inplace=True) if relu else out
+        weight = self.weight if self.affine else torch.ones_like(self.running_var, dtype=torch.float32)
+        bias = self.bias if self.affine else torch.zeros_like(weight)
+        out, mean, var = _VisibleBatchNorm.apply(x, full_mask(mask, x), weight, bias, self.eps, relu)
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
+                n = mask[:, :1].sum(dtype=var.dtype).clamp_min(2.0)
                 m = self.momentum if self.momentum is not None else 0.1
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
-                self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), m)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)
                 self.num_batches_tracked.add_(1)
-        scale = torch.rsqrt(var + self.eps) * self.weight  # (C,)
-        shift = self.bias - mean * scale
-        return torch.addcmul(shift.reshape(1, -1, 1, 1, 1).to(x.dtype), x, scale.reshape(1, -1, 1, 1, 1).to(x.dtype))
+        return out
 
 
 class ConvBlock(nn.Module):
@@ -100,11 +152,11 @@ class ConvBlock(nn.Module):
         self.bn2 = MaskedBatchNorm3d(out_ch)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x), mask), inplace=True)
+        x = self.conv1(x)
         if mask is not None:
-            x = x * mask
-        x = F.relu(self.bn2(self.conv2(x), mask), inplace=True)
-        return x if mask is None else x * mask
+            mask = full_mask(mask, x)  # once for both convs: they have the same channels
+        x = self.bn1(x, mask, relu=True)
+        return self.bn2(self.conv2(x), mask, relu=True)
 
 
 class UNet(UNetContract, nn.Module):
@@ -162,6 +214,9 @@ class UNet(UNetContract, nn.Module):
         for p in self.pools_zyx:
             self.stage_strides.append(tuple(a * b for a, b in zip(self.stage_strides[-1], p)))  # type: ignore[arg-type]
         self.patch_size: Triple = self.stage_strides[-1]
+        # channels-last weights make oneDNN run every conv, BatchNorm and pooling channels-last: fine-tuning
+        # and pretraining steps ~20 % faster on CPU (benchmarks/unet_speed.py); saved weights are contiguous
+        self.to(memory_format=torch.channels_last_3d)
 
     # --- contract -------------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -176,6 +231,7 @@ class UNet(UNetContract, nn.Module):
         if x.ndim != 5 or x.shape[1] != self.in_chans:
             raise ConfigError(f"{self.architecture} expects (B, {self.in_chans}, D, H, W) input, got {tuple(x.shape)}")
         self.grid_size(x.shape)
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # as the weights (a no-op for one channel)
         full = x.shape[-3:]
         feats: list[torch.Tensor] = []
         for i, (stage, stride) in enumerate(zip(self.stages, self.stage_strides)):

@@ -20,7 +20,11 @@ import lightning as L
 import torch
 
 from ssl_em.errors import ConfigError
-from ssl_em.utils.optim import adamw_warmup_cosine, check_optimizer_settings
+from ssl_em.utils.optim import (
+    SkipNonFiniteGradients,
+    adamw_warmup_cosine,
+    check_optimizer_settings,
+)
 
 # method name -> "module:Class"; each class takes the encoder as first argument
 OBJECTIVES: dict[str, str] = {
@@ -57,7 +61,7 @@ def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "mask_token" in name
 
 
-class Pretraining(L.LightningModule):
+class Pretraining(SkipNonFiniteGradients, L.LightningModule):
     """Pretrain a registered encoder with a self-supervised objective.
 
     Args:

@@ -119,7 +119,7 @@ def sample_features(encoder: nn.Module, raw: np.ndarray, points: np.ndarray, *, 
         local = (points[sel] - np.array(start) + 0.5) / t * 2 - 1  # voxel centres in [-1, 1], (z, y, x)
         grid = torch.from_numpy(local[:, ::-1].copy()).float().to(device).view(1, 1, 1, -1, 3)  # (x, y, z) last
         vals = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        vals = vals.view(fmap.shape[1], -1).T.cpu()  # (p, C)
+        vals = vals.reshape(fmap.shape[1], -1).T.cpu()  # (p, C)
         if out is None:
             out = torch.empty(len(points), fmap.shape[1])
         out[torch.from_numpy(sel)] = vals

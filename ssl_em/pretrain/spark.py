@@ -134,8 +134,11 @@ class SparKMasked3D(nn.Module):
             return self.pred(self.encoder.forward_decoder(feats))
         dense = []
         for f, token in zip(feats, self.mask_tokens):
-            m = resize_mask(visible, f.shape[-3:])
-            dense.append(f + token * (1.0 - m))  # f is already zero where masked
+            hidden = 1.0 - resize_mask(visible.to(f.dtype), f.shape[-3:])  # (B, 1, d, h, w)
+            # f is already zero where masked. The token term as an outer product (B, d, h, w, 1) @ (1, C) comes
+            # out channels-last like f, and its gradient is a matrix product, not a broadcast product and a sum
+            fill = (hidden.permute(0, 2, 3, 4, 1) @ token.to(f.dtype).reshape(1, -1)).permute(0, 4, 1, 2, 3)
+            dense.append(f + fill)
         return self.pred(self.encoder.forward_decoder(dense))
 
     def forward(

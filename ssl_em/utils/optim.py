@@ -47,3 +47,34 @@ def adamw_warmup_cosine(trainer: Any, params: Iterable, *, lr: float, warmup_ste
         total = 10**9
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total, min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SkipNonFiniteGradients:
+    """LightningModule mixin: an optimiser step whose gradients are not all finite is skipped (as
+    ``torch.amp.GradScaler`` does), counted in ``skipped_steps`` and logged as ``train/skipped_steps``.
+
+    Why: on CPUs with native bf16, oneDNN's bf16 weight gradient of some 3-D convolutions (torch 2.14,
+    small deep-level feature maps) intermittently returns NaN for a few weights although
+    inputs and loss are finite (``benchmarks/bf16_conv_nan.py``); one such step would turn every weight
+    NaN through AdamW. ``max_consecutive_skips`` skipped steps in a row mean a real divergence:
+    FloatingPointError. Ranks decide together, so every rank skips the same steps.
+    """
+
+    skipped_steps: int = 0
+    _consecutive_skips: int = 0
+    max_consecutive_skips: int = 20
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        # one decision for all ranks: under FSDP each rank holds only its shard's gradients
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):  # type: ignore[attr-defined]
+            self._consecutive_skips = 0
+            return
+        optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left as they are
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)  # type: ignore[attr-defined]
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise FloatingPointError(f"gradients were not finite in {self._consecutive_skips} optimiser steps in a "
+                                     f"row (step {self.global_step})")  # type: ignore[attr-defined]
