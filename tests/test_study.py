@@ -741,3 +741,42 @@ def test_a_committed_table_still_resumes_after_a_setting_was_renamed(vnc_path, t
                      "--threads", "1", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0 and "45 finished step(s) found" in printed and "post-processing from" not in printed
+
+
+def test_where_z_is_only_3_to_4x_coarser_the_study_probes_2d_and_3d_crops_and_keeps_the_better(tmp_path, vnc_path):
+    """VNC made less anisotropic (in-plane x1/3: 50 x 13.8 x 13.8 nm, z 3.6x coarser): the plan's rule alone
+    (2-D from 4x) takes 3-D crops; layout "auto" trains the plain U-Net briefly on both and keeps the crop that
+    validates better, recording both, and every later run trains with it. Outside 2-5x nothing is probed."""
+    from ssl_em.plan import downsample
+
+    with np.load(vnc_path) as d:
+        raw, mito = d["raw"][:12, 256:832, 256:832], d["mito"][:12, 256:832, 256:832]
+    np.savez(tmp_path / "vnc14.npz", raw=downsample(raw, 3).astype(np.uint8), mito=downsample(mito, 3, labels=True))
+    spec = str(tmp_path / "vnc14.npz")
+
+    def study(layout: str, out: str, voxel=(50.0, 13.8, 13.8)) -> Study:
+        cfg = StudyConfig(task="mito", methods=("unet",), fractions=(1.0,), steps=8, sweep_share=0.5, val_every=2,
+                          lrs={"unet": (2e-3,)}, precision="32", voxel_size=voxel, layout=layout)
+        return Study(f"{spec}:raw", f"{spec}:mito", None, cfg, tmp_path / out, log=lambda _: None)
+
+    rule = study("plan", "rule")
+    assert rule.cfg.crop_shape[0] == 8 and len(rule.layout_candidates) == 1  # the rule's 3-D crop, no probe
+
+    auto = study("auto", "auto")
+    assert [c[0][0] for c in auto.layout_candidates] == [8, 1]
+    assert auto.regions == rule.regions  # both candidates are scored on the rule's slabs
+    auto.run()
+    doc = json.loads((tmp_path / "auto" / "results.json").read_text())
+    tried = doc["layout_probe"]["tried"]
+    assert [t["crop_shape"][0] for t in tried] == [8, 1] and all(t["steps"] == 4 for t in tried)
+    assert all(isinstance(t["val_score"], float) and t["ms_per_step"] > 0 for t in tried)
+    best = max(t["val_score"] for t in tried)
+    close = [t for t in tried if t["val_score"] >= best - 0.02]
+    assert doc["layout_probe"]["chosen"] == min(close, key=lambda t: t["ms_per_step"])["crop_shape"]
+    assert list(auto.cfg.crop_shape) == doc["plan"]["crop_shape"] == doc["layout_probe"]["chosen"]
+    assert "probe" in doc["plan"]["reasons"]["layout"] and doc["runs"][0]["status"] == "ok"
+    # the run's weights are also scored on the validation sections as the evaluation region is: like with like
+    assert set(doc["runs"][0]["val_slab"]) == {"iou", "dice", "ap50"}
+
+    at_5x = study("auto", "five", voxel=(69.0, 13.8, 13.8))  # z 5x coarser: the rule's measured side, no probe
+    assert len(at_5x.layout_candidates) == 1 and at_5x.cfg.crop_shape[0] == 1

@@ -35,6 +35,11 @@ RECORDED_NAMES = {"painted_size": "patch_size", "crop_shape": "patch_shape", "ev
 FINE_TUNING_ONLY = ("adapter_kwargs", "encoder_lr_scale", "ema_decay", "fractions", "patches", "painted_size", "steps", "eval_steps",
                     "val_every", "val_samples", "sweep_share", "sweep_every_fraction", "lrs", "tta", "calibrate",
                     "max_eval_voxels", "max_val_voxels")
+LAYOUTS = ("auto", "plan", "2d", "3d")
+#: anisotropy (z spacing / in-plane) where "auto" probes 2-D against 3-D crops: the plan's rule (2-D from 4x) was
+#: measured at 5.4x (VNC mitochondria at 9.2 nm: 2-D better, benchmarks/unet_baseline.py) and is a guess below
+#: (another lab's SBEM at 3.4x: 2-D 0.446 vs the rule's 3-D 0.299 IoU)
+PROBE_ANISOTROPY = (2.0, 5.0)
 METRICS = {"mito": ("iou", "dice", "ap50"), "synapse": ("iou", "dice", "detection_f1"), "neuron": ("voi", "arand"),
            "membrane": ("iou", "dice", "vrand", "vinfo")}
 LOWER_IS_BETTER = {"voi", "arand"}
@@ -101,6 +106,9 @@ class StudyConfig:
     lrs: dict[str, tuple[float, ...]] | None = None
     crop_shape: tuple[int, int, int] | None = None  # None: the plan's (ssl_em.plan), at the working spacing
     batch_size: int | None = None  # None: the plan's
+    # 2-D or 3-D crops: "auto" probes both where z is 2-5x coarser than x (the plan's anisotropy rule is unsure
+    # there) and keeps the better on the validation slab; "plan": the rule alone; "2d" / "3d": forced
+    layout: str = "auto"
     downsample: int | None = None  # in-plane factor to the working spacing; None: the plan's, 1: native
     eval_slab: float = 0.3
     val_slab: float = 0.2
@@ -162,6 +170,8 @@ class StudyConfig:
         for name in ("batch_size", "downsample", "max_minutes"):
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout={self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if self.crop_shape is not None and (len(self.crop_shape) != 3 or min(self.crop_shape) < 1):
             raise ConfigError(f"crop_shape={list(self.crop_shape)} must be three sizes >= 1 (z, y, x)")
         if self.crop_shape is not None:

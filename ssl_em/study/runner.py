@@ -26,7 +26,7 @@ from ssl_em.study.config import ADAPTER, FINE_TUNING_ONLY, NOT_TRAINED, RECORDED
 from ssl_em.data.labels import paint_patches, sections_for_fraction
 from ssl_em.study.regions import Regions, _trim, plan_regions
 from ssl_em.study.report import shown_section, write_reports
-from ssl_em.plan import downsample, upsample
+from ssl_em.plan import batch_for, downsample, upsample
 from ssl_em.study.train import Labelled, build_data, build_module, fine_tune, monitor_of, predict_probabilities, pretrain, score
 
 TIMING = ("seconds", "precision_record")  # fields that differ between identical runs
@@ -113,6 +113,7 @@ class Study:
         self.runs: list[dict[str, Any]] = []
         self.sections_shown: dict[tuple[str, str], np.ndarray] = {}  # (method, regime): shown eval section, seed 0
         self.pretraining: dict[str, Any] = {}
+        self.layout_probe: dict[str, Any] | None = None
         self.step_records: list[dict[str, Any]] = []  # by fine-tuning step: cfg.eval_steps and the last
         self.precisions: dict[str, dict[str, Any]] = {}
         self.ledger = Ledger(self.out, self.digest, [Path(p) for p in reuse], log)
@@ -143,7 +144,9 @@ class Study:
                          steps=cfg.steps, downsample=cfg.downsample if cfg.voxel_size else (cfg.downsample or 1),
                          **fixed)
         work = (shape[0], shape[1] // plan.downsample, shape[2] // plan.downsample)
-        crop = list(plan.crop_shape)
+        depths = self._layout_depths(plan, work[0], "crop_shape" in fixed)
+        # the regions must hold the deepest crop considered, so every candidate is scored on the same slabs
+        crop = [max(depths), *plan.crop_shape[1:]]
         while True:
             try:
                 where = f" at the working spacing (in-plane x1/{plan.downsample})" if plan.downsample > 1 else ""
@@ -158,16 +161,82 @@ class Study:
                 if "crop_shape" in fixed or min(crop[1:]) <= 2 * stride[1]:
                     raise
                 crop[1] = crop[2] = min(crop[1:]) - stride[1]
-        if tuple(crop) != plan.crop_shape:
-            from dataclasses import replace
+        from dataclasses import replace
 
+        if crop[1] != plan.crop_shape[1]:
             reasons = {**plan.reasons, "crop": plan.reasons.get("crop", "") + f"; in-plane {crop[1]} to fit the "
                        f"study's regions of {tuple(work)}"}
             # the batch stays the planned one: a smaller crop then costs less per step (refilling the voxel
             # budget would multiply the phantom demo's step cost ~5x: 16 crops instead of 3)
-            plan = replace(plan, crop_shape=tuple(crop), reasons=reasons)
+            plan = replace(plan, crop_shape=(plan.crop_shape[0], *crop[1:]), reasons=reasons)
+        # (crop, batch) per depth considered; the first is the plan's rule, a second one is probed in run()
+        self.layout_candidates = [((d, *plan.crop_shape[1:]), plan.batch_size if d == plan.crop_shape[0] or
+                                   "batch_size" in fixed else batch_for((d, *plan.crop_shape[1:])))
+                                  for d in depths]
+        crop_shape, batch = self.layout_candidates[0]
+        if crop_shape != plan.crop_shape:
+            plan = replace(plan, crop_shape=crop_shape, batch_size=batch, reasons={
+                **plan.reasons, "layout": f"{'2-D' if crop_shape[0] == 1 else '3-D'} crops as asked (layout {cfg.layout})"})
         cfg.downsample, cfg.crop_shape, cfg.batch_size = plan.downsample, plan.crop_shape, plan.batch_size
         return plan
+
+    def _layout_depths(self, plan: Any, depth_available: int, crop_fixed: bool) -> list[int]:
+        """Crop depths to consider: the plan's rule first; with layout "auto" and z 2-5x coarser than x (where
+        that rule is a guess) also the other of 2-D (one section) and 3-D (8 sections, within the volume)."""
+        from ssl_em.study.config import PROBE_ANISOTROPY
+
+        layout = "plan" if crop_fixed else self.cfg.layout
+        planned = plan.crop_shape[0]
+        three_d = planned if planned > 1 else min(8, depth_available)
+        if layout == "2d":
+            return [1]
+        if layout == "3d":
+            return [three_d]
+        aniso = plan.spacing[0] / min(plan.spacing[1:])
+        # a probe needs whole labelled sections to validate on (a fraction regime); painted patches alone keep the rule
+        if layout == "auto" and PROBE_ANISOTROPY[0] <= aniso < PROBE_ANISOTROPY[1] and three_d > 1 and self.cfg.fractions:
+            return [planned, 1 if planned > 1 else three_d]
+        return [planned]
+
+    def _choose_layout(self) -> None:
+        """Train the plain U-Net briefly (``sweep_share`` of the steps, the grid's central rate) with each
+        candidate crop on the largest label fraction's fit part, and keep the crop that scores best on the
+        validation slab (within 0.02: the faster step), as nnU-Net picks between its 2-D and 3-D
+        configurations by their validation scores. Recorded in ``results.json`` (``layout_probe``) and the plan."""
+        from dataclasses import replace
+
+        cfg = self.cfg
+        if len(self.layout_candidates) < 2 or not cfg.fractions:
+            return
+        mask = self.label_mask(Regime(fraction=max(cfg.fractions)), 0)
+        if self._validation(mask) is None:
+            self.log("layout probe: no foreground on the labelled validation sections; the plan's crop is kept")
+            return
+        grid = self._lrs("unet")
+        steps = max(1, round(cfg.steps * cfg.sweep_share))
+        sign = -1 if monitor_of(cfg.task)[1] == "min" else 1
+        tried = []
+        for crop, batch in self.layout_candidates:
+            cfg.crop_shape, cfg.batch_size = crop, batch
+            _, info, _ = self._train("unet", 0, grid[len(grid) // 2], steps, None, self.regions.fit, mask,
+                                     f"layout probe {'x'.join(map(str, crop))}")
+            score = info.get("val_score") if info["status"] == "ok" else None
+            tried.append({"crop_shape": list(crop), "batch_size": batch, "steps": steps,
+                          "val_score": None if score is None else sign * score,
+                          "ms_per_step": round(1000 * info.get("seconds", math.nan) / max(1, info.get("steps", 1)), 1)})
+            self.log(f"layout probe {crop} batch {batch}: validation {tried[-1]['val_score']}, "
+                     f"{tried[-1]['ms_per_step']} ms/step")
+        scored = [t for t in tried if t["val_score"] is not None]
+        best = max(scored, key=lambda t: t["val_score"]) if scored else tried[0]
+        close = [t for t in scored if t["val_score"] >= best["val_score"] - 0.02]
+        chosen = min(close, key=lambda t: t["ms_per_step"]) if close else best
+        cfg.crop_shape, cfg.batch_size = tuple(chosen["crop_shape"]), chosen["batch_size"]
+        self.layout_probe = {"tried": tried, "chosen": chosen["crop_shape"]}
+        why = ", ".join(f"{'2-D' if t['crop_shape'][0] == 1 else '3-D'} {t['val_score']}" for t in tried)
+        self.plan = replace(self.plan, crop_shape=cfg.crop_shape, batch_size=cfg.batch_size, reasons={
+            **self.plan.reasons, "layout": f"{'2-D' if cfg.crop_shape[0] == 1 else '3-D'} by a {steps}-step probe "
+            f"of both on the validation slab ({why}{'; within 0.02: the faster' if len(close) > 1 else ''})"})
+        self.log(self.plan.describe())
 
     # -- the log of finished work ---------------------------------------------------------------
     def digest(self, method: str | None = None) -> str:
@@ -183,7 +252,7 @@ class Study:
         if self._digest_base is None:
             from ssl_em.adapters import get_task
 
-            skip = ("max_minutes", "methods", "seeds", "patches", "encoder")
+            skip = ("max_minutes", "methods", "seeds", "patches", "encoder", "layout")  # layout: crop_shape carries it
             if not get_task(self.cfg.task).calibrates:  # a setting without effect keeps older records valid
                 skip += ("calibrate",)
             if self.cfg.ema_decay is None:  # likewise a setting added after records were written, left unset
@@ -349,6 +418,17 @@ class Study:
             return module, info, result.snapshots
         return None, info, {}
 
+    def _score_validation(self, module: Any, mask: np.ndarray, precision: str) -> dict[str, float] | None:
+        """The run's final weights scored on its labelled validation sections exactly as the evaluation region
+        is scored (whole sections, the task's post-processing and metrics; on the working grid): the validation
+        value that picks the weights is a soft Dice over a few crops, not comparable with the evaluation's."""
+        val = self._validation(mask)
+        if val is None:
+            return None
+        sections = np.flatnonzero(mask[val].any(axis=(1, 2)))  # predicted in their whole slab: 3-D context
+        probs = predict_probabilities(module, self.data.raw[val], self.cfg, precision)[:, sections]
+        return score(probs, self.data.labels[val][sections], module.task, self.data.voxel_size)
+
     def _pixel_classifier(self, seed: int, mask: np.ndarray,
                           ev_raw: np.ndarray) -> tuple[Any, np.ndarray, dict[str, Any]]:
         """The ``rf`` baseline on the same labels (``mask`` in the fit part): the task, its
@@ -452,7 +532,7 @@ class Study:
                "regions": {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()},
                "evaluation_box": [[b.start, b.stop] for b in self.eval_box_original],
                "evaluation_volume": volume_name(self.eval_vol if self.eval_vol is not None else self.raw_vol),
-               "plan": self.plan.to_dict(),
+               "plan": self.plan.to_dict(), "layout_probe": self.layout_probe,
                "normalization": self.data.normalization, "precision": self.precisions, "runs": self.runs,
                "records": self.records, "step_records": self.step_records}
         atomic_write_text(self.out / "results.json", json.dumps(doc, indent=1, default=float) + "\n")
@@ -466,6 +546,7 @@ class Study:
         cfg = self.cfg
         t0 = time.perf_counter()
         self.deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes is not None else math.inf
+        self._choose_layout()  # before anything is keyed by the configuration (crop and batch are part of it)
         self.ledger.load()
         if self.ledger.done:
             self.log(f"{len(self.ledger.done)} finished step(s) found in {self.out / RESULTS}: skipping them")
@@ -514,6 +595,7 @@ class Study:
                     task = module.task
                     info.update(self._calibrate(task, lambda raw: predict_probabilities(module, raw, cfg, info["precision"]),
                                                 mask, self._validation(mask)))
+                    info["val_slab"] = self._score_validation(module, mask, info["precision"])
                     probs = predict_probabilities(module, ev_raw, cfg, info["precision"])
                     info["trainable_params"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
                     from ssl_em.adapters import get_task
@@ -544,6 +626,8 @@ class Study:
                      "metrics": metrics, **info}
             self.ledger.append(key, entry)
             text = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or info["status"]
+            if info.get("val_slab"):
+                text += " (validation slab: " + ", ".join(f"{k} {v:.3f}" for k, v in info["val_slab"].items()) + ")"
             self.log(f"    {name}: {info.get('steps', 0)} steps, lr {info['lr']:.1e}, best step {info.get('best_step')}"
                      f", {entry['labelled_voxels']} labelled voxels on {len(entry['label_sections'])} sections -> {text}")
         entry = self.ledger.done[key]
