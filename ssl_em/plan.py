@@ -124,6 +124,8 @@ def make_plan(voxel_size: Sequence[float], task: str, shape: Sequence[int] | Non
     batch = batch_for(patch, voxels_per_step)
     levels = min(3, max(0, round(math.log2(aniso)))) if aniso > 1 else 0  # in-plane poolings until ~isotropic
     plan = Plan(vs, spacing, down, tuple(patch), batch, int(steps if steps is not None else 1000), levels, reasons)
+    if "crop_shape" in overrides and "batch_size" not in overrides:  # the voxel budget of the crop asked for
+        overrides["batch_size"] = batch_for(overrides["crop_shape"], voxels_per_step)
     return replace(plan, **overrides) if overrides else plan
 
 

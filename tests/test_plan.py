@@ -34,6 +34,9 @@ def test_plan_follows_the_encoder_the_task_and_the_user() -> None:
     assert small.crop_shape == (2, 64, 64)  # in-plane clipped to the volume, on the stride
     mine = make_plan((50, 4.6, 4.6), "mito", crop_shape=(8, 64, 64), batch_size=3, downsample=1)
     assert (mine.crop_shape, mine.batch_size, mine.downsample) == ((8, 64, 64), 3, 1)
+    # a crop asked for without a batch gets the voxel budget's batch for that crop, not the planned crop's
+    assert make_plan((50, 4.6, 4.6), "mito", crop_shape=(1, 64, 64)).batch_size == 16
+    assert make_plan((50, 4.6, 4.6), "mito", crop_shape=(16, 128, 128)).batch_size == 2
     with pytest.raises(ConfigError, match="unknown plan fields"):
         make_plan((50, 4.6, 4.6), "mito", crop=3)
     with pytest.raises(ConfigError, match="voxel size"):
