@@ -226,7 +226,8 @@ class DenseHead(nn.Module):
         if channels is None:
             raise ConfigError(f"{type(encoder).__name__} does not say its dense_dim (forward_dense channels)")
         self.feature_indices: list[int] = []
-        self.conv = nn.Conv3d(int(channels), out_channels, 1)
+        # channels-last strides (the same memory for a 1x1x1 kernel) match a channels-last U-Net's gradients
+        self.conv = nn.Conv3d(int(channels), out_channels, 1).to(memory_format=torch.channels_last_3d)
         self.config: dict[str, Any] = dict(type="dense", out_channels=out_channels)
 
     def forward(self, features: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:

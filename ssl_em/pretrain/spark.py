@@ -94,7 +94,9 @@ class SparKMasked3D(nn.Module):
         # has features everywhere already
         self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, w, 1, 1, 1)) for w in encoder.widths
                                             ) if self.sparse else None
-        self.pred = nn.Conv3d(encoder.dense_dim, encoder.in_chans, 1)
+        # channels-last strides (the same memory for a 1x1x1 kernel) match the U-Net's channels-last gradients:
+        # DDP's bucket views then take them without a copy
+        self.pred = nn.Conv3d(encoder.dense_dim, encoder.in_chans, 1).to(memory_format=torch.channels_last_3d)
 
     def unit_grid(self, shape: Sequence[int]) -> Triple:
         """Mask-unit grid for a (..., D, H, W) input; ConfigError if the unit does not divide it."""
@@ -204,7 +206,9 @@ class Denoising3D(nn.Module):
         if not 0.0 < ratio < 1.0 or radius < 1 or sigma <= 0:
             raise ConfigError(f"denoising needs 0 < ratio < 1, radius >= 1, sigma > 0 (got {ratio}, {radius}, {sigma})")
         self.encoder, self.mode, self.ratio, self.radius, self.sigma = encoder, mode, ratio, radius, sigma
-        self.pred = nn.Conv3d(encoder.dense_dim, encoder.in_chans, 1)
+        # channels-last strides (the same memory for a 1x1x1 kernel) match the U-Net's channels-last gradients:
+        # DDP's bucket views then take them without a copy
+        self.pred = nn.Conv3d(encoder.dense_dim, encoder.in_chans, 1).to(memory_format=torch.channels_last_3d)
 
     def corrupt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(corrupted x, mask of voxels in the loss), both (B, ., D, H, W)."""
