@@ -96,6 +96,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layout", default="auto", choices=("auto", "plan", "2d", "3d"),
                    help="2-D or 3-D crops: auto probes both where z is 2-5x coarser than x and keeps the better on "
                    "the validation slab; plan: the plan's anisotropy rule; 2d / 3d: forced")
+    p.add_argument("--validation", default="crops", choices=("crops", "slab"),
+                   help="what picks the best weights, rates and layout: the soft Dice of the validation crops, or over "
+                   "the whole labelled validation slab predicted as the evaluation is (mito, synapse)")
     p.add_argument("--voxel-size", help="z,y,x nm, overriding the files")
     p.add_argument("--out", default="bench_out/label_efficiency")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -148,7 +151,7 @@ def run_family(family: str, args: argparse.Namespace, data: tuple) -> str:
         steps=12 if quick else args.steps, eval_steps=(4, 8) if quick else _numbers(args.eval_steps, int), pretrain_steps=6 if quick else pretrain_steps,
         val_every=4 if quick else args.val_every, val_slab=args.val_slab, batch_size=2 if quick else args.batch_size, max_minutes=args.minutes,
         crop_shape=(8, 32, 32) if quick else _numbers(args.crop, int) if args.crop else None, voxel_size=vs,
-        layout=args.layout,
+        layout=args.layout, validation=args.validation,
         downsample=args.downsample, pretrain_method=args.pretrain_method, encoder_lr_scale=args.encoder_lr_scale,
         ema_decay=args.ema_decay,
         device=args.device, tta=args.tta, calibrate=args.calibrate,

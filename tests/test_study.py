@@ -780,3 +780,41 @@ def test_where_z_is_only_3_to_4x_coarser_the_study_probes_2d_and_3d_crops_and_ke
 
     at_5x = study("auto", "five", voxel=(69.0, 13.8, 13.8))  # z 5x coarser: the rule's measured side, no probe
     assert len(at_5x.layout_candidates) == 1 and at_5x.cfg.crop_shape[0] == 1
+
+
+def test_slab_validation_ranks_runs_by_the_whole_validation_slab(tmp_path):
+    """validation "slab": every validation predicts the labelled validation sections as the evaluation is and the
+    best weights are those of the best soft Dice over them; the default ("crops") keeps older records' digests."""
+    from ssl_em.data.phantom import make_phantom
+
+    target = make_phantom((8, 160, 64), seed=2)
+    np.savez(tmp_path / "t.npz", raw=target.raw, mito=target.mito)
+    spec = str(tmp_path / "t.npz")
+
+    def study(validation: str, out: str) -> Study:
+        cfg = StudyConfig(task="mito", methods=("unet",), fractions=(1.0,), steps=8, val_every=2, crop_shape=(8, 32, 32),
+                          batch_size=2, voxel_size=target.voxel_size, lrs={"unet": (1e-3,)}, precision="32",
+                          validation=validation)
+        return Study(f"{spec}:raw", f"{spec}:mito", None, cfg, tmp_path / out, log=lambda _: None)
+
+    crops, slab = study("crops", "a"), study("slab", "b")
+    assert crops.digest("unet") != slab.digest("unet")
+    assert "validation" not in crops._digest_base["config"] and slab._digest_base["config"]["validation"] == "slab"
+    seen = []
+    from ssl_em.study import train as study_train
+
+    original = study_train.SlabValidation.on_validation_epoch_end
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_train.SlabValidation, "on_validation_epoch_end",
+                   lambda self, trainer, module: seen.append(self.raw.shape) or original(self, trainer, module))
+        slab.run()
+    doc = json.loads((tmp_path / "b" / "results.json").read_text())
+    val = slab._validation(slab.label_mask(study_train_regime(), 0))
+    assert len(seen) == 4 and all(s == tuple(b.stop - b.start for b in val) for s in seen)  # every 2 of 8 steps
+    assert 0.0 <= doc["runs"][0]["val_score"] <= 1.0 and doc["runs"][0]["best_step"] in (2, 4, 6, 8)
+
+
+def study_train_regime():
+    from ssl_em.study.config import Regime
+
+    return Regime(fraction=1.0)

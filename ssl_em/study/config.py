@@ -109,6 +109,10 @@ class StudyConfig:
     # 2-D or 3-D crops: "auto" probes both where z is 2-5x coarser than x (the plan's anisotropy rule is unsure
     # there) and keeps the better on the validation slab; "plan": the rule alone; "2d" / "3d": forced
     layout: str = "auto"
+    # what picks a run's best weights, a sweep's rate and the layout: "crops" (soft Dice of val_samples crops of the
+    # validation slab) or "slab" (soft Dice over its whole labelled sections, predicted as the evaluation is;
+    # mitochondria and synapses)
+    validation: str = "crops"
     downsample: int | None = None  # in-plane factor to the working spacing; None: the plan's, 1: native
     eval_slab: float = 0.3
     val_slab: float = 0.2
@@ -170,6 +174,8 @@ class StudyConfig:
         for name in ("batch_size", "downsample", "max_minutes"):
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)
+        if self.validation not in ("crops", "slab"):
+            raise ConfigError(f"validation={self.validation!r} is not 'crops' or 'slab'")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"layout={self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if self.crop_shape is not None and (len(self.crop_shape) != 3 or min(self.crop_shape) < 1):

@@ -214,7 +214,7 @@ class Study:
             return
         grid = self._lrs("unet")
         steps = max(1, round(cfg.steps * cfg.sweep_share))
-        sign = -1 if monitor_of(cfg.task)[1] == "min" else 1
+        sign = -1 if monitor_of(cfg.task, cfg.validation)[1] == "min" else 1
         tried = []
         for crop, batch in self.layout_candidates:
             cfg.crop_shape, cfg.batch_size = crop, batch
@@ -257,6 +257,8 @@ class Study:
                 skip += ("calibrate",)
             if self.cfg.ema_decay is None:  # likewise a setting added after records were written, left unset
                 skip += ("ema_decay",)
+            if self.cfg.validation == "crops":  # the validation records were made with before it was a setting
+                skip += ("validation",)
             cfg = {RECORDED_NAMES.get(k, k): v for k, v in asdict(self.cfg).items() if k not in skip}
             regions = {k: [[b.start, b.stop] for b in v] for k, v in asdict_regions(self.regions).items()}
             data = hashlib.blake2b(digest_size=8)
@@ -405,7 +407,8 @@ class Study:
             precision, record = self._precision(method, module, dm)
             work = self.out / "work" / name.replace(" ", "_")
             try:
-                result = fine_tune(module, dm, self.cfg, steps, work, name, precision, validate=val is not None)
+                result = fine_tune(module, dm, self.cfg, steps, work, name, precision, validate=val is not None,
+                                   slab=self._validation_slab(val, mask))
             except FloatingPointError as err:
                 self.log(f"    {name}: diverged at lr {attempt_lr:.1e} ({err})")
                 info.setdefault("diverged_at", []).append(attempt_lr)
@@ -417,6 +420,14 @@ class Study:
                         precision_record=record)
             return module, info, result.snapshots
         return None, info, {}
+
+    def _validation_slab(self, val: Box | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(raw, labels, labelled sections) of the validation slab for ``validation="slab"``, else None."""
+        from ssl_em.study.train import SLAB_TASKS
+
+        if val is None or self.cfg.validation != "slab" or self.cfg.task not in SLAB_TASKS:
+            return None
+        return self.data.raw[val], self.data.labels[val], np.flatnonzero(mask[val].any(axis=(1, 2)))
 
     def _score_validation(self, module: Any, mask: np.ndarray, precision: str) -> dict[str, float] | None:
         """The run's final weights scored on its labelled validation sections exactly as the evaluation region
