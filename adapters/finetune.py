@@ -20,14 +20,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from ssl_em.adapters.losses import dice_loss
 
+from ssl_em.adapters.losses import dice_loss
 from ssl_em.errors import ConfigError, check_fraction
-from ssl_em.utils.optim import (
-    SkipNonFiniteGradients,
-    adamw_warmup_cosine,
-    check_optimizer_settings,
-)
+from ssl_em.utils.optim import SkipNonFiniteGradients, adamw_warmup_cosine, check_optimizer_settings
 
 
 def default_grad_checkpointing(adapter: str) -> bool:
@@ -91,7 +87,6 @@ class FineTuning(SkipNonFiniteGradients, L.LightningModule):
         check_fraction(encoder_lr_scale, "encoder_lr_scale", allow_zero=False, allow_one=True)
         self.save_hyperparameters()
         from ssl_em.adapters import add_adapter, build_segmentation_model, get_task
-
         from ssl_em.models import create_encoder, load_encoder
 
         self.task = get_task(task, **(task_kwargs or {}))

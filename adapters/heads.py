@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_em.errors import ConfigError
+from ssl_em.models.layers import pointwise_conv3d
 from ssl_em.utils.shapes import Triple
 
 __all__ = ["DenseHead", "LinearHead3D", "SegmentationModel", "UNETRDecoder3D", "build_segmentation_model"]
@@ -226,8 +227,7 @@ class DenseHead(nn.Module):
         if channels is None:
             raise ConfigError(f"{type(encoder).__name__} does not say its dense_dim (forward_dense channels)")
         self.feature_indices: list[int] = []
-        # channels-last strides (the same memory for a 1x1x1 kernel) match a channels-last U-Net's gradients
-        self.conv = nn.Conv3d(int(channels), out_channels, 1).to(memory_format=torch.channels_last_3d)
+        self.conv = pointwise_conv3d(channels, out_channels)
         self.config: dict[str, Any] = dict(type="dense", out_channels=out_channels)
 
     def forward(self, features: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:

@@ -67,20 +67,20 @@ def timed_fit(targets_in_workers: bool, encoder: str, crop: tuple[int, int, int]
     return float(np.median(measured)), per_step
 
 
-def _neuron_crops(crop: tuple[int, int, int], batch: int) -> np.ndarray:
-    """``batch`` label crops (B, 1, z, y, x) of the phantom's neurons."""
+def _neuron_task_and_crops(crop: tuple[int, int, int], batch: int) -> tuple[Any, np.ndarray]:
+    """The neuron task at 10 nm and ``batch`` label crops (B, 1, z, y, x) of the phantom's neurons."""
+    from ssl_em.adapters import get_task
     from ssl_em.data.phantom import make_phantom
 
+    task = get_task("neuron")
+    task.voxel_size = [10.0, 10.0, 10.0]
     lab = make_phantom((48, 192, 192), seed=0).labels("neuron")
-    return np.stack([lab[16 * i:16 * i + crop[0], :crop[1], :crop[2]] for i in range(batch)])[:, None].astype(np.int64)
+    return task, np.stack([lab[16 * i:16 * i + crop[0], :crop[1], :crop[2]] for i in range(batch)])[:, None].astype(np.int64)
 
 
 def _make_targets_forever(crop: tuple[int, int, int], batch: int, stop: Any) -> None:
     """What a DataLoader worker does, in a loop: the neuron task's targets of a batch."""
-    from ssl_em.adapters import get_task
-
-    task, labels = get_task("neuron"), _neuron_crops(crop, batch)
-    task.voxel_size = [10.0, 10.0, 10.0]
+    task, labels = _neuron_task_and_crops(crop, batch)
     while not stop.is_set():
         task.batch_targets(labels)
 
@@ -92,10 +92,8 @@ def contention(encoder: str, crop: tuple[int, int, int], batch: int, steps: int)
     import torch
 
     import ssl_em
-    from ssl_em.adapters import get_task
 
-    task, labels = get_task("neuron"), _neuron_crops(crop, batch)
-    task.voxel_size = [10.0, 10.0, 10.0]
+    task, labels = _neuron_task_and_crops(crop, batch)
     task.batch_targets(labels)
     t = time.perf_counter()
     task.batch_targets(labels)

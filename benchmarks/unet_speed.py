@@ -49,6 +49,7 @@ from spark_throughput import batches as spark_batches  # noqa: E402  (crops of V
 from spark_throughput import load_raw  # noqa: E402
 
 from ssl_em.errors import ArgumentParser, run_main  # noqa: E402
+from ssl_em.utils.optim import gradients_finite  # noqa: E402
 
 LAYOUTS = {  # (spacing z, y, x nm; crop z, y, x; batch): what the plan gives unet_small on such data
     "sections": ((50.0, 9.2, 9.2), (1, 128, 128), 13),
@@ -105,8 +106,7 @@ class Runner:
             loss = self.step_fn(self.model, self.batch_for(batch))
         self.opt.zero_grad(set_to_none=True)
         loss.float().backward()
-        grads = [q.grad for q in self.model.parameters() if q.grad is not None]
-        if torch.stack(torch._foreach_norm(grads)).isfinite().all():
+        if gradients_finite([q.grad for q in self.model.parameters() if q.grad is not None]):
             self.opt.step()
         else:  # as ssl-em's training does (SkipNonFiniteGradients): oneDNN's bf16 conv3d weight gradient can be NaN
             self.skipped += 1

@@ -17,6 +17,12 @@ from ssl_em.errors import ConfigError
 from ssl_em.utils.shapes import Triple
 
 
+def pointwise_conv3d(in_channels: int, out_channels: int) -> nn.Conv3d:
+    """A 1x1x1 output convolution with channels-last strides (the same memory for a 1x1x1 kernel): they match the
+    channels-last gradients a channels-last U-Net sends it, so DDP's gradient buckets take them without a copy."""
+    return nn.Conv3d(int(in_channels), int(out_channels), 1).to(memory_format=torch.channels_last_3d)
+
+
 def check_divisible(shape: Sequence[int], patch: Triple, what: str = "crop") -> Triple:
     """Return the token grid ``shape // patch`` or raise a one-line ConfigError naming the axis."""
     shape = tuple(int(s) for s in shape[-3:])

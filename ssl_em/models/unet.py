@@ -66,8 +66,8 @@ def full_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class _VisibleBatchNorm(torch.autograd.Function):
-    """BatchNorm (then ReLU) over the visible voxels of a 0/1 mask, zero at masked voxels; returns the output and
-    the visible voxels' per-channel mean and biased variance (fp32, for the running statistics).
+    """BatchNorm (then ReLU) over the visible voxels of a 0/1 mask, ``n`` of them, zero at masked voxels; returns
+    the output and the visible voxels' per-channel mean and biased variance (fp32, for the running statistics).
 
     Written as one autograd node on ATen's fused batch-norm kernels: composed of elementwise products and
     sums, autograd made some twenty passes over each feature map (forward and backward) where native
@@ -75,10 +75,9 @@ class _VisibleBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor, eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         xm = x * mask
-        n = mask[:, :1].sum(dtype=weight.dtype).clamp_min(2.0)  # visible voxels over the batch (one channel)
         # statistics over every voxel of xm (masked ones are 0) by the fused kernel, rescaled to the visible ones
         _, mean_all, invstd_all = torch.native_batch_norm(xm, None, None, None, None, True, 0.0, 0.0)
         mean_all, invstd_all = mean_all.to(weight.dtype), invstd_all.to(weight.dtype)  # fp32 under bf16 autocast
@@ -109,7 +108,7 @@ class _VisibleBatchNorm(torch.autograd.Function):
         slope, offset = -a * invstd * grad_w, -a * (grad_b - mean * invstd * grad_w)
         ones = torch.ones_like(var)
         grad_x += torch.batch_norm(xm, slope, offset, torch.zeros_like(var), ones, False, 0.0, 0.0, True).mul_(mask)
-        return grad_x, None, grad_w, grad_b, None, None
+        return grad_x, None, None, grad_w, grad_b, None, None
 
 
 class MaskedBatchNorm3d(nn.BatchNorm3d):
@@ -129,10 +128,10 @@ class MaskedBatchNorm3d(nn.BatchNorm3d):
             return F.relu(out, inplace=True) if relu else out
         weight = self.weight if self.affine else torch.ones_like(self.running_var, dtype=torch.float32)
         bias = self.bias if self.affine else torch.zeros_like(weight)
-        out, mean, var = _VisibleBatchNorm.apply(x, full_mask(mask, x), weight, bias, self.eps, relu)
+        n = mask[:, :1].sum(dtype=weight.dtype).clamp_min(2.0)  # visible voxels over the batch (one channel)
+        out, mean, var = _VisibleBatchNorm.apply(x, full_mask(mask, x), n, weight, bias, self.eps, relu)
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
-                n = mask[:, :1].sum(dtype=var.dtype).clamp_min(2.0)
                 m = self.momentum if self.momentum is not None else 0.1
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
                 self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)

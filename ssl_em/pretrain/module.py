@@ -20,11 +20,7 @@ import lightning as L
 import torch
 
 from ssl_em.errors import ConfigError
-from ssl_em.utils.optim import (
-    SkipNonFiniteGradients,
-    adamw_warmup_cosine,
-    check_optimizer_settings,
-)
+from ssl_em.utils.optim import SkipNonFiniteGradients, adamw_warmup_cosine, check_optimizer_settings
 
 # method name -> "module:Class"; each class takes the encoder as first argument
 OBJECTIVES: dict[str, str] = {

@@ -28,7 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from ssl_em.errors import ConfigError
-from ssl_em.models.layers import resize_mask
+from ssl_em.models.layers import pointwise_conv3d, resize_mask
 from ssl_em.pretrain.targets import gaussian_blur_3d, standardize, visible_count
 from ssl_em.utils.shapes import Triple, to_triple
 
@@ -94,9 +94,7 @@ class SparKMasked3D(nn.Module):
         # has features everywhere already
         self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, w, 1, 1, 1)) for w in encoder.widths
                                             ) if self.sparse else None
-        # channels-last strides (the same memory for a 1x1x1 kernel) match the U-Net's channels-last gradients:
-        # DDP's bucket views then take them without a copy
-        self.pred = nn.Conv3d(encoder.dense_dim, encoder.in_chans, 1).to(memory_format=torch.channels_last_3d)
+        self.pred = pointwise_conv3d(encoder.dense_dim, encoder.in_chans)
 
     def unit_grid(self, shape: Sequence[int]) -> Triple:
         """Mask-unit grid for a (..., D, H, W) input; ConfigError if the unit does not divide it."""
@@ -206,9 +204,7 @@ class Denoising3D(nn.Module):
         if not 0.0 < ratio < 1.0 or radius < 1 or sigma <= 0:
             raise ConfigError(f"denoising needs 0 < ratio < 1, radius >= 1, sigma > 0 (got {ratio}, {radius}, {sigma})")
         self.encoder, self.mode, self.ratio, self.radius, self.sigma = encoder, mode, ratio, radius, sigma
-        # channels-last strides (the same memory for a 1x1x1 kernel) match the U-Net's channels-last gradients:
-        # DDP's bucket views then take them without a copy
-        self.pred = nn.Conv3d(encoder.dense_dim, encoder.in_chans, 1).to(memory_format=torch.channels_last_3d)
+        self.pred = pointwise_conv3d(encoder.dense_dim, encoder.in_chans)
 
     def corrupt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(corrupted x, mask of voxels in the loss), both (B, ., D, H, W)."""

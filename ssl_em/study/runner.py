@@ -206,7 +206,7 @@ class Study:
         from dataclasses import replace
 
         cfg = self.cfg
-        if len(self.layout_candidates) < 2 or not cfg.fractions:
+        if len(self.layout_candidates) < 2:  # a second candidate only where a fraction regime can validate it
             return
         mask = self.label_mask(Regime(fraction=max(cfg.fractions)), 0)
         if self._validation(mask) is None:
@@ -421,24 +421,31 @@ class Study:
             return module, info, result.snapshots
         return None, info, {}
 
-    def _validation_slab(self, val: Box | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(raw, labels, labelled sections) of the validation slab for ``validation="slab"``, else None."""
-        from ssl_em.study.train import SLAB_TASKS
-
-        if val is None or self.cfg.validation != "slab" or self.cfg.task not in SLAB_TASKS:
+    def _labelled_slab(self, val: Box | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(raw, labels, labelled sections) of the validation slab ``val``: the sections are scored, the whole
+        slab is predicted (their 3-D context); None without a validation slab."""
+        if val is None:
             return None
         return self.data.raw[val], self.data.labels[val], np.flatnonzero(mask[val].any(axis=(1, 2)))
 
-    def _score_validation(self, module: Any, mask: np.ndarray, precision: str) -> dict[str, float] | None:
+    def _validation_slab(self, val: Box | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The labelled slab for ``validation="slab"`` (tasks whose channel 0 is the foreground), else None."""
+        from ssl_em.study.train import SLAB_TASKS
+
+        if self.cfg.validation != "slab" or self.cfg.task not in SLAB_TASKS:
+            return None
+        return self._labelled_slab(val, mask)
+
+    def _score_validation(self, module: Any, val: Box | None, mask: np.ndarray, precision: str) -> dict[str, float] | None:
         """The run's final weights scored on its labelled validation sections exactly as the evaluation region
         is scored (whole sections, the task's post-processing and metrics; on the working grid): the validation
         value that picks the weights is a soft Dice over a few crops, not comparable with the evaluation's."""
-        val = self._validation(mask)
-        if val is None:
+        slab = self._labelled_slab(val, mask)
+        if slab is None:
             return None
-        sections = np.flatnonzero(mask[val].any(axis=(1, 2)))  # predicted in their whole slab: 3-D context
-        probs = predict_probabilities(module, self.data.raw[val], self.cfg, precision)[:, sections]
-        return score(probs, self.data.labels[val][sections], module.task, self.data.voxel_size)
+        raw, labels, sections = slab
+        probs = predict_probabilities(module, raw, self.cfg, precision)[:, sections]
+        return score(probs, labels[sections], module.task, self.data.voxel_size)
 
     def _pixel_classifier(self, seed: int, mask: np.ndarray,
                           ev_raw: np.ndarray) -> tuple[Any, np.ndarray, dict[str, Any]]:
@@ -603,10 +610,10 @@ class Study:
             else:
                 module, info, snapshots = self._train(method, seed, lr, cfg.steps, enc, self.regions.fit, mask, name)
                 if module is not None:
-                    task = module.task
+                    task, val = module.task, self._validation(mask)
                     info.update(self._calibrate(task, lambda raw: predict_probabilities(module, raw, cfg, info["precision"]),
-                                                mask, self._validation(mask)))
-                    info["val_slab"] = self._score_validation(module, mask, info["precision"])
+                                                mask, val))
+                    info["val_slab"] = self._score_validation(module, val, mask, info["precision"])
                     probs = predict_probabilities(module, ev_raw, cfg, info["precision"])
                     info["trainable_params"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
                     from ssl_em.adapters import get_task
@@ -616,7 +623,7 @@ class Study:
                         module.load_state_dict(state)  # post-processing chosen as the final weights' was
                         early_task = get_task(cfg.task, **cfg.task_kwargs)
                         self._calibrate(early_task, lambda raw: predict_probabilities(module, raw, cfg, info["precision"]),
-                                        mask, self._validation(mask))
+                                        mask, val)
                         early = upsample(predict_probabilities(module, ev_raw, cfg, info["precision"]), self.ev_gt.shape)
                         at_steps[str(step)] = score(early, self.ev_gt, early_task, cfg.voxel_size)
                     if at_steps:

@@ -49,6 +49,11 @@ def adamw_warmup_cosine(trainer: Any, params: Iterable, *, lr: float, warmup_ste
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def gradients_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every entry of ``grads`` is finite: one fused norm per tensor and one host sync."""
+    return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+
 class SkipNonFiniteGradients:
     """LightningModule mixin: an optimiser step whose gradients are not all finite is skipped (as
     ``torch.amp.GradScaler`` does), counted in ``skipped_steps`` and logged as ``train/skipped_steps``.
@@ -66,7 +71,7 @@ class SkipNonFiniteGradients:
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        finite = gradients_finite(grads)
         # one decision for all ranks: under FSDP each rank holds only its shard's gradients
         if self.trainer.strategy.reduce_boolean_decision(finite, all=True):  # type: ignore[attr-defined]
             self._consecutive_skips = 0
