@@ -9,7 +9,7 @@ store, crops on its chunk grid are timed too (uncompressed chunks are read strai
 see ``ssl_em.data.formats``). The last line is the headline ratio: chunk-aligned crops from the
 uncompressed store through the DataLoader over memcpy of the same boxes (target 0.5).
 
-    python benchmarks/data_throughput.py [--quick] [--crops N] [--workers 0,2]
+    python benchmarks/data_throughput.py [--quick] [--crops N] [--workers 0,2] [--profile]
 """
 
 from __future__ import annotations
@@ -88,6 +88,47 @@ def time_loader(volume, boxes, workers: int, batch: int = 4) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def crops_per_s(read, boxes, repeats: int = 3) -> float:
+    """Crops per second of ``read(box)`` over ``boxes`` in this process; best of ``repeats``."""
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for box in boxes:
+            read(box)
+        best = max(best, len(boxes) / (time.perf_counter() - t0))
+    return best
+
+
+def profile_aligned(arr: np.ndarray, vol, boxes) -> None:
+    """Where the time of the headline goes: each stage of loading the same chunk-aligned crops on its own."""
+    import torch
+
+    class Uint8Crops(CropDataset):  # a second design: collate uint8, convert the batch to float once
+        def __getitem__(self, i: int):
+            return torch.from_numpy(np.asarray(self.volume[self.boxes[i]])).unsqueeze(0)
+
+    def uint8_loader(workers: int) -> float:
+        loader = torch.utils.data.DataLoader(Uint8Crops(vol, boxes), batch_size=4, num_workers=workers)
+        it = iter(loader)
+        next(it)
+        t0, n = time.perf_counter(), 0
+        for x in it:
+            n += x.float().div_(255).shape[0]
+        return n / (time.perf_counter() - t0)
+
+    def to_float(a: np.ndarray):
+        return torch.from_numpy(a).unsqueeze(0).float().div_(255)
+
+    print("profile (crops/s, chunk-aligned boxes):")
+    print(f"  numpy copy of the box only        {crops_per_s(lambda b: np.ascontiguousarray(arr[b]), boxes):8.0f}")
+    print(f"  memcpy arm (copy, float, / 255)   {time_memcpy(arr, boxes):8.0f}")
+    print(f"  ssl-em reader volume[box]         {crops_per_s(lambda b: np.asarray(vol[b]), boxes):8.0f}")
+    print(f"  reader + float + / 255            {crops_per_s(lambda b: to_float(np.asarray(vol[b])), boxes):8.0f}")
+    for w in (0, 2):
+        print(f"  DataLoader, {w} workers              {time_loader(vol, boxes, w):8.0f}")
+        print(f"  uint8 collated, float on the batch, {w} workers {uint8_loader(w):8.0f}")
+
+
 def time_memcpy(arr: np.ndarray, boxes, repeats: int = 3) -> float:
     """Crops per second copying the same boxes out of RAM into the same tensors; best of ``repeats``
     (the machine is shared: the best run is the closest to the true limit)."""
@@ -116,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer crops, < 1 min")
     p.add_argument("--crops", type=int, default=None)
     p.add_argument("--workers", default="0,2")
+    p.add_argument("--profile", action="store_true", help="also time each stage of the headline's crop loading")
     a = p.parse_args(argv)
     import torch
 
@@ -158,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             if compression == "none":  # the target case: an uncompressed store, crops on its chunk grid
                 a_boxes = aligned_boxes(arr.shape, n_crops, chunks)
                 aligned[chunks] = (max(time_loader(vol, a_boxes, w) for w in workers), time_memcpy(arr, a_boxes))
+                if a.profile:
+                    profile_aligned(arr, vol, a_boxes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
